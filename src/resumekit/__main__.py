@@ -1,0 +1,5 @@
+"""``python -m resumekit`` is the same as the ``resumekit`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,53 @@
+"""The resumekit error hierarchy.
+
+Every error subclasses a built-in so callers that already catch ``ValueError`` or ``OSError`` keep working, and every
+message names the file or key involved and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class ResumekitError(Exception):
+    """Base class of every error raised on purpose by resumekit."""
+
+
+class CheckpointNotFoundError(ResumekitError, FileNotFoundError):
+    """No (valid) checkpoint exists where one was required."""
+
+
+class CorruptCheckpointError(ResumekitError, ValueError):
+    """A checkpoint is incomplete, truncated, altered or otherwise unusable.
+
+    Attributes:
+        path: the checkpoint (or file) that failed.
+        reason: a short human sentence saying what is wrong.
+    """
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class UnsafePathError(CorruptCheckpointError):
+    """A manifest names a path outside its checkpoint (``..`` or absolute)."""
+
+
+class UnsupportedStateError(ResumekitError, TypeError):
+    """The training state holds an object the native format cannot store without pickle."""
+
+
+class StateMismatchError(ResumekitError, ValueError):
+    """The checkpoint does not fit the objects it is being loaded into (keys or shapes differ)."""
+
+
+class CheckpointWriteError(ResumekitError, OSError):
+    """A save failed (disk full, permission denied, ...); the previous checkpoint is untouched."""
+
+
+class ConfigError(ResumekitError, ValueError):
+    """An option or argument has an invalid value."""
+
+
+class StorageError(ResumekitError, OSError):
+    """The storage backend failed in a way retries cannot fix (missing bucket, bad credentials, ...)."""

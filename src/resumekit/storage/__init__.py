@@ -1,0 +1,28 @@
+"""Storage backends behind one narrow interface; :func:`open_storage` picks one from a path or URI."""
+
+from __future__ import annotations
+
+from .base import Entry, Storage, Transaction
+from .local import LocalStorage
+
+
+def is_remote(uri: str) -> bool:
+    """True for ``scheme://`` URIs other than ``file://``."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def open_storage(uri: str, create: bool = True) -> Storage:
+    """A :class:`Storage` for a local path, ``file://`` URI or object-store URI (``s3://bucket/prefix``)."""
+    if isinstance(uri, Storage):
+        return uri
+    uri = str(uri)
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if is_remote(uri):
+        from .remote import RemoteStorage  # fsspec/s3fs imported lazily: local users never need them
+
+        return RemoteStorage(uri, create=create)
+    return LocalStorage(uri, create=create)
+
+
+__all__ = ["Entry", "Storage", "Transaction", "LocalStorage", "open_storage", "is_remote"]
