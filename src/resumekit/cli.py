@@ -182,5 +182,102 @@ def demo_cmd(directory: str, crashes: int, steps: int, seed: Optional[int], npro
     raise SystemExit(code)
 
 
+class _SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        from .supervisor import parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ResumekitError as e:
+            self.fail(str(e), param, ctx)
+
+
+@main.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--dir", "directory", default=None, metavar="URI",
+              help="checkpoint root (path or s3://bucket/prefix); needed for resume and storage checks")
+@layout_option
+@click.option("--config", type=click.Path(dir_okay=False), default=None,
+              help="LLaMA-Factory/HF YAML whose resume_from_checkpoint is set before every start")
+@click.option("--resume", default="auto", show_default=True, metavar="auto|never|PATH",
+              help="newest valid checkpoint, always fresh, or this checkpoint for the first start")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=10, show_default=True,
+              help="restarts allowed (retried pre-checks count too)")
+@click.option("--hang-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
+              help="kill and restart a job whose heartbeat is older than S seconds (default: off)")
+@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="S",
+              help="seconds a preempted job gets to save and exit before SIGKILL")
+@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="require N visible accelerators that run a test kernel before each start")
+@click.option("--crash-loop", type=click.IntRange(min=1), default=3, show_default=True, metavar="K",
+              help="quarantine the checkpoint after K failures in a row without progress")
+@click.option("--backoff", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="S",
+              help="delay before the first restart; doubles each restart, with jitter")
+@click.option("--backoff-max", type=click.FloatRange(min=0), default=60.0, show_default=True, metavar="S",
+              help="largest restart delay")
+@click.option("--min-free", type=_SizeType(), default=None,
+              help="free space required at the checkpoint root (bytes, or 500M, 10GiB, ...)")
+@click.option("--events", default=None, metavar="PATH",
+              help="event log (default: URI/events.jsonl for local roots; set it for remote ones)")
+@json_option
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run_cmd(directory: Optional[str], layout: str, config: Optional[str], resume: str, max_restarts: int,
+            hang_timeout: Optional[float], grace: float, gpus: int, crash_loop: int, backoff: float,
+            backoff_max: float, min_free: Optional[int], events: Optional[str], as_json: bool,
+            command: tuple) -> None:
+    """Run COMMAND and bring it back by itself: resume hand-off, restarts, hang and crash-loop handling.
+
+    Example: resumekit run --dir ckpt --hang-timeout 600 -- python train.py --lr 3e-4
+    """
+    from .supervisor import Supervisor, SupervisorOptions
+
+    try:
+        opts = SupervisorOptions(command=list(command), directory=directory, layout=layout, config=config,
+                                 resume=resume, max_restarts=max_restarts, hang_timeout=hang_timeout, grace=grace,
+                                 gpus=gpus, crash_loop=crash_loop, backoff=backoff,
+                                 backoff_max=max(backoff_max, backoff), min_free=min_free, events=events)
+    except ResumekitError as e:
+        raise click.UsageError(str(e)) from None
+    sup = Supervisor(opts)
+    code = sup.run()
+    if as_json and sup.summary is not None:
+        click.echo(json.dumps(sup.summary.as_dict()))
+    raise SystemExit(code)
+
+
+@main.command("report")
+@click.argument("uri")
+@click.option("-o", "--output", default=None, metavar="FILE.png",
+              help="where to write the plot (default: URI/report.png for local roots, else ./report.png)")
+@click.option("--events", default=None, metavar="PATH", help="event log (default: URI/events.jsonl)")
+@json_option
+def report_cmd(uri: str, output: Optional[str], events: Optional[str], as_json: bool) -> None:
+    """Plot loss and step time against step, with restart and hang markers, from the event log."""
+    import os
+
+    from .events import EVENTS_FILE
+    from .report import load_run, plot_report
+    from .storage import is_remote
+
+    local = None if is_remote(uri) else (uri[len("file://"):] if uri.startswith("file://") else uri)
+    if events is None:
+        if local is None:
+            raise click.UsageError(f"{uri} is remote: pass --events PATH (the log resumekit run wrote)")
+        events = os.path.join(local, EVENTS_FILE)
+    if not os.path.isfile(events):
+        raise _fail(f"no event log at {events}; pass --events PATH or run the job under `resumekit run`")
+    if output is None:
+        output = os.path.join(local, "report.png") if local else "report.png"
+    try:
+        path = plot_report(events, output)
+    except ImportError as e:
+        raise _fail(str(e)) from None
+    run = load_run(events)
+    _out({"output": path, **run.stats()}, as_json, f"wrote {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,275 @@
+"""Tensor and state-tree (de)serialisation without pickle.
+
+Tensors go to one file in the safetensors layout (8-byte header length, JSON header, raw bytes), which any
+safetensors reader can open; we write and read it ourselves so bytes stream straight between tensors and the file
+with the checksum computed on the fly and no extra full copy. Everything else goes to a JSON tree in which
+tensors, numpy arrays, tuples, non-string dict keys, bytes and a few scalar types are tagged, so the tree comes back
+with the same Python types (optimizer ``state`` keyed by int, ``betas`` as a tuple, numpy RNG state as an array).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .errors import CorruptCheckpointError, UnsupportedStateError
+
+_DTYPES: Dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.complex64: "C64",
+}
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
+                     ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _DTYPES[getattr(torch, _name)] = _code
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+TAG = "__rk__"  # marker key of tagged JSON nodes; a user dict containing it is stored tagged too
+_MAX_HEADER = 256 << 20
+_IO_CHUNK = 64 << 20
+
+
+# ----------------------------------------------------------------------------------------------- tree encoding
+class TreeEncoder:
+    """Turns a state tree into a JSON-able tree plus a name -> tensor table.
+
+    Tensors are referenced, not copied: the caller decides whether to write them directly (synchronous save) or
+    to snapshot them first (asynchronous save).
+    """
+
+    def __init__(self) -> None:
+        self.tensors: Dict[str, torch.Tensor] = {}
+        self.arrays: Dict[str, bool] = {}
+
+    def _name(self, path: Tuple[str, ...]) -> str:
+        base = "/".join(path) or "root"
+        name, n = base, 1
+        while name in self.tensors:
+            n += 1
+            name = f"{base}#{n}"
+        return name
+
+    def encode(self, obj: Any, path: Tuple[str, ...] = ()) -> Any:
+        if obj is None or isinstance(obj, (bool, str)):
+            return obj
+        if isinstance(obj, int):
+            return obj
+        if isinstance(obj, float):
+            return obj if math.isfinite(obj) else {TAG: "float", "v": repr(obj)}
+        if isinstance(obj, torch.Tensor):
+            if obj.is_sparse or obj.layout != torch.strided:
+                raise UnsupportedStateError(f"state{_fmt(path)}: sparse tensors are not supported; densify it")
+            if obj.dtype not in _DTYPES:
+                raise UnsupportedStateError(f"state{_fmt(path)}: tensor dtype {obj.dtype} is not supported")
+            name = self._name(path)
+            self.tensors[name] = obj
+            return {TAG: "tensor", "k": name}
+        if isinstance(obj, np.ndarray):
+            if obj.dtype == object:
+                raise UnsupportedStateError(f"state{_fmt(path)}: numpy object arrays cannot be stored safely")
+            # Stored as raw bytes: numpy has dtypes torch lacks, and the tag carries dtype and shape back.
+            name = self._name(path)
+            raw = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)
+            self.tensors[name] = torch.from_numpy(raw)
+            return {TAG: "ndarray", "k": name, "dtype": obj.dtype.str, "shape": list(obj.shape)}
+        if isinstance(obj, np.generic):
+            return {TAG: "npscalar", "dtype": obj.dtype.str, "v": self.encode(obj.item(), path)}
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) for k in obj) and TAG not in obj:
+                return {k: self.encode(v, path + (k,)) for k, v in obj.items()}
+            items = []
+            for k, v in obj.items():
+                if not isinstance(k, (str, int, float, bool, type(None), tuple)):
+                    raise UnsupportedStateError(
+                        f"state{_fmt(path)}: dict key {k!r} of type {type(k).__name__} cannot be stored")
+                items.append([self.encode(k, path), self.encode(v, path + (str(k),))])
+            return {TAG: "dict", "items": items}
+        if isinstance(obj, tuple):
+            return {TAG: "tuple", "v": [self.encode(v, path + (str(i),)) for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [self.encode(v, path + (str(i),)) for i, v in enumerate(obj)]
+        if isinstance(obj, (bytes, bytearray)):
+            return {TAG: "bytes", "v": base64.b64encode(bytes(obj)).decode()}
+        if isinstance(obj, torch.dtype):
+            return {TAG: "dtype", "v": str(obj).replace("torch.", "")}
+        if isinstance(obj, torch.device):
+            return {TAG: "device", "v": str(obj)}
+        if isinstance(obj, torch.Size):
+            return {TAG: "size", "v": list(obj)}
+        if isinstance(obj, (set, frozenset)):
+            return {TAG: "set", "v": [self.encode(v, path) for v in sorted(obj, key=repr)]}
+        raise UnsupportedStateError(
+            f"state{_fmt(path)}: cannot store an object of type {type(obj).__module__}.{type(obj).__qualname__} "
+            "without pickle; give it state_dict()/load_state_dict() returning tensors and plain values, or leave "
+            "it out of the checkpoint state")
+
+
+def _fmt(path: Tuple[str, ...]) -> str:
+    return "".join(f"[{p!r}]" for p in path)
+
+
+def decode(node: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    """Inverse of :meth:`TreeEncoder.encode`; refuses anything it does not know (no code is ever run)."""
+    if isinstance(node, list):
+        return [decode(v, tensors) for v in node]
+    if not isinstance(node, dict):
+        return node
+    tag = node.get(TAG)
+    if tag is None:
+        return {k: decode(v, tensors) for k, v in node.items()}
+    if tag == "tensor":
+        return tensors[node["k"]]
+    if tag == "ndarray":
+        raw = tensors[node["k"]].numpy()
+        return raw.view(np.dtype(node["dtype"])).reshape(node["shape"]).copy()
+    if tag == "float":
+        return float(node["v"])
+    if tag == "npscalar":
+        return np.dtype(node["dtype"]).type(decode(node["v"], tensors))
+    if tag == "dict":
+        return {_hashable(decode(k, tensors)): decode(v, tensors) for k, v in node["items"]}
+    if tag == "tuple":
+        return tuple(decode(v, tensors) for v in node["v"])
+    if tag == "bytes":
+        return base64.b64decode(node["v"])
+    if tag == "dtype":
+        dt = getattr(torch, node["v"], None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"unknown dtype {node['v']!r}")
+        return dt
+    if tag == "device":
+        return torch.device(node["v"])
+    if tag == "size":
+        return torch.Size(node["v"])
+    if tag == "set":
+        return {_hashable(decode(v, tensors)) for v in node["v"]}
+    raise ValueError(f"unknown tag {tag!r} in state.json")
+
+
+def _hashable(v: Any) -> Any:
+    return tuple(_hashable(x) for x in v) if isinstance(v, list) else v
+
+
+def dumps_tree(tree: Any) -> bytes:
+    return json.dumps(tree, separators=(",", ":"), allow_nan=False).encode()
+
+
+# ------------------------------------------------------------------------------------------ safetensors I/O
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor."""
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def ordered(tensors: Dict[str, torch.Tensor]) -> List[Tuple[str, torch.Tensor]]:
+    """Write order: larger element sizes first, so every tensor stays aligned to its element size."""
+    return sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
+
+
+def build_header(items: List[Tuple[str, torch.Tensor]]) -> Tuple[bytes, int]:
+    """The safetensors prefix (length + JSON header padded to 8 bytes) and the data size."""
+    header: Dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "resumekit"}}
+    off = 0
+    for name, t in items:
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw, off
+
+
+def write_tensors(f: BinaryIO, tensors: Dict[str, torch.Tensor], hasher) -> int:
+    """Stream tensors (contiguous CPU) to ``f`` in the safetensors layout; returns bytes written."""
+    items = ordered(tensors)
+    prefix, data_size = build_header(items)
+    f.write(prefix)
+    hasher.update(prefix)
+    for _, t in items:
+        mv = tensor_bytes(t)
+        for i in range(0, len(mv), _IO_CHUNK):
+            chunk = mv[i:i + _IO_CHUNK]
+            hasher.update(chunk)
+            f.write(chunk)
+    return len(prefix) + data_size
+
+
+def _readinto_exact(f: BinaryIO, mv: memoryview, where: str) -> None:
+    got = 0
+    while got < len(mv):
+        n = f.readinto(mv[got:])
+        if not n:
+            raise CorruptCheckpointError(where, f"file ends after {got} of {len(mv)} expected bytes (truncated)")
+        got += n
+
+
+def read_header(f: BinaryIO, size: int, where: str, hasher=None) -> Tuple[List[Tuple[str, dict]], int]:
+    """Parse and sanity-check a safetensors header; returns entries in file order and the data start."""
+    head = f.read(8)
+    if len(head) != 8:
+        raise CorruptCheckpointError(where, "tensor file is shorter than its 8-byte header length")
+    (hlen,) = struct.unpack("<Q", head)
+    if hlen > min(_MAX_HEADER, size - 8):
+        raise CorruptCheckpointError(where, f"tensor file header claims {hlen} bytes but the file has {size}")
+    raw = f.read(hlen)
+    if hasher is not None:
+        hasher.update(head)
+        hasher.update(raw)
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise CorruptCheckpointError(where, f"tensor file header is not valid JSON ({e})") from None
+    entries = []
+    for name, ent in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _CODES[ent["dtype"]]
+            shape = [int(s) for s in ent["shape"]]
+            b, e = (int(x) for x in ent["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptCheckpointError(where, f"tensor file header entry {name!r} is malformed") from None
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if e - b != n or b < 0:
+            raise CorruptCheckpointError(where, f"tensor {name!r} has offsets {b}..{e} for {n} bytes")
+        entries.append((name, {"dtype": dtype, "shape": shape, "begin": b, "end": e}))
+    entries.sort(key=lambda kv: kv[1]["begin"])
+    pos = 0
+    for name, ent in entries:
+        if ent["begin"] != pos:
+            raise CorruptCheckpointError(where, f"tensor {name!r} does not start where the previous one ends")
+        pos = ent["end"]
+    if 8 + hlen + pos != size:
+        raise CorruptCheckpointError(where, f"tensor file has {size} bytes, its header describes {8 + hlen + pos}")
+    return entries, 8 + hlen
+
+
+def read_tensors(f: BinaryIO, size: int, where: str, hasher,
+                 out: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Read every tensor into its own freshly allocated (or caller-provided) CPU tensor, hashing on the fly.
+
+    Reading straight into the destination with ``readinto`` means one copy from the page cache and no
+    intermediate buffer; the caller compares ``hasher`` with the manifest before using anything.
+    """
+    entries, _ = read_header(f, size, where, hasher)
+    result: Dict[str, torch.Tensor] = {}
+    for name, ent in entries:
+        dst = out.get(name) if out else None
+        if dst is None or dst.dtype != ent["dtype"] or list(dst.shape) != ent["shape"] or not dst.is_contiguous():
+            dst = torch.empty(ent["shape"], dtype=ent["dtype"])
+        mv = tensor_bytes(dst)
+        for i in range(0, len(mv), _IO_CHUNK):
+            chunk = mv[i:i + _IO_CHUNK]
+            _readinto_exact(f, chunk, where)
+            hasher.update(chunk)
+        result[name] = dst
+    return result

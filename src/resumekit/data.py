@@ -1,0 +1,170 @@
+"""Deterministic, resumable data order.
+
+:class:`ResumableSampler` draws its order from ``(seed, epoch)`` alone and keeps the *global* number of samples
+consumed in the epoch, so a resumed run skips straight to its position in O(1) (the order is recomputed, no data
+is read) and the same global order continues even when the number of ranks changes.
+
+:class:`ResumableDataLoader` is a ``torch.utils.data.DataLoader`` that keeps that position exact with worker
+processes (which prefetch ahead of what the loop consumed) and seeds its workers from ``(seed, epoch)`` instead of
+the global torch RNG, so creating an iterator mid-epoch does not shift the training's random stream.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterator, Optional, Sized, Union
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .errors import StateMismatchError
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed that differs for every (seed, epoch) pair."""
+    return ((seed * _MIX) ^ (epoch + 1) * 0xBF58476D1CE4E5B9) & ((1 << 63) - 1)
+
+
+class ResumableSampler(Sampler[int]):
+    """A shuffling (or sequential) sampler whose position is part of its state.
+
+    Args:
+        data: the dataset or its length.
+        seed: base seed; the order of epoch ``e`` depends on ``(seed, e)`` only.
+        shuffle: permute each epoch (False: 0..n-1).
+        num_replicas / rank: for data parallel jobs (default: from torch.distributed when initialised). Rank ``r``
+            takes global positions ``r, r + W, r + 2W, ...`` so the global order does not depend on ``W``.
+        drop_last: drop the tail so every rank gets the same count (else the order wraps to pad the last round).
+
+    Its ``position`` counts global samples handed out in the current epoch. With ``DataLoader(num_workers=0)``
+    that is exactly what the loop consumed; with worker processes use :class:`ResumableDataLoader`, which
+    corrects for prefetching. Call :meth:`set_epoch` at the start of every epoch, as with DistributedSampler.
+    """
+
+    def __init__(self, data: Union[Sized, int], *, seed: int = 0, shuffle: bool = True,
+                 num_replicas: Optional[int] = None, rank: Optional[int] = None, drop_last: bool = False):
+        n = data if isinstance(data, int) else len(data)
+        if n < 0:
+            raise ValueError("dataset length must be >= 0")
+        if num_replicas is None or rank is None:
+            dist = torch.distributed
+            ready = dist.is_available() and dist.is_initialized()
+            num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if ready else 1)
+            rank = rank if rank is not None else (dist.get_rank() if ready else 0)
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.num_samples_total = n
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.position = 0
+
+    @property
+    def epoch_length(self) -> int:
+        """Global samples per epoch after dropping or padding to a multiple of ``num_replicas``."""
+        n, w = self.num_samples_total, self.num_replicas
+        return (n // w) * w if self.drop_last else math.ceil(n / w) * w
+
+    def order(self, epoch: Optional[int] = None) -> torch.Tensor:
+        """The global index order of an epoch (a pure function of seed and epoch)."""
+        epoch = self.epoch if epoch is None else epoch
+        n = self.num_samples_total
+        if not self.shuffle:
+            return torch.arange(n)
+        g = torch.Generator()
+        g.manual_seed(epoch_seed(self.seed, epoch))
+        return torch.randperm(n, generator=g)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch``; keeps the position when resuming into the same epoch."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.position = 0
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()
+        n, w, total = self.num_samples_total, self.num_replicas, self.epoch_length
+        if n == 0:
+            return
+        start = self.position
+        for g in range(start + self.rank, total, w):
+            # Count before yielding: the consumer holds the sample once next() returns.
+            self.position = min(g - self.rank + w, total)
+            yield int(order[g % n])
+
+    def __len__(self) -> int:
+        remaining = self.epoch_length - self.position - self.rank
+        return max(0, math.ceil(remaining / self.num_replicas))
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position,
+                "num_samples": self.num_samples_total, "shuffle": self.shuffle}
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        if sd.get("num_samples") != self.num_samples_total:
+            raise StateMismatchError(
+                f"sampler was saved for a dataset of {sd.get('num_samples')} samples, this one has "
+                f"{self.num_samples_total}: the data changed; resume with resume='never' or init_from= to restart "
+                "the data order")
+        self.seed = int(sd["seed"])
+        self.epoch = int(sd["epoch"])
+        self.position = int(sd["position"])
+        self.shuffle = bool(sd.get("shuffle", self.shuffle))
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableSampler` that is itself stateful (put it in the checkpoint state).
+
+    Args:
+        dataset: map-style dataset.
+        batch_size: samples per batch on this rank.
+        seed, shuffle, drop_last, num_replicas, rank: passed to the sampler (``drop_last`` also to batching).
+        **kwargs: any other DataLoader argument (num_workers, collate_fn, pin_memory, ...). ``sampler``,
+            ``shuffle`` and ``generator`` are managed here.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int = 1, *, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = False, num_replicas: Optional[int] = None, rank: Optional[int] = None,
+                 **kwargs: Any):
+        for k in ("sampler", "batch_sampler", "generator"):
+            if k in kwargs:
+                raise TypeError(f"ResumableDataLoader manages {k!r} itself")
+        self.resumable_sampler = ResumableSampler(dataset, seed=seed, shuffle=shuffle, num_replicas=num_replicas,
+                                                  rank=rank, drop_last=drop_last)
+        self._worker_generator = torch.Generator()
+        super().__init__(dataset, batch_size=batch_size, sampler=self.resumable_sampler, drop_last=drop_last,
+                         generator=self._worker_generator, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.resumable_sampler.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.resumable_sampler.epoch
+
+    def __iter__(self):  # type: ignore[override]
+        s = self.resumable_sampler
+        # Worker seeds come from this generator: a pure function of (seed, epoch), never of the global RNG, so a
+        # mid-epoch restart neither consumes nor depends on the training's random stream. (Random augmentation
+        # that must be exact across a mid-epoch restart should seed per sample, e.g. from epoch_seed(seed, index).)
+        self._worker_generator.manual_seed(epoch_seed(s.seed, s.epoch))
+        start, total = s.position, s.epoch_length
+        per_batch = self.batch_size * s.num_replicas
+        delivered = 0
+        for batch in super().__iter__():
+            delivered += 1
+            # Workers prefetch, so the sampler has run ahead; the position is what the loop has received.
+            s.position = min(start + delivered * per_batch, total)
+            yield batch
+        s.position = total
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.resumable_sampler.state_dict()
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.resumable_sampler.load_state_dict(sd)

@@ -1,0 +1,38 @@
+"""Garbage collection of a checkpoint root: retention plus removal of stale in-progress directories."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional
+
+from .format import TMP_PREFIX
+from .layouts.native import NativeLayout
+from .policy import RetentionPolicy
+from .storage import Storage
+
+
+def collect_garbage(storage: Storage, policy: RetentionPolicy, *, tmp_age: float = 600.0, dry_run: bool = False,
+                    now: Optional[float] = None) -> Dict[str, Any]:
+    """Apply ``policy`` to the valid checkpoints and remove ``.tmp-`` dirs older than ``tmp_age`` seconds.
+
+    Invalid checkpoints are kept (they are evidence; ``resumekit ls`` shows why they are invalid) and the newest
+    valid one is never removed. A tmp dir younger than ``tmp_age`` may belong to a save in progress.
+    """
+    now = time.time() if now is None else now
+    layout = NativeLayout()
+    infos = [layout.validate(storage, i, full=False) for i in layout.list(storage)]
+    valid = {i.step: i for i in infos if i.valid}
+    doomed = policy.to_delete(list(valid), {s: i.metadata for s, i in valid.items()})
+    removed, kept = [], []
+    for s in sorted(valid):
+        (removed if s in doomed else kept).append(valid[s].path)
+        if s in doomed and not dry_run:
+            storage.remove_tree(valid[s].name)
+    for e in storage.listdir(""):
+        if e.name.startswith(TMP_PREFIX):
+            age = now - (e.mtime if e.mtime is not None else now)
+            if age >= tmp_age:
+                removed.append(storage.join(e.name))
+                if not dry_run:
+                    storage.remove_tree(e.name)
+    return {"removed": removed, "kept": kept, "dry_run": dry_run}

@@ -1,0 +1,456 @@
+"""CheckpointManager: the four lines a training loop needs.
+
+Example::
+
+    mgr = CheckpointManager("ckpts", every_steps=100, keep_last=3, async_save=True)
+    state = {"model": model, "optim": optim, "sched": sched, "loader": loader}
+    start = mgr.restore(state)             # 0 on a fresh run
+    for step in range(start, total_steps):
+        train_one_step()
+        mgr.maybe_save(step + 1, state, metrics={"loss": loss.item()})
+    mgr.close()
+"""
+
+from __future__ import annotations
+
+import atexit
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence
+
+from .checkpoint import SaveResult, read_checkpoint, write_checkpoint
+from .codec import TreeEncoder
+from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from .events import ENV_RESUME_FROM, EventLog, Heartbeat
+from .format import MANIFEST, TMP_PREFIX, metadata_jsonable, parse_step_dirname, step_dirname
+from .layouts.base import CheckpointInfo, order_by_step
+from .layouts.native import NativeLayout
+from .policy import RetentionPolicy, SavePolicy
+from .snapshot import BackgroundPersister, StagingBuffers, to_host
+from .state import RNG_KEY, STATE_KEY, apply_state, capture_rng, capture_state, restore_rng
+from .storage import Storage, open_storage
+
+log = logging.getLogger("resumekit")
+
+
+@dataclass(kw_only=True)
+class CheckpointOptions:
+    """Everything a :class:`CheckpointManager` can be told. Unknown or invalid values fail at construction.
+
+    Attributes:
+        every_steps: save when ``step % every_steps == 0``.
+        every_seconds: save when this many seconds passed since the last save (see README: Young's rule).
+        keep_last: retention: keep the newest N checkpoints (None keeps all).
+        keep_every: retention: also keep every step divisible by K.
+        keep_best: retention: also keep the N best by ``best_metric``.
+        best_metric: metric name (from ``metrics=``) ranking ``keep_best``.
+        best_mode: ``"min"`` or ``"max"``.
+        async_save: snapshot into host buffers and persist in the background (training blocks for the copy).
+        resume: ``"auto"`` (newest valid, honouring ``RESUMEKIT_RESUME_FROM``), ``"never"``, or a path to a
+            checkpoint (or to a run directory, whose newest valid checkpoint is used).
+        init_from: a checkpoint of *another* run to start from when this run has none (fine-tuning).
+        init_keys: entries to load from ``init_from`` (e.g. ``["model"]``); the step restarts at 0.
+        save_rng: save and restore python, numpy, torch and CUDA RNG states.
+        strict: every entry of the state passed to ``restore`` must be in the checkpoint.
+        handle_sigterm: on SIGTERM, save at the next ``maybe_save`` call (preemption).
+        exit_on_preemption: after that save, exit the process with status 0.
+        heartbeat_interval: seconds between heartbeat touches (for ``resumekit run --hang-timeout``).
+        metrics_every: log ``metrics`` passed to ``maybe_save`` every N steps to the event log (0: never).
+    """
+
+    every_steps: Optional[int] = None
+    every_seconds: Optional[float] = None
+    keep_last: Optional[int] = None
+    keep_every: Optional[int] = None
+    keep_best: Optional[int] = None
+    best_metric: Optional[str] = None
+    best_mode: str = "min"
+    async_save: bool = False
+    resume: str = "auto"
+    init_from: Optional[str] = None
+    init_keys: Optional[Sequence[str]] = None
+    save_rng: bool = True
+    strict: bool = True
+    handle_sigterm: bool = True
+    exit_on_preemption: bool = True
+    heartbeat_interval: float = 1.0
+    metrics_every: int = 1
+    save_policy: SavePolicy = field(init=False)
+    retention: RetentionPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.save_policy = SavePolicy(every_steps=self.every_steps, every_seconds=self.every_seconds)
+        self.retention = RetentionPolicy(keep_last=self.keep_last, keep_every=self.keep_every,
+                                         keep_best=self.keep_best, best_metric=self.best_metric,
+                                         best_mode=self.best_mode)
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ConfigError(f"CheckpointOptions.resume must be 'auto', 'never' or a path, got {self.resume!r}")
+        if self.init_keys is not None and isinstance(self.init_keys, str):
+            raise ConfigError("CheckpointOptions.init_keys must be a list of entry names, not a string")
+        if self.heartbeat_interval < 0:
+            raise ConfigError("CheckpointOptions.heartbeat_interval must be >= 0")
+        if self.metrics_every < 0:
+            raise ConfigError("CheckpointOptions.metrics_every must be >= 0")
+
+
+@dataclass
+class SaveCost:
+    """What saving costs this run: blocking time (the training stall) and background persist time."""
+
+    saves: int = 0
+    blocking_s_total: float = 0.0
+    persist_s_total: float = 0.0
+    last_blocking_s: float = 0.0
+    last_persist_s: float = 0.0
+    bytes_last: int = 0
+
+    @property
+    def blocking_s_mean(self) -> float:
+        return self.blocking_s_total / self.saves if self.saves else 0.0
+
+    @property
+    def persist_s_mean(self) -> float:
+        return self.persist_s_total / self.saves if self.saves else 0.0
+
+
+class CheckpointManager:
+    """Saves the whole training state when due, atomically, and restores the newest valid checkpoint.
+
+    Args:
+        directory: checkpoint root: a local/mounted path or a URI (``s3://bucket/prefix``).
+        options: a :class:`CheckpointOptions`; or pass its fields as keyword arguments.
+    """
+
+    def __init__(self, directory: str, options: Optional[CheckpointOptions] = None, **kwargs: Any):
+        if options is not None and kwargs:
+            raise ConfigError("pass either options= or keyword options, not both")
+        self.options = options or CheckpointOptions(**kwargs)
+        self.storage: Storage = open_storage(directory)
+        self.layout = NativeLayout()
+        self.events = EventLog.for_dir(self.storage.local_path() if self.storage.is_local else None, "library")
+        self.heartbeat = Heartbeat.from_env(self.options.heartbeat_interval)
+        self.cost = SaveCost()
+        self.restored_from: Optional[CheckpointInfo] = None
+        self.skipped: List[CheckpointInfo] = []
+        self.last_saved_step: Optional[int] = None
+        self.preempted = False
+        self._last_save_time = time.monotonic()
+        self._staging = StagingBuffers() if self.options.async_save else None
+        self._persister = BackgroundPersister()
+        self._closed = False
+        self._preempt_flag = threading.Event()
+        self._old_handler: Any = None
+        if self.options.handle_sigterm:
+            self._install_sigterm()
+        if self.heartbeat.path and hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            # Under `resumekit run --hang-timeout`, SIGUSR1 dumps every thread's stack before the kill.
+            faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+        atexit.register(self._atexit)
+
+    # ------------------------------------------------------------------------------------------------ restore
+    def restore(self, state: MutableMapping[str, Any], *, resume: Optional[str] = None,
+                only: Optional[Sequence[str]] = None, strict: Optional[bool] = None) -> int:
+        """Load the newest valid checkpoint into ``state``; returns the step to continue from (0 if none).
+
+        Corrupt or incomplete checkpoints are skipped with a logged reason and the previous one is used.
+
+        Args:
+            state: name -> stateful object or plain value; plain values are replaced in the mapping.
+            resume: overrides ``options.resume`` (``"auto"``, ``"never"`` or a path).
+            only: load just these entries (and no RNG state), e.g. ``["model"]``.
+            strict: overrides ``options.strict``.
+
+        Raises:
+            CorruptCheckpointError: an explicitly requested checkpoint is invalid.
+            StateMismatchError: the checkpoint does not fit the objects (keys or shapes).
+        """
+        t0 = time.perf_counter()
+        strict = self.options.strict if strict is None else strict
+        mode = resume or self.options.resume
+        self._clean_stale_tmp()
+        env_path = os.environ.get(ENV_RESUME_FROM, "")
+        chosen: Optional[tuple] = None
+        if mode == "never":
+            self.events.emit("restore", step=0, path=None, reason="resume=never")
+            return 0
+        if mode != "auto":
+            chosen = self._load_explicit(mode)
+        else:
+            if env_path:
+                try:
+                    chosen = self._load_explicit(env_path)
+                except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                    log.warning("RESUMEKIT_RESUME_FROM=%s is not usable (%s); searching %s instead",
+                                env_path, e, self.storage.uri)
+            if chosen is None:
+                chosen = self._load_newest()
+        if chosen is None:
+            if self.options.init_from:
+                return self._init_from(state, t0)
+            self.events.emit("restore", step=0, path=None, skipped=[s.as_dict() for s in self.skipped],
+                             seconds=time.perf_counter() - t0)
+            return 0
+        info, tree = chosen
+        saved = tree.get(STATE_KEY, {})
+        apply_state(state, saved, only=only, strict=strict, where=info.path)
+        if only is None and self.options.save_rng and RNG_KEY in tree:
+            restore_rng(tree[RNG_KEY])
+        self.restored_from = info
+        self.last_saved_step = info.step
+        self._last_save_time = time.monotonic()
+        secs = time.perf_counter() - t0
+        self.events.emit("restore", step=info.step, path=info.path, seconds=secs,
+                         skipped=[{"path": s.path, "reason": s.reason} for s in self.skipped])
+        log.info("resumed from %s (step %d) in %.2fs", info.path, info.step, secs)
+        return info.step
+
+    def _load_newest(self) -> Optional[tuple]:
+        for info in reversed(order_by_step(self.layout.list(self.storage))):
+            try:
+                man, tree = read_checkpoint(self.storage, info.name)
+            except CorruptCheckpointError as e:
+                self._skip(info, e.reason)
+                continue
+            except OSError as e:
+                self._skip(info, f"unreadable: {e}")
+                continue
+            info.valid, info.size, info.time, info.metadata = True, man.total_bytes, man.time, man.metadata
+            return info, tree
+        return None
+
+    def _skip(self, info: CheckpointInfo, reason: str) -> None:
+        info.valid, info.reason = False, reason
+        self.skipped.append(info)
+        log.warning("skipping invalid checkpoint %s: %s", info.path, reason)
+        self.events.emit("skip_invalid", step=info.step, path=info.path, reason=reason)
+
+    def _load_explicit(self, path: str) -> tuple:
+        """A checkpoint directory, or a run directory whose newest valid checkpoint is taken."""
+        path = path.rstrip("/")
+        parent, _, name = path.rpartition("/")
+        st = open_storage(parent or ".", create=False)
+        if parse_step_dirname(name) is None or not st.exists(f"{name}/{MANIFEST}"):
+            run = open_storage(path, create=False)
+            best = None
+            for info in reversed(order_by_step(self.layout.list(run))):
+                try:
+                    man, tree = read_checkpoint(run, info.name)
+                    best = (info, tree)
+                    break
+                except CorruptCheckpointError as e:
+                    self._skip(info, e.reason)
+            if best is None:
+                raise CheckpointNotFoundError(f"no valid resumekit checkpoint at {path}; pass a step_N directory "
+                                              "or a run directory that holds one")
+            return best
+        man, tree = read_checkpoint(st, name)
+        return CheckpointInfo(step=man.step, name=name, path=st.join(name), layout="native", valid=True,
+                              size=man.total_bytes, time=man.time, metadata=man.metadata), tree
+
+    def _init_from(self, state: MutableMapping[str, Any], t0: float) -> int:
+        info, tree = self._load_explicit(self.options.init_from)
+        keys = list(self.options.init_keys) if self.options.init_keys is not None else None
+        loaded = apply_state(state, tree.get(STATE_KEY, {}), only=keys, strict=self.options.strict,
+                             where=info.path)
+        self.events.emit("init_from", path=info.path, step=0, keys=loaded, seconds=time.perf_counter() - t0)
+        log.info("initialised %s from %s; starting at step 0", loaded, info.path)
+        return 0
+
+    def _clean_stale_tmp(self) -> None:
+        # This manager is the only writer of its directory while it runs, so every tmp dir present before its
+        # first save is left over from a killed save.
+        if self._persister.busy:
+            return
+        for e in self.storage.listdir(""):
+            if e.name.startswith(TMP_PREFIX):
+                try:
+                    self.storage.remove_tree(e.name)
+                except OSError as err:
+                    log.warning("could not remove stale %s: %s", self.storage.join(e.name), err)
+
+    # --------------------------------------------------------------------------------------------------- save
+    def maybe_save(self, step: int, state: Mapping[str, Any], *, metrics: Optional[Mapping[str, Any]] = None,
+                   force: bool = False) -> bool:
+        """Call once per step with the number of steps completed; saves when the policy (or a SIGTERM) says so.
+
+        Also beats the heartbeat and surfaces errors from a background save. After a preemption save the process
+        exits with status 0 when ``exit_on_preemption`` is set.
+        """
+        self.heartbeat.beat(step)
+        self._persister.raise_pending()
+        if metrics and self.options.metrics_every and step % self.options.metrics_every == 0:
+            self.events.emit("metrics", step=step, **metadata_jsonable(metrics))
+        if self._preempt_flag.is_set():
+            return self._preemption_save(step, state, metrics)
+        due = force or self.options.save_policy.due(step, time.monotonic(), self._last_save_time,
+                                                    self.last_saved_step)
+        if due:
+            self.save(step, state, metrics=metrics)
+        return due
+
+    def save(self, step: int, state: Mapping[str, Any], *, metrics: Optional[Mapping[str, Any]] = None,
+             block: Optional[bool] = None) -> Optional[str]:
+        """Save now. Returns the checkpoint path (sync) or the path it will have (async); None if already saved.
+
+        Args:
+            step: steps completed; the checkpoint is named after it.
+            metrics: JSON numbers stored in the manifest (used by ``keep_best``).
+            block: wait for the write to be durable (default: not when ``async_save``).
+
+        Raises:
+            CheckpointWriteError: the save (or the previous background one) failed; the previous checkpoint is
+                untouched.
+            UnsupportedStateError: an entry cannot be stored safely; the message names its key.
+        """
+        if self._closed:
+            raise RuntimeError("CheckpointManager is closed")
+        t0 = time.perf_counter()
+        self._persister.raise_pending()
+        name = step_dirname(step)
+        if self.storage.exists(f"{name}/{MANIFEST}") and self.layout.validate(
+                self.storage, CheckpointInfo(step=step, name=name, path="", layout="native"), full=False).valid:
+            log.info("step %d is already committed at %s; not saving it again", step, self.storage.join(name))
+            self.last_saved_step = step
+            return None
+        tree = {STATE_KEY: capture_state(state)}
+        if self.options.save_rng:
+            tree[RNG_KEY] = capture_rng()
+        enc = TreeEncoder()
+        encoded = enc.encode(tree)
+        meta = metadata_jsonable(metrics)
+        entries = list(state.keys())
+        use_async = self.options.async_save if block is None else not block
+        if use_async:
+            if self._staging is None:
+                self._staging = StagingBuffers()
+            waited = self._persister.wait(raise_error=True)
+            tensors = self._staging.snapshot(enc.tensors)
+            blocking = time.perf_counter() - t0
+            self._persister.submit(lambda: self._persist(step, encoded, tensors, meta, entries, blocking, waited))
+        else:
+            self._persister.wait(raise_error=True)
+            tensors = to_host(enc.tensors)
+            blocking = None
+            self._persist(step, encoded, tensors, meta, entries, None, 0.0, t0=t0)
+        self.last_saved_step = step
+        self._last_save_time = time.monotonic()
+        return self.storage.join(name)
+
+    def _persist(self, step: int, encoded: Any, tensors: Dict, meta: Dict, entries: List[str],
+                 blocking: Optional[float], waited: float, t0: Optional[float] = None) -> SaveResult:
+        res = write_checkpoint(self.storage, step, encoded, tensors, meta, entries)
+        if blocking is None:  # synchronous: the whole write blocked training
+            blocking = time.perf_counter() - (t0 or 0.0)
+        c = self.cost
+        c.saves += 1
+        c.blocking_s_total += blocking
+        c.persist_s_total += res.seconds
+        c.last_blocking_s, c.last_persist_s = blocking, res.seconds
+        c.bytes_last = res.manifest.total_bytes
+        self.events.emit("save", step=step, path=res.path, bytes=res.manifest.total_bytes, blocking_s=blocking,
+                         persist_s=res.seconds, waited_s=waited, metrics=meta)
+        self._apply_retention(protect={step})
+        return res
+
+    def _apply_retention(self, protect: set) -> None:
+        policy = self.options.retention
+        if not policy.active:
+            return
+        infos = [self.layout.validate(self.storage, i, full=False) for i in self.layout.list(self.storage)]
+        valid = {i.step: i for i in infos if i.valid}
+        metrics = {s: i.metadata for s, i in valid.items()}
+        for s in policy.to_delete(list(valid), metrics, protected=protect):
+            try:
+                self.storage.remove_tree(valid[s].name)
+                self.events.emit("retention_delete", step=s, path=valid[s].path)
+            except OSError as e:
+                log.warning("retention could not remove %s: %s", valid[s].path, e)
+
+    # ------------------------------------------------------------------------------------------- preemption
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:
+            self._old_handler = None
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # Only set a flag: saving from inside a signal handler could see a half-updated model.
+        self._preempt_flag.set()
+
+    def request_preemption(self) -> None:
+        """Ask for a save at the next step boundary, as SIGTERM does (e.g. from a rank-agreement hook)."""
+        self._preempt_flag.set()
+
+    def _preemption_save(self, step: int, state: Mapping[str, Any], metrics: Optional[Mapping[str, Any]]) -> bool:
+        self.preempted = True
+        self.save(step, state, metrics=metrics, block=True)
+        self.wait()
+        self.events.emit("preempted", step=step)
+        log.warning("preempted: saved step %d", step)
+        if self.options.exit_on_preemption:
+            self.close()
+            sys.exit(0)
+        return True
+
+    # ------------------------------------------------------------------------------------------------- drain
+    def wait(self) -> None:
+        """Block until the background save (if any) is durable; raises its error if it failed."""
+        self._persister.wait(raise_error=True)
+
+    def close(self) -> None:
+        """Finish pending work and release buffers; raises a background save's error."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._persister.wait(raise_error=True)
+        finally:
+            if self._staging is not None:
+                self._staging.release()
+            if self._old_handler is not None and threading.current_thread() is threading.main_thread():
+                try:
+                    signal.signal(signal.SIGTERM, self._old_handler)
+                except (ValueError, TypeError):
+                    pass
+            atexit.unregister(self._atexit)
+
+    def _atexit(self) -> None:
+        # A background save failing after the loop ended must not vanish: the exit status says so.
+        if self._closed:
+            return
+        try:
+            self.close()
+        except BaseException as e:  # noqa: BLE001
+            sys.stderr.write(f"resumekit: background checkpoint save failed: {e}\n")
+            sys.stderr.flush()
+            os._exit(1)
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except BaseException:  # noqa: BLE001 - the body's exception is the one to report
+                pass
+
+    # -------------------------------------------------------------------------------------------- inspection
+    def checkpoints(self, full: bool = False) -> List[CheckpointInfo]:
+        """Every checkpoint with its validity (sizes only unless ``full``)."""
+        return [self.layout.validate(self.storage, i, full=full)
+                for i in order_by_step(self.layout.list(self.storage))]
+
+    def latest(self, full: bool = True) -> Optional[CheckpointInfo]:
+        best, _ = self.layout.latest(self.storage, full=full)
+        return best

@@ -1,0 +1,334 @@
+"""Point a training YAML (LLaMA-Factory, HF ``TrainingArguments``) at the newest valid checkpoint.
+
+LLaMA-Factory reads ``resume_from_checkpoint`` from its YAML and hands it to the HF Trainer, which needs the path of
+one ``checkpoint-N`` directory. Recipes often set it to ``output_dir`` itself (``resume_from_checkpoint:
+${train_output}``), which the Trainer cannot load, or to the highest ``checkpoint-N``, which may be half-written.
+:func:`resolve_config` rewrites the key to the newest checkpoint that validates, or to ``null`` when there is none.
+
+The file is edited surgically: ruamel.yaml's round-trip parser locates the key and its value (and how the value is
+quoted), only that value is replaced in the original text, and the result is parsed again to prove that nothing
+else changed. So comments, key order, quoting, indentation and spacing stay byte-for-byte as they were (a full
+ruamel dump would normalise ``~`` and extra spaces). The write is atomic: temp file, fsync, rename, fsync of the
+directory. ruamel.yaml is an optional dependency (``pip install 'resumekit[yaml]'``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+from .errors import ConfigError, ResumekitError
+from .layouts import CheckpointInfo, get_layout, resolve_layout
+from .storage import open_storage
+
+_PLAIN_SAFE = re.compile(r"[A-Za-z0-9_./~$+=@%,{}-]+")
+_PLAIN_BAD_START = set("-?:,[]{}#&*!|>'\"%@`")
+
+
+class MissingDependencyError(ResumekitError, ImportError):
+    """An optional dependency needed for this feature is not installed."""
+
+
+@dataclass
+class ResolveResult:
+    """What :func:`resolve_config` found and did.
+
+    Attributes:
+        yaml_path: the YAML file.
+        key: the key that was (or would be) set.
+        old: the key's value before, as a string (None when null or absent).
+        new: the value after (None: null, or absent and left absent).
+        changed: whether the file's content changed (or would, with ``dry_run``).
+        written: whether the file was rewritten.
+        checkpoint: the checkpoint chosen, if any.
+        skipped: newer checkpoints that were invalid, with their reasons.
+        searched: the directories searched for checkpoints.
+        key_added: the key was absent and has been added.
+    """
+
+    yaml_path: str
+    key: str
+    old: Optional[str]
+    new: Optional[str]
+    changed: bool
+    written: bool = False
+    checkpoint: Optional[CheckpointInfo] = None
+    skipped: List[CheckpointInfo] = field(default_factory=list)
+    searched: List[str] = field(default_factory=list)
+    key_added: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "yaml": self.yaml_path, "key": self.key, "old": self.old, "new": self.new, "changed": self.changed,
+            "written": self.written, "key_added": self.key_added, "searched": list(self.searched),
+            "checkpoint": self.checkpoint.as_dict() if self.checkpoint else None,
+            "skipped": [s.as_dict() for s in self.skipped],
+        }
+
+
+def _yaml():
+    try:
+        from ruamel.yaml import YAML
+    except ImportError:
+        raise MissingDependencyError(
+            "resolving a YAML config needs ruamel.yaml, which is not installed: pip install 'resumekit[yaml]'"
+        ) from None
+    y = YAML(typ="rt")
+    y.preserve_quotes = True
+    return y
+
+
+def resolve_config(yaml_path: str, key: str = "resume_from_checkpoint", dir_key: str = "output_dir",
+                   layout: str = "hf", *, dry_run: bool = False, full: bool = True,
+                   base_dir: Optional[str] = None) -> ResolveResult:
+    """Set ``key`` in a YAML file to the newest valid checkpoint under the run's directory, or to null.
+
+    Where to look: the directory in ``dir_key`` (``output_dir``), and also the key's current value when that is a
+    directory rather than a checkpoint (the recipe that sets ``resume_from_checkpoint`` to ``output_dir``).
+    ``$VAR``/``${VAR}`` and ``~`` are expanded and relative paths are taken from ``base_dir`` (default: the
+    current directory, as the trainer does). The new value is written in the same form as the directory's value
+    (``${train_output}/checkpoint-400`` stays portable). When nothing valid is found but the key already names a
+    valid checkpoint elsewhere (fine-tuning on from another run), it is kept; otherwise the key becomes ``null``.
+    An absent key is added (right after ``dir_key``) only when a checkpoint is found.
+
+    Args:
+        yaml_path: the YAML file to edit.
+        key: the top-level key to set.
+        dir_key: the top-level key holding the directory the checkpoints are written to.
+        layout: the checkpoint layout (``hf`` for LLaMA-Factory / HF Trainer; ``auto`` detects).
+        dry_run: compute the result without writing.
+        full: verify checksums / CRCs (False: sizes and headers only).
+        base_dir: the directory relative paths are resolved against.
+
+    Returns:
+        A :class:`ResolveResult`.
+
+    Raises:
+        MissingDependencyError: ruamel.yaml is not installed.
+        ConfigError: the file is not a YAML mapping, the key holds a non-scalar, or a path uses an unset variable.
+        FileNotFoundError: the YAML file does not exist.
+    """
+    y = _yaml()
+    real = os.path.realpath(yaml_path)
+    with open(real, "r", encoding="utf-8", newline="") as f:
+        text = f.read()
+    data = _load(y, text, yaml_path)
+    base = base_dir or os.getcwd()
+
+    present = key in data
+    old_raw = data.get(key) if present else None
+    if old_raw is not None and not isinstance(old_raw, str):
+        raise ConfigError(f"{yaml_path}: {key} is a {type(old_raw).__name__}, expected a path or null")
+    old = str(old_raw) if old_raw is not None else None
+    dir_raw = data.get(dir_key)
+    if dir_raw is not None and not isinstance(dir_raw, str):
+        raise ConfigError(f"{yaml_path}: {dir_key} is a {type(dir_raw).__name__}, expected a path")
+
+    searched: List[str] = []
+    best: Optional[CheckpointInfo] = None
+    skipped: List[CheckpointInfo] = []
+    new: Optional[str] = None
+    dirs: List[Tuple[str, str]] = []  # (as written, expanded)
+    if dir_raw:
+        dirs.append((str(dir_raw), _expand(str(dir_raw), dir_key, yaml_path, base)))
+    old_is_ckpt = False
+    if old:
+        old_path = _expand(old, key, yaml_path, base)
+        old_info = _as_checkpoint(old_path, layout)
+        old_is_ckpt = old_info is not None
+        if not old_is_ckpt and os.path.isdir(old_path) and all(os.path.realpath(old_path) != os.path.realpath(d)
+                                                               for _, d in dirs):
+            dirs.append((old, old_path))
+    for written_as, path in dirs:
+        searched.append(path)
+        if not os.path.isdir(path):
+            continue
+        st = open_storage(path, create=False)
+        lay = resolve_layout(st, layout)
+        found, skip = lay.latest(st, full=full)
+        skipped.extend(skip)
+        if found is not None:
+            best = found
+            new = written_as.rstrip("/") + "/" + found.name
+            break
+    if best is None and old_is_ckpt:
+        checked = _validate_path(_expand(old or "", key, yaml_path, base), layout, full)
+        if checked is not None and checked.valid:
+            best, new = checked, old
+        elif checked is not None:
+            skipped.append(checked)
+
+    result = ResolveResult(yaml_path, key, old, new, False, checkpoint=best, skipped=skipped, searched=searched)
+    if new is not None and old is not None and new != old and _same_path(new, old, key, yaml_path, base):
+        result.new = new = old  # same checkpoint, spelled differently: leave the file alone
+    if new == old or (not present and new is None):
+        return result
+    result.changed = True
+    result.key_added = not present
+    new_text = _splice(y, text, data, key, dir_key, new, yaml_path)
+    if not dry_run:
+        _write_atomic(real, new_text)
+        result.written = True
+    return result
+
+
+def _load(y, text: str, where: str):
+    try:
+        data = y.load(text)
+    except Exception as e:  # ruamel raises a family of YAMLError subclasses
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    if data is None or not hasattr(data, "lc") or not isinstance(data, dict):
+        raise ConfigError(f"{where} is not a YAML mapping of options")
+    return data
+
+
+def _expand(value: str, key: str, where: str, base: str) -> str:
+    path = os.path.expanduser(os.path.expandvars(value))
+    m = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", path)
+    if m:
+        raise ConfigError(f"{where}: {key} is {value!r} but ${m.group(1)} is not set; export it before resolving, "
+                          "or write the path out")
+    return os.path.normpath(os.path.join(base, path))
+
+
+def _same_path(a: str, b: str, key: str, where: str, base: str) -> bool:
+    return os.path.realpath(_expand(a, key, where, base)) == os.path.realpath(_expand(b, key, where, base))
+
+
+def _as_checkpoint(path: str, layout: str) -> Optional[CheckpointInfo]:
+    """The checkpoint ``path`` names, when its parent's layout lists it as one; else None."""
+    parent, name = os.path.split(path.rstrip("/"))
+    if not name or not os.path.isdir(parent):
+        return None
+    st = open_storage(parent, create=False)
+    lay = resolve_layout(st, layout)
+    return next((i for i in lay.list(st) if i.name == name), None)
+
+
+def _validate_path(path: str, layout: str, full: bool) -> Optional[CheckpointInfo]:
+    info = _as_checkpoint(path, layout)
+    if info is None:
+        return None
+    st = open_storage(os.path.dirname(path.rstrip("/")), create=False)
+    lay = get_layout(info.layout)
+    return lay.validate(st, info, full=full)
+
+
+# --- the surgical edit ------------------------------------------------------------------------------------------
+
+def format_scalar(value: Optional[str], style: Optional[str]) -> str:
+    """YAML text for ``value``: ``null``, or the string quoted like the old value (``'``, ``"``, or plain when safe)."""
+    if value is None:
+        return "null"
+    if style == '"':
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if style == "'" or not _plain_ok(value):
+        return "'" + value.replace("'", "''") + "'"
+    return value
+
+
+def _plain_ok(value: str) -> bool:
+    if not value or not _PLAIN_SAFE.fullmatch(value) or value[0] in _PLAIN_BAD_START:
+        return False
+    # Words YAML would read as something other than a string must be quoted.
+    if value.lower() in ("null", "~", "true", "false", "yes", "no", "on", "off"):
+        return False
+    return not re.fullmatch(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?", value)
+
+
+def _splice(y, text: str, data, key: str, dir_key: str, new: Optional[str], where: str) -> str:
+    lines = text.splitlines(keepends=True)
+    eol = "\r\n" if text.endswith("\r\n") or "\r\n" in text[:200] else "\n"
+    if key in data:
+        line_no, col = data.lc.key(key)
+        line = lines[line_no]
+        start, end, style = _value_span(line, col)
+        value = format_scalar(new, style)
+        if line[start - 1] == ":":  # `key:` with nothing after the colon
+            value = " " + value
+        if start == end and line[end:end + 1] == "#":  # `key:  # comment` (null): keep the comment apart
+            value += " "
+        lines[line_no] = line[:start] + value + line[end:]
+    else:
+        if dir_key in data:
+            line_no, col = data.lc.key(dir_key)
+            at, indent = line_no + 1, " " * col
+        else:
+            at, indent = len(lines), ""
+        if at > 0 and at == len(lines) and lines and not lines[-1].endswith(("\n", "\r")):
+            lines[-1] += eol
+        lines.insert(at, f"{indent}{key}: {format_scalar(new, None)}{eol}")
+    out = "".join(lines)
+    # Prove the edit: the new text must parse to the same options with only `key` changed.
+    check = _load(y, out, where)
+    expected = {k: v for k, v in data.items() if k != key}
+    if check.get(key) != new or {k: v for k, v in check.items() if k != key} != expected:
+        raise ConfigError(f"{where}: cannot edit {key} in place (its value spans several lines?); set it by hand "
+                          "to a single-line value or null first")
+    return out
+
+
+def _value_span(line: str, key_col: int) -> Tuple[int, int, Optional[str]]:
+    """(start, end, quote style) of the scalar value on a ``key: value`` line; end excludes comments/EOL."""
+    i = key_col
+    if line[i] in "'\"":
+        q = line[i]
+        i += 1
+        while i < len(line) and line[i] != q:
+            i += 2 if (q == '"' and line[i] == "\\") or (q == "'" and line[i:i + 2] == "''") else 1
+        i += 1
+    i = line.index(":", i) + 1
+    while i < len(line) and line[i] in " \t":
+        i += 1
+    start = i
+    if i < len(line) and line[i] in "'\"":
+        q = line[i]
+        i += 1
+        while i < len(line):
+            if q == "'" and line[i:i + 2] == "''":
+                i += 2
+                continue
+            if q == '"' and line[i] == "\\":
+                i += 2
+                continue
+            if line[i] == q:
+                return start, i + 1, q
+            i += 1
+        return start, len(line.rstrip("\r\n")), q  # unterminated on this line: the re-parse check will refuse
+    body = line.rstrip("\r\n")
+    m = re.search(r"\s#", body[start:])
+    end = start + m.start() if m else len(body)
+    while end > start and body[end - 1] in " \t":
+        end -= 1
+    if start < len(body) and body[start] == "#":  # `key:  # comment` (null value): insert before the comment
+        end = start
+    return start, end, None if start == end or body[start:end] in ("~", "null", "Null", "NULL") else "plain"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    from .storage.local import fsync_dir
+
+    d = os.path.dirname(path) or "."
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = None
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(d)
