@@ -145,6 +145,73 @@ def verify_cmd(path: str, layout: str, quick: bool, as_json: bool) -> None:
         raise SystemExit(EXIT_NOT_FOUND)
 
 
+@main.command("repair")
+@click.argument("uri")
+@layout_option
+@click.option("--quick", is_flag=True, help="check sizes only, not checksums")
+@click.option("--dry-run", is_flag=True, help="say what would change, change nothing")
+@json_option
+def repair_cmd(uri: str, layout: str, quick: bool, dry_run: bool, as_json: bool) -> None:
+    """Point the layout's tracker (latest_checkpointed_iteration.txt, latest) at the newest valid checkpoint.
+
+    The old content is kept in TRACKER.bak. Exit 0 when the tracker is (now) right or the layout keeps none,
+    1 when there is no valid checkpoint to point at.
+    """
+    st = _open(uri)
+    lay = _layout(st, layout)
+    try:
+        res = lay.repair(st, full=not quick, dry_run=dry_run)
+    except ResumekitError as e:
+        raise _fail(str(e)) from None
+    if res is None:
+        _out({"layout": lay.name, "tracker": None, "changed": False, "dry_run": dry_run}, as_json,
+             f"layout {lay.name} keeps no tracker: nothing to repair")
+        return
+    data = {"layout": lay.name, "tracker": st.join(res.tracker), "old": res.old, "new": res.new,
+            "changed": res.changed, "backup": st.join(res.backup) if res.backup else None, "dry_run": dry_run,
+            "message": res.message}
+    _out(data, as_json, res.message)
+    if res.new is None:
+        raise SystemExit(EXIT_NOT_FOUND)
+
+
+@main.command("resolve")
+@click.argument("yaml_path", metavar="YAML", type=click.Path(exists=True, dir_okay=False))
+@click.option("--key", default="resume_from_checkpoint", show_default=True, help="the key to set")
+@click.option("--dir-key", default="output_dir", show_default=True, help="the key naming the checkpoint directory")
+@click.option("--layout", default="hf", show_default=True, help="checkpoint layout of that directory (auto detects)")
+@click.option("--quick", is_flag=True, help="check sizes only, not checksums")
+@click.option("--dry-run", is_flag=True, help="say what would change, write nothing")
+@json_option
+def resolve_cmd(yaml_path: str, key: str, dir_key: str, layout: str, quick: bool, dry_run: bool,
+                as_json: bool) -> None:
+    """Set KEY in a LLaMA-Factory / HF YAML to the newest valid checkpoint (or null); comments kept, atomic write.
+
+    Exit 0 when a valid checkpoint was found, 1 when there is none (KEY is then null), 2 on a bad file or option.
+    """
+    try:
+        from .yamlconfig import resolve_config
+
+        res = resolve_config(yaml_path, key=key, dir_key=dir_key, layout=layout, dry_run=dry_run, full=not quick)
+    except ImportError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+    except ResumekitError as e:
+        raise click.UsageError(str(e)) from None
+    for s in res.skipped:
+        click.echo(f"resumekit: skipped {s.path}: {s.reason}", err=True)
+    if res.changed:
+        verb = "would set" if dry_run else ("added" if res.key_added else "set")
+        text = f"{yaml_path}: {verb} {key}: {res.new if res.new is not None else 'null'} (was {res.old or 'null'})"
+    elif res.new is not None:
+        text = f"{yaml_path}: {key} already {res.new}"
+    else:
+        where = ", ".join(res.searched) or f"(no {dir_key} set)"
+        text = f"{yaml_path}: no valid checkpoint under {where}; {key} left {'null' if res.key_present else 'unset'}"
+    _out({**res.as_dict(), "dry_run": dry_run}, as_json, text)
+    if res.new is None:
+        raise SystemExit(EXIT_NOT_FOUND)
+
+
 @main.command("gc")
 @click.argument("uri")
 @click.option("--keep-last", type=click.IntRange(min=1), default=None, help="keep the newest N valid checkpoints")
@@ -198,13 +265,14 @@ class _SizeType(click.ParamType):
 
 @main.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--dir", "directory", default=None, metavar="URI",
-              help="checkpoint root (path or s3://bucket/prefix); needed for resume and storage checks")
+              help="checkpoint root (path or s3://bucket/prefix; default: --config's output_dir); needed for "
+                   "resume and storage checks")
 @layout_option
 @click.option("--config", type=click.Path(dir_okay=False), default=None,
               help="LLaMA-Factory/HF YAML whose resume_from_checkpoint is set before every start")
 @click.option("--resume", default="auto", show_default=True, metavar="auto|never|PATH",
               help="newest valid checkpoint, always fresh, or this checkpoint for the first start")
-@click.option("--max-restarts", type=click.IntRange(min=0), default=10, show_default=True,
+@click.option("--max-restarts", type=click.IntRange(min=0), default=10, show_default=True, metavar="N",
               help="restarts allowed (retried pre-checks count too)")
 @click.option("--hang-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
               help="kill and restart a job whose heartbeat is older than S seconds (default: off)")

@@ -57,6 +57,8 @@ class TreeEncoder:
         return name
 
     def encode(self, obj: Any, path: Tuple[str, ...] = ()) -> Any:
+        if isinstance(obj, np.generic):  # before float/int: np.float64 subclasses float
+            return {TAG: "npscalar", "dtype": obj.dtype.str, "v": self.encode(obj.item(), path)}
         if obj is None or isinstance(obj, (bool, str)):
             return obj
         if isinstance(obj, int):
@@ -79,8 +81,6 @@ class TreeEncoder:
             raw = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)
             self.tensors[name] = torch.from_numpy(raw)
             return {TAG: "ndarray", "k": name, "dtype": obj.dtype.str, "shape": list(obj.shape)}
-        if isinstance(obj, np.generic):
-            return {TAG: "npscalar", "dtype": obj.dtype.str, "v": self.encode(obj.item(), path)}
         if isinstance(obj, dict):
             if all(isinstance(k, str) for k in obj) and TAG not in obj:
                 return {k: self.encode(v, path + (k,)) for k, v in obj.items()}
@@ -228,6 +228,8 @@ def read_header(f: BinaryIO, size: int, where: str, hasher=None) -> Tuple[List[T
         header = json.loads(raw)
     except ValueError as e:
         raise CorruptCheckpointError(where, f"tensor file header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(where, "tensor file header is not an object")
     entries = []
     for name, ent in header.items():
         if name == "__metadata__":

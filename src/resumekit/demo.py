@@ -183,12 +183,10 @@ def run_with_kills(directory: str, steps: int, save_every: int, seed: int, crash
     env = dict(os.environ, RESUMEKIT_TEST_SAVE_PAUSE="0.02", PYTHONUNBUFFERED="1")
     kills_left = crashes
     for attempt in range(max_attempts):
-        before = {e.get("step") for e in read_events(os.path.join(directory, EVENTS_FILE))
-                  if e.get("event") == "restore"}
         proc = subprocess.Popen(_job_cmd(directory, steps, save_every, seed, async_save), env=env)
         killed, mid_save = False, False
         if kills_left > 0:
-            aim_at_save = rng.random() < 0.4
+            aim_at_save = stats.kills == 0 or rng.random() < 0.4  # the first kill always lands in a save
             delay = rng.uniform(0.05, 1.2)
             t_first = None
             while proc.poll() is None:
@@ -216,7 +214,6 @@ def run_with_kills(directory: str, steps: int, save_every: int, seed: int, crash
         if code == 0 and not killed:
             break
         stats.restarts += 1
-        del before
     stats.skipped_invalid = _count_events(directory, "skip_invalid")
     for prev, nxt in zip(stats.attempts, stats.attempts[1:]):
         stats.steps_redone += max(0, prev["reached"] - nxt["resumed_from"])

@@ -313,16 +313,15 @@ class CheckpointManager:
         t0 = time.perf_counter()
         self._persister.raise_pending()
         name = step_dirname(step)
-        if self.storage.exists(f"{name}/{MANIFEST}") and self.layout.validate(
-                self.storage, CheckpointInfo(step=step, name=name, path="", layout="native"), full=False).valid:
+        if self._already_committed(step, name):
             log.info("step %d is already committed at %s; not saving it again", step, self.storage.join(name))
             self.last_saved_step = step
             return None
-        tree = {STATE_KEY: capture_state(state)}
-        if self.options.save_rng:
-            tree[RNG_KEY] = capture_rng()
         enc = TreeEncoder()
-        encoded = enc.encode(tree)
+        # Encoded separately so error messages read state['key'], not state['state']['key'].
+        encoded = {STATE_KEY: enc.encode(capture_state(state))}
+        if self.options.save_rng:
+            encoded[RNG_KEY] = enc.encode(capture_rng(), ("<rng>",))
         meta = metadata_jsonable(metrics)
         entries = list(state.keys())
         use_async = self.options.async_save if block is None else not block
@@ -341,6 +340,18 @@ class CheckpointManager:
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
         return self.storage.join(name)
+
+    def _already_committed(self, step: int, name: str) -> bool:
+        """A valid checkpoint of this step exists (then saving again would only risk it). One found invalid at
+        restore, or failing a full check now, is replaced by the new save."""
+        if not self.storage.exists(f"{name}/{MANIFEST}"):
+            return False
+        if any(s.step == step for s in self.skipped):
+            return False
+        if self.restored_from is not None and self.restored_from.step == step:
+            return True
+        info = CheckpointInfo(step=step, name=name, path=self.storage.join(name), layout="native")
+        return bool(self.layout.validate(self.storage, info, full=True).valid)
 
     def _persist(self, step: int, encoded: Any, tensors: Dict, meta: Dict, entries: List[str],
                  blocking: Optional[float], waited: float, t0: Optional[float] = None) -> SaveResult:

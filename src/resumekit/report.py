@@ -124,6 +124,8 @@ def load_run(events_path: str) -> RunData:
         elif sup and name == "exit":
             if ev.get("failure"):
                 down_since = t
+            if ev.get("hung") and data.hung:
+                data.hung[-1] = (data.hung[-1][0], t)  # hung until killed (the stack dump takes a moment)
             if ev.get("failure") and not ev.get("hung"):
                 ls = ev.get("last_step") if isinstance(ev.get("last_step"), int) else last_step
                 sig = ev.get("signal")

@@ -278,8 +278,8 @@ class RunSummary:
             f"  starts {self.starts} (restarts {self.restarts}), failures {self.failures} "
             f"({self.killed_by_signal} killed by a signal), hangs {self.hangs}, preemptions {self.preemptions}, "
             f"quarantined {self.quarantined}, pre-check retries {self.precheck_retries}",
-            f"  lost steps {self.lost_steps} (~{self.redone_s:.1f} s redone), time in saves {self.save_blocking_s:.2f} s,"
-            f" in restarts {self.restart_s:.1f} s (backoff {self.backoff_s:.1f} s, startup {self.startup_s:.1f} s, "
+            f"  lost steps {self.lost_steps} (~{self.redone_s:.1f} s redone), "
+            f"time in saves {self.save_blocking_s:.2f} s, in restarts {self.restart_s:.1f} s (backoff {self.backoff_s:.1f} s, startup {self.startup_s:.1f} s, "
             f"pre-checks {self.precheck_s:.1f} s)",
             f"  effective training time {100 * self.effective_ratio:.1f}% of {self.wall_s:.1f} s",
         ])
@@ -348,14 +348,15 @@ class SupervisorOptions:
     """The command to supervise, e.g. ``["python", "train.py", "--lr", "1e-3"]``."""
 
     directory: Optional[str] = None
-    """Checkpoint root (path or ``s3://bucket/prefix``). Without it there is no resume hand-off and no storage
-    pre-check; the supervisor still restarts the job."""
+    """Checkpoint root (path or ``s3://bucket/prefix``); default: ``config``'s ``output_dir``. Without either there
+    is no resume hand-off and no storage pre-check; the supervisor still restarts the job."""
 
     layout: str = "auto"
     """Checkpoint layout used to find the newest valid checkpoint (``auto`` detects before every start)."""
 
     config: Optional[str] = None
-    """A LLaMA-Factory / HF YAML whose ``resume_from_checkpoint`` is rewritten before every start."""
+    """A LLaMA-Factory / HF YAML whose ``resume_from_checkpoint`` is set before every start (through
+    :func:`resumekit.yamlconfig.resolve_config`: comments and order kept, atomic write)."""
 
     resume: str = "auto"
     """``auto``: newest valid checkpoint under ``directory``; ``never``: always start fresh; or a checkpoint path
@@ -738,7 +739,8 @@ class _Plan:
 
     resume_path: str = ""
     resume_step: Optional[int] = None
-    resume_name: Optional[str] = None  # relative to the root when discovered there (quarantinable)
+    resume_name: Optional[str] = None  # relative to resume_root (or --dir) when discovered (quarantinable)
+    resume_root: Optional[str] = None  # where resume_name lives when it is not under --dir (found via --config)
     newest_step: Optional[int] = None  # newest valid step under the root at this start
     precheck_s: float = 0.0
 
@@ -798,12 +800,30 @@ class Supervisor:
         self._start_error = ""
         self._events_offset0 = 0
         self._tmpdir: Optional[str] = None
+        #: the checkpoint root: --dir, else the output_dir of --config
+        self.directory: Optional[str] = options.directory or self._dir_from_config()
         self._setup_paths()
+
+    def _dir_from_config(self) -> Optional[str]:
+        """The ``output_dir`` of ``--config`` (expanded), so ``run --config x.yaml`` needs no ``--dir``.
+
+        Any problem here is left for the ``--config`` pre-check to report in one line.
+        """
+        if not self.opts.config:
+            return None
+        try:
+            from .yamlconfig import resolve_config
+
+            result = _call_accepting(resolve_config, self.opts.config, dry_run=True, full=False)
+        except Exception:  # noqa: BLE001 - reported by _resolve_config before the first start
+            return None
+        searched = getattr(result, "searched", None) or []
+        return str(searched[0]) if searched else None
 
     # -- paths ---------------------------------------------------------------------------------------------------
 
     def _setup_paths(self) -> None:
-        d = self.opts.directory
+        d = self.directory
         self.remote = bool(d) and "://" in d and not d.startswith("file://")
         self.local_dir = None if (not d or self.remote) else os.path.abspath(
             os.path.expanduser(d[len("file://"):] if d.startswith("file://") else d))
@@ -871,7 +891,9 @@ class Supervisor:
             self._events_offset0 = 0
         old = self._install_signals()
         reaper = self.opts.subreaper and _set_subreaper(True)
-        self.log.emit("supervisor_start", command=self.opts.command, directory=self.opts.directory,
+        if self.directory and not self.opts.directory:
+            self._say(f"checkpoint root from --config {self.opts.config}: {self.directory}")
+        self.log.emit("supervisor_start", command=self.opts.command, directory=self.directory,
                       layout=self.opts.layout, resume=self.opts.resume, max_restarts=self.opts.max_restarts,
                       hang_timeout=self.opts.hang_timeout, grace=self.opts.grace, gpus=self.opts.gpus,
                       crash_loop=self.opts.crash_loop, events=self.events_path, heartbeat=self.heartbeat_path,
@@ -988,9 +1010,9 @@ class Supervisor:
         plan = _Plan()
         prev = self.attempts[-1] if self.attempts else None
         storage = None
-        if self.opts.directory:
+        if self.directory:
             if self.remote:
-                check_remote(self.opts.directory, self.opts.remote_timeout)
+                check_remote(self.directory, self.opts.remote_timeout)
             else:
                 check_directory(self.local_dir)  # type: ignore[arg-type]
             storage = self._open_storage()
@@ -1024,12 +1046,12 @@ class Supervisor:
         from .storage import open_storage
 
         try:
-            return open_storage(self.opts.directory, create=False)  # type: ignore[arg-type]
+            return open_storage(self.directory, create=False)  # type: ignore[arg-type]
         except ImportError as e:
-            raise PrecheckError("remote", f"cannot open {self.opts.directory}: {_one_line(e)}; install it with "
+            raise PrecheckError("remote", f"cannot open {self.directory}: {_one_line(e)}; install it with "
                                           "pip install 'resumekit[s3]'") from None
         except OSError as e:
-            raise PrecheckError("directory", f"cannot open {self.opts.directory}: {_one_line(e)}",
+            raise PrecheckError("directory", f"cannot open {self.directory}: {_one_line(e)}",
                                 retry=self.remote) from None
 
     def _discover(self, storage):
@@ -1066,6 +1088,17 @@ class Supervisor:
         if not is_crash_loop(self._streak, self.opts.crash_loop):
             return best
         k = self._streak
+        own_root = last_plan.resume_root is None
+        if not own_root:
+            try:
+                from .layouts import resolve_layout
+                from .storage import open_storage
+
+                storage = open_storage(last_plan.resume_root, create=False)
+                layout = resolve_layout(storage, self.opts.layout)
+            except Exception as e:  # noqa: BLE001 - reported as the reason we give up
+                raise _GiveUp(f"crash loop: cannot open {last_plan.resume_root} to quarantine "
+                              f"{last_plan.resume_path} ({_one_line(e)}); move it aside by hand") from None
         if last_plan.resume_name is None or storage is None:
             origin = (f"from {last_plan.resume_path}" if last_plan.resume_path else "from scratch")
             raise _GiveUp(f"crash loop: the job failed {k} times in a row starting {origin} without progress, "
@@ -1081,14 +1114,15 @@ class Supervisor:
                           "and start again") from None
         self._quarantined += 1
         self._streak = 0
-        layout2, best2 = self._discover(storage)
+        _, best2 = self._discover(storage)
         self.log.emit("quarantine", step=info.step, path=info.path, to=storage.join(new), failures=k,
                       layout=layout.name, reason=f"{k} failures in a row without progress",
                       next_step=best2.step if best2 else None, next_path=best2.path if best2 else None)
         nxt = f"resuming from {best2.path}" if best2 else "no valid checkpoint left: starting from scratch"
         self._say(f"crash loop: the job failed {k} times in a row after resuming from {info.path}; quarantined "
                   f"it as {storage.join(new)}; {nxt}")
-        return best2
+        # A checkpoint found through --config lives outside --dir: the YAML's next search finds its predecessor.
+        return best2 if own_root else best
 
     def _checkpoint_size(self, storage, info) -> int:
         if info is None:
@@ -1159,19 +1193,39 @@ class Supervisor:
         return checked
 
     def _resolve_config(self, plan: _Plan) -> None:
-        # yamlconfig is optional (ruamel.yaml) and written separately: imported here, only when --config is used.
+        """Point ``--config``'s ``resume_from_checkpoint`` at the chosen checkpoint (or let it search its own
+        ``output_dir`` when we found none), and hand what it chose to the job as well."""
+        # yamlconfig needs ruamel.yaml, an optional extra: imported here, only when --config is used.
         try:
-            from .yamlconfig import resolve_config  # type: ignore[import-not-found]
+            from .yamlconfig import resolve_config
         except ImportError as e:
             raise PrecheckError("config", f"--config {self.opts.config} needs resumekit.yamlconfig and ruamel.yaml "
                                           f"({_one_line(e)}); pip install 'resumekit[yaml]'") from None
+        kwargs: Dict[str, Any] = {}
+        if self.opts.layout != "auto":
+            kwargs["layout"] = self.opts.layout
+        if plan.resume_path:
+            kwargs["checkpoint"] = plan.resume_path
+        elif self.opts.resume == "never":
+            kwargs["fresh"] = True
         try:
-            result = _call_resolve_config(resolve_config, self.opts.config, plan.resume_path or None,
-                                          self.opts.layout)
+            result = _call_accepting(resolve_config, self.opts.config, **kwargs)
         except Exception as e:  # noqa: BLE001 - any failure to rewrite the YAML stops the start, in one line
             raise PrecheckError("config", f"cannot update --config {self.opts.config}: {_one_line(e)}") from None
+        chosen = getattr(result, "checkpoint", None)
+        if not plan.resume_path and self.opts.resume != "never" and chosen is not None and chosen.path:
+            # Found by the YAML's own search (its output_dir): quarantinable there, if it crash-loops.
+            plan.resume_path, plan.resume_step = chosen.path, chosen.step
+            plan.resume_root, _, plan.resume_name = chosen.path.rstrip("/").rpartition("/")
         self.log.emit("config_resolved", config=self.opts.config, resume_from=plan.resume_path or None,
                       result=_jsonable(result))
+        for sk in getattr(result, "skipped", None) or []:
+            key = (getattr(sk, "name", ""), getattr(sk, "reason", ""))
+            if key not in self._skips_logged:
+                self._skips_logged.add(key)
+                self.log.emit("skip_invalid", step=getattr(sk, "step", None), path=getattr(sk, "path", None),
+                              reason=getattr(sk, "reason", ""), found_by="config")
+                self._say(f"skipping invalid checkpoint {getattr(sk, 'path', '?')}: {getattr(sk, 'reason', '')}")
 
     # -- one start -----------------------------------------------------------------------------------------------
 
@@ -1181,7 +1235,7 @@ class Supervisor:
             env.update(self.opts.env)
         env[ENV_RESUME_FROM] = plan.resume_path
         env[ENV_RESTART_COUNT] = str(index - 1)
-        env[ENV_DIR] = self.local_dir or self.opts.directory or ""
+        env[ENV_DIR] = self.local_dir or self.directory or ""
         env[ENV_HEARTBEAT] = self.heartbeat_path
         env[ENV_EVENTS] = self.events_path
         return env
@@ -1494,22 +1548,18 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _call_resolve_config(fn: Callable[..., Any], config: str, checkpoint: Optional[str], layout: str) -> Any:
-    """Call ``yamlconfig.resolve_config`` with whichever of our facts its signature accepts."""
+def _call_accepting(fn: Callable[..., Any], first: Any, **kwargs: Any) -> Any:
+    """Call ``fn(first, **kwargs)`` with only the keyword arguments its signature accepts (optional modules
+    written separately may lag behind or run ahead of this one)."""
     import inspect
 
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return fn(config)
-    kwargs: Dict[str, Any] = {}
-    if "layout" in params:
-        kwargs["layout"] = layout
-    for name in ("checkpoint", "resume_from", "path"):
-        if name in params:
-            kwargs[name] = checkpoint
-            break
-    return fn(config, **kwargs)
+        return fn(first, **kwargs)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(first, **kwargs)
 
 
 __all__ = [

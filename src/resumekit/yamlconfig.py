@@ -47,6 +47,7 @@ class ResolveResult:
         skipped: newer checkpoints that were invalid, with their reasons.
         searched: the directories searched for checkpoints.
         key_added: the key was absent and has been added.
+        key_present: the key was in the file before.
     """
 
     yaml_path: str
@@ -59,11 +60,13 @@ class ResolveResult:
     skipped: List[CheckpointInfo] = field(default_factory=list)
     searched: List[str] = field(default_factory=list)
     key_added: bool = False
+    key_present: bool = True
 
     def as_dict(self) -> dict:
         return {
             "yaml": self.yaml_path, "key": self.key, "old": self.old, "new": self.new, "changed": self.changed,
-            "written": self.written, "key_added": self.key_added, "searched": list(self.searched),
+            "written": self.written, "key_added": self.key_added,
+            "key_present": self.key_present, "searched": list(self.searched),
             "checkpoint": self.checkpoint.as_dict() if self.checkpoint else None,
             "skipped": [s.as_dict() for s in self.skipped],
         }
@@ -82,8 +85,8 @@ def _yaml():
 
 
 def resolve_config(yaml_path: str, key: str = "resume_from_checkpoint", dir_key: str = "output_dir",
-                   layout: str = "hf", *, dry_run: bool = False, full: bool = True,
-                   base_dir: Optional[str] = None) -> ResolveResult:
+                   layout: str = "hf", *, checkpoint: Optional[str] = None, fresh: bool = False,
+                   dry_run: bool = False, full: bool = True, base_dir: Optional[str] = None) -> ResolveResult:
     """Set ``key`` in a YAML file to the newest valid checkpoint under the run's directory, or to null.
 
     Where to look: the directory in ``dir_key`` (``output_dir``), and also the key's current value when that is a
@@ -99,6 +102,8 @@ def resolve_config(yaml_path: str, key: str = "resume_from_checkpoint", dir_key:
         key: the top-level key to set.
         dir_key: the top-level key holding the directory the checkpoints are written to.
         layout: the checkpoint layout (``hf`` for LLaMA-Factory / HF Trainer; ``auto`` detects).
+        checkpoint: use this checkpoint path instead of searching (the supervisor has already chosen one).
+        fresh: set the key to null without searching (a deliberate fresh start).
         dry_run: compute the result without writing.
         full: verify checksums / CRCs (False: sizes and headers only).
         base_dir: the directory relative paths are resolved against.
@@ -120,7 +125,12 @@ def resolve_config(yaml_path: str, key: str = "resume_from_checkpoint", dir_key:
 
     present = key in data
     old_raw = data.get(key) if present else None
-    if old_raw is not None and not isinstance(old_raw, str):
+    flag = isinstance(old_raw, bool)
+    if flag:
+        # HF's `resume_from_checkpoint: true` means "the last checkpoint-N in output_dir", unvalidated: the same
+        # search is done here with validation, and the flag is replaced by the path found (or null).
+        old_raw = None
+    elif old_raw is not None and not isinstance(old_raw, str):
         raise ConfigError(f"{yaml_path}: {key} is a {type(old_raw).__name__}, expected a path or null")
     old = str(old_raw) if old_raw is not None else None
     dir_raw = data.get(dir_key)
@@ -128,43 +138,22 @@ def resolve_config(yaml_path: str, key: str = "resume_from_checkpoint", dir_key:
         raise ConfigError(f"{yaml_path}: {dir_key} is a {type(dir_raw).__name__}, expected a path")
 
     searched: List[str] = []
-    best: Optional[CheckpointInfo] = None
     skipped: List[CheckpointInfo] = []
-    new: Optional[str] = None
-    dirs: List[Tuple[str, str]] = []  # (as written, expanded)
-    if dir_raw:
-        dirs.append((str(dir_raw), _expand(str(dir_raw), dir_key, yaml_path, base)))
-    old_is_ckpt = False
-    if old:
-        old_path = _expand(old, key, yaml_path, base)
-        old_info = _as_checkpoint(old_path, layout)
-        old_is_ckpt = old_info is not None
-        if not old_is_ckpt and os.path.isdir(old_path) and all(os.path.realpath(old_path) != os.path.realpath(d)
-                                                               for _, d in dirs):
-            dirs.append((old, old_path))
-    for written_as, path in dirs:
-        searched.append(path)
-        if not os.path.isdir(path):
-            continue
-        st = open_storage(path, create=False)
-        lay = resolve_layout(st, layout)
-        found, skip = lay.latest(st, full=full)
-        skipped.extend(skip)
-        if found is not None:
-            best = found
-            new = written_as.rstrip("/") + "/" + found.name
-            break
-    if best is None and old_is_ckpt:
-        checked = _validate_path(_expand(old or "", key, yaml_path, base), layout, full)
-        if checked is not None and checked.valid:
-            best, new = checked, old
-        elif checked is not None:
-            skipped.append(checked)
+    best: Optional[CheckpointInfo] = None
+    if fresh:
+        new: Optional[str] = None
+    elif checkpoint is not None:
+        new = checkpoint
+    else:
+        best, new = _search(old, str(dir_raw) if dir_raw else None, key, dir_key, layout, yaml_path, base, full,
+                            searched, skipped)
 
-    result = ResolveResult(yaml_path, key, old, new, False, checkpoint=best, skipped=skipped, searched=searched)
+    shown_old = str(data.get(key)).lower() if flag else old
+    result = ResolveResult(yaml_path, key, shown_old, new, False, checkpoint=best, skipped=skipped,
+                           searched=searched, key_present=present)
     if new is not None and old is not None and new != old and _same_path(new, old, key, yaml_path, base):
         result.new = new = old  # same checkpoint, spelled differently: leave the file alone
-    if new == old or (not present and new is None):
+    if (new == old and not flag) or (not present and new is None):
         return result
     result.changed = True
     result.key_added = not present
@@ -173,6 +162,39 @@ def resolve_config(yaml_path: str, key: str = "resume_from_checkpoint", dir_key:
         _write_atomic(real, new_text)
         result.written = True
     return result
+
+
+def _search(old: Optional[str], dir_raw: Optional[str], key: str, dir_key: str, layout: str, where: str,
+            base: str, full: bool, searched: List[str],
+            skipped: List[CheckpointInfo]) -> Tuple[Optional[CheckpointInfo], Optional[str]]:
+    """The newest valid checkpoint for a config and how to write its path; (None, None) when there is none."""
+    dirs: List[Tuple[str, str]] = []  # (as written in the YAML, expanded)
+    if dir_raw:
+        dirs.append((dir_raw, _expand(dir_raw, dir_key, where, base)))
+    old_is_ckpt = False
+    if old:
+        old_path = _expand(old, key, where, base)
+        old_is_ckpt = _as_checkpoint(old_path, layout) is not None
+        # The recipe that sets resume_from_checkpoint to the run directory itself: search it too.
+        if not old_is_ckpt and os.path.isdir(old_path) and \
+                all(os.path.realpath(old_path) != os.path.realpath(d) for _, d in dirs):
+            dirs.append((old, old_path))
+    for written_as, path in dirs:
+        searched.append(path)
+        if not os.path.isdir(path):
+            continue
+        st = open_storage(path, create=False)
+        found, skip = resolve_layout(st, layout).latest(st, full=full)
+        skipped.extend(skip)
+        if found is not None:
+            return found, written_as.rstrip("/") + "/" + found.name
+    if old and old_is_ckpt:
+        checked = _validate_path(_expand(old, key, where, base), layout, full)
+        if checked is not None and checked.valid:
+            return checked, old
+        if checked is not None:
+            skipped.append(checked)
+    return None, None
 
 
 def _load(y, text: str, where: str):
@@ -195,7 +217,10 @@ def _expand(value: str, key: str, where: str, base: str) -> str:
 
 
 def _same_path(a: str, b: str, key: str, where: str, base: str) -> bool:
-    return os.path.realpath(_expand(a, key, where, base)) == os.path.realpath(_expand(b, key, where, base))
+    try:
+        return os.path.realpath(_expand(a, key, where, base)) == os.path.realpath(_expand(b, key, where, base))
+    except ConfigError:
+        return False
 
 
 def _as_checkpoint(path: str, layout: str) -> Optional[CheckpointInfo]:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import pickletools
+import re
 import struct
 import zipfile
 from dataclasses import replace
@@ -291,7 +292,7 @@ def check_dcp_dir(storage: Storage, rel: str, where: str, shown: Optional[str] =
 
     ``.metadata`` is a pickle and is never loaded; its presence after every rank's data files is the commit mark.
     """
-    shown = shown or rel
+    shown = rel if shown is None else shown
     files = files_of(storage, rel)
     prefix = f"{shown}/" if shown else ""
     if not files:
@@ -352,15 +353,16 @@ def load_weights_only(storage: Storage, rel: str, where: str) -> Any:
             return torch.load(local, map_location="cpu", weights_only=True, mmap=True)
         with storage.open_read(rel) as f:
             return torch.load(f, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise fail(where, f"{os.path.basename(rel)} cannot be loaded with weights_only=True: it holds Python "
-                              f"objects beyond tensors and plain containers ({first}); re-save plain state_dicts, "
-                              "or allow the types with torch.serialization.add_safe_globals") from None
-        raise fail(where, f"{os.path.basename(rel)} does not load ({first})") from None
-    except Exception as e:  # torch raises UnpicklingError and friends for damaged data
-        raise fail(where, f"{os.path.basename(rel)} does not load ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for damaged or unsafe data
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        if "weights_only" in text or "Unsupported global" in text:
+            glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            what = f"{glob.group(1)} is not allowed" if glob else first
+            raise fail(where, f"{os.path.basename(rel)} cannot be loaded with weights_only=True ({what}): it holds "
+                              "Python objects beyond tensors and plain containers; re-save plain state_dicts, or "
+                              "allow the types with torch.serialization.add_safe_globals") from None
+        raise fail(where, f"{os.path.basename(rel)} does not load ({type(e).__name__}: {first})") from None
 
 
 # --- validate() plumbing ----------------------------------------------------------------------------------------

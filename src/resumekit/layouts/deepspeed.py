@@ -34,7 +34,7 @@ from .base import CheckpointInfo
 
 LATEST = "latest"
 _TAG_RE = re.compile(r"^global_step(\d+)$")
-_TRAILING_INT_RE = re.compile(r"^\D*?(\d+)$")
+_TRAILING_INT_RE = re.compile(r"(\d+)$")
 _MODEL_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _ZERO_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 # DeepSpeed still reads the old name without the underscore before "optim_states" ("transparently handled").
@@ -43,7 +43,7 @@ _OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states
 
 def tag_step(tag: str) -> Optional[int]:
     """The step of a tag: ``global_step1200`` -> 1200; any other tag's trailing integer; None without one."""
-    m = _TAG_RE.match(tag) or _TRAILING_INT_RE.match(tag)
+    m = _TAG_RE.match(tag) or _TRAILING_INT_RE.search(tag)
     return int(m.group(1)) if m else None
 
 

@@ -1,0 +1,199 @@
+"""Save / restore benchmark: resumekit vs torch.save vs raw write+fsync, measured side by side in one run.
+
+Prints a table and one final JSON line of ratios (``stall_vs_copy``, ``sync_speedup``, ``persist_efficiency``,
+``restore_vs_raw``, ``restore_speedup``, ``peak_extra_rss``). Not a test: numbers depend on the machine.
+
+    python benchmarks/bench_save.py --size-mb 1024 --dir bench-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import threading
+import time
+
+import torch
+
+
+def make_state(size_mb: int, parts: int = 16):
+    n = (size_mb << 20) // 4 // parts
+    g = torch.Generator().manual_seed(0)
+    return {"model": {f"layer{i}.weight": torch.randn(n, generator=g) for i in range(parts)}}
+
+
+class Box:
+    """A stateful holder so the manager can restore into existing tensors."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def state_dict(self):
+        return self.tensors
+
+    def load_state_dict(self, sd):
+        for k, v in sd.items():
+            self.tensors[k].copy_(v)
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    def __init__(self):
+        self.peak = rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *a):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss())
+
+
+def best(fn, reps):
+    times = []
+    for _ in range(reps):
+        gc.collect()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times), times
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run(size_mb: int, directory: str, reps: int = 3) -> dict:
+    from resumekit import CheckpointManager
+    from resumekit.codec import tensor_bytes
+
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    tensors = make_state(size_mb)["model"]
+    box = Box(tensors)
+    state = {"model": box}
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    res: dict = {"state_bytes": nbytes, "reps": reps}
+
+    # 1. memory copy floor: into buffers allocated beforehand
+    bufs = {k: torch.empty_like(v) for k, v in tensors.items()}
+    res["copy_s"], _ = best(lambda: [bufs[k].copy_(v) for k, v in tensors.items()], reps)
+    del bufs
+
+    # 2. raw write + fsync of the same bytes, one file (the device's durable throughput)
+    raw_path = os.path.join(directory, "raw.bin")
+
+    def raw_write():
+        with open(raw_path, "wb", buffering=0) as f:
+            for t in tensors.values():
+                f.write(tensor_bytes(t))
+            os.fsync(f.fileno())
+    res["raw_write_s"], _ = best(raw_write, reps)
+
+    # 3. torch.save + fsync
+    ts_path = os.path.join(directory, "torch.pt")
+
+    def tsave():
+        torch.save(tensors, ts_path)
+        fsync_path(ts_path)
+    res["torch_save_s"], _ = best(tsave, reps)
+
+    # 4. resumekit synchronous save (fsync + manifest + rename + fsync dir included)
+    step = [0]
+
+    def sync_save():
+        step[0] += 1
+        mgr.save(step[0], state, block=True)
+    mgr = CheckpointManager(os.path.join(directory, "sync"), keep_last=1, save_rng=False, handle_sigterm=False)
+    res["our_sync_s"], _ = best(sync_save, reps)
+    mgr.close()
+
+    # 5. resumekit async save: blocking time and time to durable commit; peak extra RSS during it
+    mgr = CheckpointManager(os.path.join(directory, "async"), keep_last=1, save_rng=False, handle_sigterm=False,
+                            async_save=True)
+    gc.collect()
+    base_rss = rss()
+    blocking, persist = [], []
+    with PeakRSS() as peak:
+        for i in range(reps):
+            t = time.perf_counter()
+            mgr.save(i + 1, state)
+            blocking.append(time.perf_counter() - t)
+            mgr.wait()
+            persist.append(time.perf_counter() - t)
+    res["our_async_blocking_s"] = min(blocking)
+    res["our_async_blocking_first_s"] = blocking[0]  # includes allocating the staging buffers once
+    res["our_async_durable_s"] = min(persist)
+    res["peak_extra_rss_bytes"] = peak.peak - base_rss
+    mgr.close()
+    del mgr
+    gc.collect()
+
+    # 6. restore: ours (checksums verified while reading, into the existing tensors) vs torch.load vs raw read
+    rmgr = CheckpointManager(os.path.join(directory, "async"), handle_sigterm=False)
+    res["our_restore_s"], _ = best(lambda: rmgr.restore(state), reps)
+    res["torch_load_s"], _ = best(lambda: torch.load(ts_path, weights_only=True), reps)
+    rbuf = torch.empty(nbytes, dtype=torch.uint8)
+
+    def raw_read():
+        mv = memoryview(rbuf.numpy())
+        with open(raw_path, "rb", buffering=0) as f:
+            got = 0
+            while got < nbytes:
+                got += f.readinto(mv[got:])
+    res["raw_read_s"], _ = best(raw_read, reps)
+    shutil.rmtree(directory, ignore_errors=True)
+
+    res["ratios"] = {
+        "stall_vs_copy": res["our_async_blocking_s"] / res["copy_s"],
+        "sync_speedup": res["torch_save_s"] / res["our_async_blocking_s"],
+        "sync_save_vs_torch_save": res["torch_save_s"] / res["our_sync_s"],
+        "sync_save_vs_raw": res["our_sync_s"] / res["raw_write_s"],
+        "persist_efficiency": res["raw_write_s"] / res["our_async_durable_s"],
+        "restore_vs_raw": res["our_restore_s"] / res["raw_read_s"],
+        "restore_speedup": res["torch_load_s"] / res["our_restore_s"],
+        "peak_extra_rss": res["peak_extra_rss_bytes"] / nbytes,
+    }
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--size-mb", type=int, default=1024)
+    p.add_argument("--dir", default="bench-out")
+    p.add_argument("--reps", type=int, default=3)
+    a = p.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    res = run(a.size_mb, a.dir, a.reps)
+    gib = res["state_bytes"] / (1 << 30)
+    print(f"state {gib:.2f} GiB, best of {a.reps}")
+    for k in ("copy_s", "raw_write_s", "torch_save_s", "our_sync_s", "our_async_blocking_s",
+              "our_async_blocking_first_s", "our_async_durable_s", "raw_read_s", "torch_load_s", "our_restore_s"):
+        print(f"  {k:<28} {res[k]:8.3f} s")
+    print(json.dumps({"bench": "save", "size_mb": a.size_mb,
+                      **{k: round(v, 3) for k, v in res["ratios"].items()}}))
+
+
+if __name__ == "__main__":
+    main()
