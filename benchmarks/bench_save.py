@@ -20,24 +20,19 @@ import time
 import torch
 
 
-def make_state(size_mb: int, parts: int = 16):
+def make_state(size_mb: int, parts: int = 16, device: str = "cpu"):
     n = (size_mb << 20) // 4 // parts
     g = torch.Generator().manual_seed(0)
-    return {"model": {f"layer{i}.weight": torch.randn(n, generator=g) for i in range(parts)}}
+    return {"model": {f"layer{i}.weight": torch.randn(n, generator=g).to(device) for i in range(parts)}}
 
 
-class Box:
-    """A stateful holder so the manager can restore into existing tensors."""
+class BenchModel(torch.nn.Module):
+    """A model made of the given tensors: restoring means copying into its existing parameters."""
 
     def __init__(self, tensors):
-        self.tensors = tensors
-
-    def state_dict(self):
-        return self.tensors
-
-    def load_state_dict(self, sd):
-        for k, v in sd.items():
-            self.tensors[k].copy_(v)
+        super().__init__()
+        for i, t in enumerate(tensors.values()):
+            self.register_parameter(f"w{i}", torch.nn.Parameter(t, requires_grad=False))
 
 
 def rss() -> int:
@@ -84,21 +79,33 @@ def fsync_path(path):
         os.close(fd)
 
 
-def run(size_mb: int, directory: str, reps: int = 3) -> dict:
+def sync_device(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(size_mb: int, directory: str, reps: int = 3, device: str = "cpu") -> dict:
     from resumekit import CheckpointManager
     from resumekit.codec import tensor_bytes
 
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory)
-    tensors = make_state(size_mb)["model"]
-    box = Box(tensors)
-    state = {"model": box}
+    model = BenchModel(make_state(size_mb, device=device)["model"])
+    tensors = model.state_dict()
+    host = tensors if device == "cpu" else {k: v.cpu() for k, v in tensors.items()}
+    state = {"model": model}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     res: dict = {"state_bytes": nbytes, "reps": reps}
 
-    # 1. memory copy floor: into buffers allocated beforehand
-    bufs = {k: torch.empty_like(v) for k, v in tensors.items()}
-    res["copy_s"], _ = best(lambda: [bufs[k].copy_(v) for k, v in tensors.items()], reps)
+    # 1. memory copy floor: into host buffers allocated beforehand (pinned, non-blocking for a GPU state)
+    pin = device != "cpu"
+    bufs = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin) for k, v in tensors.items()}
+
+    def copy():
+        for k, v in tensors.items():
+            bufs[k].copy_(v, non_blocking=pin)
+        sync_device(device)
+    res["copy_s"], _ = best(copy, reps)
     del bufs
 
     # 2. raw write + fsync of the same bytes, one file (the device's durable throughput)
@@ -106,7 +113,7 @@ def run(size_mb: int, directory: str, reps: int = 3) -> dict:
 
     def raw_write():
         with open(raw_path, "wb", buffering=0) as f:
-            for t in tensors.values():
+            for t in host.values():
                 f.write(tensor_bytes(t))
             os.fsync(f.fileno())
     res["raw_write_s"], _ = best(raw_write, reps)
@@ -152,11 +159,19 @@ def run(size_mb: int, directory: str, reps: int = 3) -> dict:
 
     # 6. restore: ours (checksums verified while reading, into the existing tensors) vs torch.load vs raw read
     rmgr = CheckpointManager(os.path.join(directory, "async"), handle_sigterm=False)
-    res["our_restore_s"], _ = best(lambda: rmgr.restore(state), reps)
-    res["torch_load_s"], _ = best(lambda: torch.load(ts_path, weights_only=True), reps)
-    rbuf = torch.empty(nbytes, dtype=torch.uint8)
+    def our_restore():
+        rmgr.restore(state)
+        sync_device(device)
+    res["our_restore_s"], _ = best(our_restore, reps)
+    # what a torch.save user does to resume: load the file, then copy into the model
+    def tload():
+        model.load_state_dict(torch.load(ts_path, weights_only=True))
+        sync_device(device)
+    res["torch_load_s"], _ = best(tload, reps)
 
     def raw_read():
+        # into a new buffer, as a restarted process must: the same page faults our restore pays
+        rbuf = torch.empty(nbytes, dtype=torch.uint8)
         mv = memoryview(rbuf.numpy())
         with open(raw_path, "rb", buffering=0) as f:
             got = 0
@@ -183,15 +198,16 @@ def main() -> None:
     p.add_argument("--size-mb", type=int, default=1024)
     p.add_argument("--dir", default="bench-out")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the state lives")
     a = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    res = run(a.size_mb, a.dir, a.reps)
+    res = run(a.size_mb, a.dir, a.reps, a.device)
     gib = res["state_bytes"] / (1 << 30)
     print(f"state {gib:.2f} GiB, best of {a.reps}")
     for k in ("copy_s", "raw_write_s", "torch_save_s", "our_sync_s", "our_async_blocking_s",
               "our_async_blocking_first_s", "our_async_durable_s", "raw_read_s", "torch_load_s", "our_restore_s"):
         print(f"  {k:<28} {res[k]:8.3f} s")
-    print(json.dumps({"bench": "save", "size_mb": a.size_mb,
+    print(json.dumps({"bench": "save", "size_mb": a.size_mb, "device": a.device,
                       **{k: round(v, 3) for k, v in res["ratios"].items()}}))
 
 

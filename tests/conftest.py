@@ -13,6 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _k in ("RESUMEKIT_RESUME_FROM", "RESUMEKIT_HEARTBEAT", "RESUMEKIT_EVENTS", "RESUMEKIT_DIR"):
     os.environ.pop(_k, None)
 
+from s3_fixtures import fault_proxy, moto_server, s3_bucket  # noqa: E402,F401 - S3 endpoint fixtures, lazy
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 

@@ -62,6 +62,16 @@ def test_latest_skips_truncated_and_unsafe(tmp_path):
     assert quick.name == "ckpt_9.pth"
 
 
+def test_empty_and_legacy_files(tmp_path):
+    F.write(str(tmp_path / "ckpt_1.pth"), b"")
+    F.write(str(tmp_path / "ckpt_2.pth"), b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.")
+    got = {i.name: tf.validate(st(tmp_path), i).reason for i in tf.list(st(tmp_path))}
+    assert got == {
+        "ckpt_1.pth": "ckpt_1.pth is empty (truncated or still being written)",
+        "ckpt_2.pth": "ckpt_2.pth is not a zip archive: a torch file in the legacy format (re-save it with torch>=1.6) "
+                      "or not a torch.save file at all"}
+
+
 def test_crc_damage_needs_full(tmp_path):
     p = F.write_torch(str(tmp_path / "ckpt_3.pt"))
     F.flip_byte(p, F.member_data_offset(p))

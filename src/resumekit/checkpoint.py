@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .codec import decode, dumps_tree, read_tensors, write_tensors
+from .codec import decode, dumps_tree, map_tensors, read_tensors, write_tensors
 from .errors import CheckpointWriteError, CorruptCheckpointError
 from .format import MANIFEST, TENSORS_FILE, TREE_FILE, FileEntry, Manifest, new_hasher, step_dirname
 from .layouts.native import read_manifest
@@ -80,9 +80,12 @@ def _pause() -> None:
         time.sleep(_SAVE_PAUSE)
 
 
-def read_checkpoint(storage: Storage, name: str,
-                    out: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[Manifest, Any]:
+def read_checkpoint(storage: Storage, name: str, mapped: Optional[bool] = None) -> Tuple[Manifest, Any]:
     """Load ``name`` verifying sizes first and checksums while reading; returns (manifest, decoded tree).
+
+    With ``mapped`` (the default for local storage) tensors are read-only views of a memory map of the file,
+    verified before they are returned; pass the tree through :func:`resumekit.codec.materialize` or copy into
+    existing tensors before keeping them. Otherwise every tensor is read into its own new memory.
 
     Raises:
         CorruptCheckpointError: anything missing, truncated, altered or malformed.
@@ -101,8 +104,14 @@ def read_checkpoint(storage: Storage, name: str,
             raise CorruptCheckpointError(where, f"{rel} has {size} bytes, manifest says {ent.size} (truncated?)")
     ent = man.files[TENSORS_FILE]
     h = new_hasher()
-    with storage.open_read(f"{name}/{TENSORS_FILE}") as f:
-        tensors = read_tensors(f, ent.size, f"{where}/{TENSORS_FILE}", h, out=out)
+    local = storage.local_path(f"{name}/{TENSORS_FILE}")
+    if mapped is None:
+        mapped = local is not None
+    if mapped and local is not None:
+        tensors = map_tensors(local, ent.size, f"{where}/{TENSORS_FILE}", h)
+    else:
+        with storage.open_read(f"{name}/{TENSORS_FILE}") as f:
+            tensors = read_tensors(f, ent.size, f"{where}/{TENSORS_FILE}", h)
     if h.hexdigest() != ent.xxh3:
         raise CorruptCheckpointError(where, f"{TENSORS_FILE} checksum mismatch: the file was altered or damaged")
     blob = storage.read_bytes(f"{name}/{TREE_FILE}")

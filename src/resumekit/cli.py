@@ -62,7 +62,24 @@ layout_option = click.option("--layout", default="auto", show_default=True,
 json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Storage failures that no retry fixes (missing bucket, bad credentials, an unreachable endpoint after the
+    retry budget, s3fs not installed) end a command with their one-line message and exit 1, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from .errors import RemoteTransferError, StorageError
+
+        try:
+            return super().invoke(ctx)
+        except (StorageError, RemoteTransferError) as e:
+            raise _fail(str(e)) from None
+        except ImportError as e:
+            if "resumekit[" not in str(e):
+                raise
+            raise _fail(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="resumekit")
 @click.option("-v", "--verbose", count=True, help="log more (-vv for debug)")
 def main(verbose: int) -> None:
@@ -289,13 +306,16 @@ class _SizeType(click.ParamType):
 @click.option("--min-free", type=_SizeType(), default=None,
               help="free space required at the checkpoint root (bytes, or 500M, 10GiB, ...)")
 @click.option("--events", default=None, metavar="PATH",
-              help="event log (default: URI/events.jsonl for local roots; set it for remote ones)")
+              help="event log (default: URI/events.jsonl for local roots, the --local-tier for remote ones)")
+@click.option("--local-tier", default=None, metavar="PATH",
+              help="fast local directory in front of --dir: the newest checkpoint of either tier is chosen and a "
+                   "newer remote one downloaded into it before each start (exported as RESUMEKIT_LOCAL_TIER)")
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_cmd(directory: Optional[str], layout: str, config: Optional[str], resume: str, max_restarts: int,
             hang_timeout: Optional[float], grace: float, gpus: int, crash_loop: int, backoff: float,
-            backoff_max: float, min_free: Optional[int], events: Optional[str], as_json: bool,
-            command: tuple) -> None:
+            backoff_max: float, min_free: Optional[int], events: Optional[str], local_tier: Optional[str],
+            as_json: bool, command: tuple) -> None:
     """Run COMMAND and bring it back by itself: resume hand-off, restarts, hang and crash-loop handling.
 
     Example: resumekit run --dir ckpt --hang-timeout 600 -- python train.py --lr 3e-4
@@ -306,7 +326,8 @@ def run_cmd(directory: Optional[str], layout: str, config: Optional[str], resume
         opts = SupervisorOptions(command=list(command), directory=directory, layout=layout, config=config,
                                  resume=resume, max_restarts=max_restarts, hang_timeout=hang_timeout, grace=grace,
                                  gpus=gpus, crash_loop=crash_loop, backoff=backoff,
-                                 backoff_max=max(backoff_max, backoff), min_free=min_free, events=events)
+                                 backoff_max=max(backoff_max, backoff), min_free=min_free, events=events,
+                                 local_tier=local_tier)
     except ResumekitError as e:
         raise click.UsageError(str(e)) from None
     sup = Supervisor(opts)

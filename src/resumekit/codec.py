@@ -12,7 +12,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+import mmap
+import os
 import struct
+import warnings
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -275,3 +278,44 @@ def read_tensors(f: BinaryIO, size: int, where: str, hasher,
             hasher.update(chunk)
         result[name] = dst
     return result
+
+
+def map_tensors(path: str, size: int, where: str, hasher) -> Dict[str, torch.Tensor]:
+    """Memory-map a local tensor file and return read-only tensors viewing it, after hashing the whole file.
+
+    The restore path for local files: the hash pass reads the page cache in place and each tensor is then copied
+    exactly once, into its final home (a model parameter, or a fresh tensor for other state), so a restore costs
+    about one read of the bytes. Callers must copy out of these views (see :func:`materialize`): the mapping is
+    read-only and goes away with the last view.
+    """
+    with open(path, "rb", buffering=0) as f:
+        entries, data_start = read_header(f, size, where)
+        # MAP_POPULATE on a read-only shared mapping pre-faults the page-cache pages without copying them.
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
+    hasher.update(mm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write through it
+        base = torch.frombuffer(mm, dtype=torch.uint8)
+    out: Dict[str, torch.Tensor] = {}
+    for name, ent in entries:
+        b, e = data_start + ent["begin"], data_start + ent["end"]
+        raw = base[b:e]
+        itemsize = torch.empty((), dtype=ent["dtype"]).element_size()
+        if b % itemsize:
+            raw = raw.clone()  # a foreign writer may not align tensors; views need element alignment
+        out[name] = raw.view(ent["dtype"]).reshape(ent["shape"])
+    return out
+
+
+def materialize(tree: Any) -> Any:
+    """A copy of ``tree`` whose tensors own their memory (clones of mapped or shared views)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: materialize(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [materialize(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(materialize(v) for v in tree)
+    return tree

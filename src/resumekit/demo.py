@@ -143,7 +143,9 @@ class CrashStats:
     restarts: int = 0
     skipped_invalid: int = 0
     steps_redone: int = 0
+    exit_code: Optional[int] = None
     attempts: List[Dict[str, Any]] = field(default_factory=list)
+    summary: Dict[str, Any] = field(default_factory=dict)
 
 
 def _job_cmd(directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> List[str]:
@@ -152,8 +154,15 @@ def _job_cmd(directory: str, steps: int, save_every: int, seed: int, async_save:
     return cmd + (["--async"] if async_save else [])
 
 
-def _last_step(directory: str, pid: int) -> int:
-    last = 0
+def _count_events(directory: str, kind: str) -> int:
+    from .events import EVENTS_FILE, read_events
+
+    return sum(1 for e in read_events(os.path.join(directory, EVENTS_FILE)) if e.get("event") == kind)
+
+
+def _progress_pids(directory: str) -> List[tuple]:
+    """(pid, first step, last step) of each attempt, in start order, from the progress log."""
+    order: Dict[int, List[int]] = {}
     try:
         with open(os.path.join(directory, PROGRESS)) as f:
             for line in f:
@@ -161,59 +170,65 @@ def _last_step(directory: str, pid: int) -> int:
                     rec = json.loads(line)
                 except ValueError:
                     continue
-                if rec.get("pid") == pid:
-                    last = max(last, rec["step"])
+                order.setdefault(rec["pid"], []).append(rec["step"])
     except FileNotFoundError:
         pass
-    return last
-
-
-def _count_events(directory: str, kind: str) -> int:
-    from .events import EVENTS_FILE, read_events
-
-    return sum(1 for e in read_events(os.path.join(directory, EVENTS_FILE)) if e.get("event") == kind)
+    return [(pid, min(v), max(v)) for pid, v in order.items()]
 
 
 def run_with_kills(directory: str, steps: int, save_every: int, seed: int, crashes: int, rng: random.Random,
-                   async_save: bool = False, max_attempts: int = 100) -> CrashStats:
-    """Run the job, SIGKILLing it ``crashes`` times (about a third aimed at saves), restarting until it ends."""
+                   async_save: bool = False, timeout: float = 600.0) -> CrashStats:
+    """Run the job under ``resumekit run`` and SIGKILL it ``crashes`` times (the first, and about a third of the
+    others, while a checkpoint is being written); the supervisor restarts it each time."""
+    import signal
+
     from .events import EVENTS_FILE, read_events
 
     stats = CrashStats()
     env = dict(os.environ, RESUMEKIT_TEST_SAVE_PAUSE="0.02", PYTHONUNBUFFERED="1")
-    kills_left = crashes
-    for attempt in range(max_attempts):
-        proc = subprocess.Popen(_job_cmd(directory, steps, save_every, seed, async_save), env=env)
-        killed, mid_save = False, False
-        if kills_left > 0:
-            aim_at_save = stats.kills == 0 or rng.random() < 0.4  # the first kill always lands in a save
-            delay = rng.uniform(0.05, 1.2)
-            t_first = None
-            while proc.poll() is None:
-                if _last_step(directory, proc.pid) > 0 and t_first is None:
-                    t_first = time.monotonic()
-                if t_first is not None:
-                    saving = any(n.startswith(".tmp-step_") for n in os.listdir(directory))
-                    if (aim_at_save and saving) or (not aim_at_save and time.monotonic() - t_first >= delay):
-                        proc.kill()
-                        killed = True
-                        break
+    sup_cmd = [sys.executable, "-m", "resumekit", "run", "--dir", directory, "--max-restarts", str(crashes + 3),
+               "--backoff", "0.05", "--backoff-max", "0.2", "--crash-loop", str(crashes + 2), "--json", "--"]
+    sup = subprocess.Popen(sup_cmd + _job_cmd(directory, steps, save_every, seed, async_save), env=env,
+                           stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    killed_pids = set()
+    try:
+        while stats.kills < crashes and sup.poll() is None and time.monotonic() < deadline:
+            attempts = _progress_pids(directory)
+            if not attempts or attempts[-1][0] in killed_pids:
+                time.sleep(0.005)
+                continue
+            pid = attempts[-1][0]
+            aim_at_save = stats.kills == 0 or rng.random() < 0.4
+            t_seen, delay = time.monotonic(), rng.uniform(0.05, 1.2)
+            while sup.poll() is None:
+                saving = any(n.startswith(".tmp-step_") for n in os.listdir(directory))
+                if (aim_at_save and saving) or (not aim_at_save and time.monotonic() - t_seen >= delay):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        break  # it finished on its own first
+                    killed_pids.add(pid)
+                    stats.kills += 1
+                    time.sleep(0.01)
+                    stats.kills_mid_save += int(any(n.startswith(".tmp-step_") for n in os.listdir(directory)))
+                    break
                 time.sleep(0.002)
-        code = proc.wait()
-        reached = _last_step(directory, proc.pid)
-        restores = [e for e in read_events(os.path.join(directory, EVENTS_FILE))
-                    if e.get("event") == "restore" and e.get("pid") == proc.pid]
-        resumed_from = restores[-1].get("step", 0) if restores else 0
-        if killed:
-            mid_save = any(n.startswith(".tmp-step_") for n in os.listdir(directory))
-            stats.kills += 1
-            stats.kills_mid_save += int(mid_save)
-            kills_left -= 1
-        stats.attempts.append({"attempt": attempt, "resumed_from": resumed_from, "reached": reached,
-                               "exit": code, "killed": killed, "mid_save": mid_save})
-        if code == 0 and not killed:
-            break
-        stats.restarts += 1
+        out, _ = sup.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+    try:
+        stats.summary = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        stats.summary = {}
+    stats.exit_code = sup.returncode
+    restores = {e.get("pid"): e.get("step", 0) for e in read_events(os.path.join(directory, EVENTS_FILE))
+                if e.get("event") == "restore"}
+    for i, (pid, first, last) in enumerate(_progress_pids(directory)):
+        stats.attempts.append({"attempt": i, "pid": pid, "resumed_from": restores.get(pid, first - 1),
+                               "reached": last, "killed": pid in killed_pids})
+    stats.restarts = int(stats.summary.get("restarts", len(stats.attempts) - 1))
     stats.skipped_invalid = _count_events(directory, "skip_invalid")
     for prev, nxt in zip(stats.attempts, stats.attempts[1:]):
         stats.steps_redone += max(0, prev["reached"] - nxt["resumed_from"])
@@ -224,9 +239,11 @@ def run_demo(directory: str, crashes: int = 6, steps: int = 300, seed: Optional[
              as_json: bool = False, save_every: int = 20, async_save: bool = False) -> int:
     """Straight run vs killed-and-restarted run; returns 0 only if they end bitwise identical."""
     if nproc != 1:
-        print("resumekit demo: --nproc > 1 needs the distributed demo (torchrun); not available in this build",
-              file=sys.stderr)
-        return 2
+        # The same demonstration with N processes under torchrun (DDP, sharded checkpoints, worker SIGKILLs).
+        from .demo_distributed import run_distributed_demo
+
+        return run_distributed_demo(directory, nproc=nproc, crashes=crashes, steps=steps, seed=seed,
+                                    as_json=as_json, save_every=save_every, async_save=async_save)
     seed = random.randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
     straight, crashy = os.path.join(directory, "straight"), os.path.join(directory, "crashy")
@@ -242,11 +259,11 @@ def run_demo(directory: str, crashes: int = 6, steps: int = 300, seed: Optional[
     diffs = compare_final(straight, crashy, steps)
     sa, sb = batch_sequence(straight), batch_sequence(crashy)
     batches_equal = sa == sb and len(sa) == steps
-    ok = not diffs and batches_equal
+    ok = not diffs and batches_equal and stats.exit_code == 0
     result = {
         "identical": ok, "kills": stats.kills, "kills_mid_save": stats.kills_mid_save, "restarts": stats.restarts,
         "skipped_invalid": stats.skipped_invalid, "steps_redone": stats.steps_redone,
-        "differing_keys": diffs, "batch_sequence_equal": batches_equal, "steps": steps, "kill_seed": seed,
+        "supervisor_exit": stats.exit_code, "supervisor_summary": stats.summary, "differing_keys": diffs, "batch_sequence_equal": batches_equal, "steps": steps, "kill_seed": seed,
         "seconds_straight": round(t_straight, 2), "seconds_with_kills": round(t_crashy, 2),
         "directory": os.path.abspath(directory),
     }
@@ -256,8 +273,9 @@ def run_demo(directory: str, crashes: int = 6, steps: int = 300, seed: Optional[
         rows = [("kills (SIGKILL)", stats.kills), ("  of which during a save", stats.kills_mid_save),
                 ("restarts", stats.restarts), ("checkpoints skipped as invalid", stats.skipped_invalid),
                 ("steps redone", stats.steps_redone), ("steps", steps),
+                ("supervisor exit code", stats.exit_code),
                 ("time straight / with kills", f"{t_straight:.1f}s / {t_crashy:.1f}s")]
-        print("\nresumekit demo: train straight, then again with random SIGKILLs")
+        print("\nresumekit demo: train straight, then again under `resumekit run` with random SIGKILLs")
         for k, v in rows:
             print(f"  {k:<32} {v}")
         print(f"  {'final state bitwise identical':<32} {'yes' if not diffs else 'NO: ' + ', '.join(diffs[:5])}")

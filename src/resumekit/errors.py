@@ -51,3 +51,8 @@ class ConfigError(ResumekitError, ValueError):
 
 class StorageError(ResumekitError, OSError):
     """The storage backend failed in a way retries cannot fix (missing bucket, bad credentials, ...)."""
+
+
+class RemoteTransferError(ResumekitError, ConnectionError):
+    """A remote request kept failing with transient errors (timeouts, 5xx, dropped connections) until its retry
+    budget ran out. Unlike :class:`StorageError`, trying again later may succeed."""

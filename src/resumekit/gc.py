@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Optional
 
-from .format import TMP_PREFIX
+from .format import MANIFEST, TMP_PREFIX
 from .layouts.native import NativeLayout
 from .policy import RetentionPolicy
 from .storage import Storage
@@ -13,7 +13,8 @@ from .storage import Storage
 
 def collect_garbage(storage: Storage, policy: RetentionPolicy, *, tmp_age: float = 600.0, dry_run: bool = False,
                     now: Optional[float] = None) -> Dict[str, Any]:
-    """Apply ``policy`` to the valid checkpoints and remove ``.tmp-`` dirs older than ``tmp_age`` seconds.
+    """Apply ``policy`` to the valid checkpoints and remove ``.tmp-`` dirs older than ``tmp_age`` seconds (on object
+    stores: step dirs without a manifest, and multipart uploads, older than that).
 
     Invalid checkpoints are kept (they are evidence; ``resumekit ls`` shows why they are invalid) and the newest
     valid one is never removed. A tmp dir younger than ``tmp_age`` may belong to a save in progress.
@@ -28,6 +29,21 @@ def collect_garbage(storage: Storage, policy: RetentionPolicy, *, tmp_age: float
         (removed if s in doomed else kept).append(valid[s].path)
         if s in doomed and not dry_run:
             storage.remove_tree(valid[s].name)
+    if not storage.is_local:
+        # Object stores cannot rename, so an unfinished or abandoned save is a step_N/ without its manifest rather
+        # than a .tmp- dir; its age is that of its newest object (a save in progress keeps adding objects).
+        for i in infos:
+            if i.valid or storage.exists(f"{i.name}/{MANIFEST}"):
+                continue
+            mtime = storage.mtime(i.name)
+            if mtime is not None and now - mtime >= tmp_age:
+                removed.append(i.path)
+                if not dry_run:
+                    storage.remove_tree(i.name)
+        abort_uploads = getattr(storage, "abort_stale_uploads", None)
+        if abort_uploads is not None:
+            # Multipart uploads of killed saves: invisible to listings, but the store keeps (and bills) their parts.
+            removed.extend(abort_uploads(tmp_age, dry_run=dry_run, now=now))
     for e in storage.listdir(""):
         if e.name.startswith(TMP_PREFIX):
             age = now - (e.mtime if e.mtime is not None else now)

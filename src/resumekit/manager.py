@@ -35,6 +35,7 @@ from .policy import RetentionPolicy, SavePolicy
 from .snapshot import BackgroundPersister, StagingBuffers, to_host
 from .state import RNG_KEY, STATE_KEY, apply_state, capture_rng, capture_state, restore_rng
 from .storage import Storage, open_storage
+from .storage.tiered import TieredStorage
 
 log = logging.getLogger("resumekit")
 
@@ -62,6 +63,14 @@ class CheckpointOptions:
         exit_on_preemption: after that save, exit the process with status 0.
         heartbeat_interval: seconds between heartbeat touches (for ``resumekit run --hang-timeout``).
         metrics_every: log ``metrics`` passed to ``maybe_save`` every N steps to the event log (0: never).
+        local_tier: a fast local directory that saves commit to (training waits only for it) while a background
+            uploader copies each committed step to ``directory`` (e.g. ``s3://bucket/run``); ``restore`` takes the
+            newest valid checkpoint of either tier, downloading a newer remote one first. Retention applies to
+            both tiers. See :mod:`resumekit.storage.tiered`.
+        distributed: save modules and optimizers as sharded torch.distributed.checkpoint files, every rank its own,
+            with rank agreement on saves and signals (see :mod:`resumekit.distributed`). None (default): when
+            ``torch.distributed`` is initialised. Every rank must create the manager and call its methods at the
+            same steps.
     """
 
     every_steps: Optional[int] = None
@@ -81,6 +90,8 @@ class CheckpointOptions:
     exit_on_preemption: bool = True
     heartbeat_interval: float = 1.0
     metrics_every: int = 1
+    local_tier: Optional[str] = None
+    distributed: Optional[bool] = None
     save_policy: SavePolicy = field(init=False)
     retention: RetentionPolicy = field(init=False)
 
@@ -131,9 +142,14 @@ class CheckpointManager:
         if options is not None and kwargs:
             raise ConfigError("pass either options= or keyword options, not both")
         self.options = options or CheckpointOptions(**kwargs)
-        self.storage: Storage = open_storage(directory)
+        self.tier: Optional[TieredStorage] = None
+        if self.options.local_tier:
+            self.tier = TieredStorage(directory, self.options.local_tier, retention=self.options.retention)
+        self.storage: Storage = self.tier if self.tier is not None else open_storage(directory)
         self.layout = NativeLayout()
         self.events = EventLog.for_dir(self.storage.local_path() if self.storage.is_local else None, "library")
+        if self.tier is not None:
+            self.tier.events = self.events  # the local tier's events.jsonl: remote roots keep no log
         self.heartbeat = Heartbeat.from_env(self.options.heartbeat_interval)
         self.cost = SaveCost()
         self.restored_from: Optional[CheckpointInfo] = None
@@ -151,6 +167,13 @@ class CheckpointManager:
         if self.heartbeat.path and hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
             # Under `resumekit run --hang-timeout`, SIGUSR1 dumps every thread's stack before the kill.
             faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+        self._dist: Any = None
+        from .distributed import wants_distributed
+
+        if wants_distributed(self.options.distributed):
+            from .distributed import DistributedCheckpointer
+
+            self._dist = DistributedCheckpointer(self)
         atexit.register(self._atexit)
 
     # ------------------------------------------------------------------------------------------------ restore
@@ -173,6 +196,8 @@ class CheckpointManager:
         t0 = time.perf_counter()
         strict = self.options.strict if strict is None else strict
         mode = resume or self.options.resume
+        if self._dist is not None:
+            return self._dist.restore(state, mode=mode, only=only, strict=strict, t0=t0)
         self._clean_stale_tmp()
         env_path = os.environ.get(ENV_RESUME_FROM, "")
         chosen: Optional[tuple] = None
@@ -190,6 +215,9 @@ class CheckpointManager:
                                 env_path, e, self.storage.uri)
             if chosen is None:
                 chosen = self._load_newest()
+        if self.tier is not None:
+            # A previous run may have died mid-upload: its local steps newer than the remote's newest go up again.
+            self.tier.resync(exclude={s.name for s in self.skipped})
         if chosen is None:
             if self.options.init_from:
                 return self._init_from(state, t0)
@@ -211,17 +239,48 @@ class CheckpointManager:
         return info.step
 
     def _load_newest(self) -> Optional[tuple]:
+        if self.tier is not None:
+            return self._load_newest_tiered()
         for info in reversed(order_by_step(self.layout.list(self.storage))):
-            try:
-                man, tree = read_checkpoint(self.storage, info.name)
-            except CorruptCheckpointError as e:
-                self._skip(info, e.reason)
-                continue
-            except OSError as e:
-                self._skip(info, f"unreadable: {e}")
-                continue
-            info.valid, info.size, info.time, info.metadata = True, man.total_bytes, man.time, man.metadata
-            return info, tree
+            got = self._try_read(info)
+            if got is not None:
+                return got
+        return None
+
+    def _try_read(self, info: CheckpointInfo) -> Optional[tuple]:
+        try:
+            man, tree = read_checkpoint(self.storage, info.name)
+        except CorruptCheckpointError as e:
+            self._skip(info, e.reason)
+            return None
+        except OSError as e:
+            self._skip(info, f"unreadable: {e}")
+            return None
+        info.valid, info.size, info.time, info.metadata = True, man.total_bytes, man.time, man.metadata
+        return info, tree
+
+    def _load_newest_tiered(self) -> Optional[tuple]:
+        """The newest valid checkpoint of either tier. A remote step newer than every valid local one (or whose
+        local copy is damaged) is downloaded into the local tier first: verified, tmp dir + rename."""
+        tier = self.tier
+        assert tier is not None
+        local = {i.step: i for i in self.layout.list(tier.local)}
+        remote = {i.step: i for i in self.layout.list(tier.remote)}
+        for step in sorted(set(local) | set(remote), reverse=True):
+            if step in local:
+                got = self._try_read(local[step])
+                if got is not None:
+                    return got
+            if step in remote:
+                try:
+                    tier.download(remote[step].name)
+                except CorruptCheckpointError as e:
+                    self._skip(remote[step], e.reason)
+                    continue
+                got = self._try_read(CheckpointInfo(step=step, name=remote[step].name,
+                                                    path=tier.local.join(remote[step].name), layout="native"))
+                if got is not None:
+                    return got
         return None
 
     def _skip(self, info: CheckpointInfo, reason: str) -> None:
@@ -284,12 +343,18 @@ class CheckpointManager:
         """
         self.heartbeat.beat(step)
         self._persister.raise_pending()
+        if self.tier is not None:
+            self.tier.raise_pending()  # an upload that failed since the last call
         if metrics and self.options.metrics_every and step % self.options.metrics_every == 0:
             self.events.emit("metrics", step=step, **metadata_jsonable(metrics))
-        if self._preempt_flag.is_set():
-            return self._preemption_save(step, state, metrics)
+        preempt = self._preempt_flag.is_set()
         due = force or self.options.save_policy.due(step, time.monotonic(), self._last_save_time,
                                                     self.last_saved_step)
+        if self._dist is not None and self._dist.needs_agreement:
+            # A signal or a clock seen by one rank must make every rank save at this same step.
+            preempt, due = self._dist.agree(preempt, due)
+        if preempt:
+            return self._preemption_save(step, state, metrics)
         if due:
             self.save(step, state, metrics=metrics)
         return due
@@ -311,7 +376,12 @@ class CheckpointManager:
         if self._closed:
             raise RuntimeError("CheckpointManager is closed")
         t0 = time.perf_counter()
+        if self._dist is not None:
+            use_async = self.options.async_save if block is None else not block
+            return self._dist.save(step, state, metrics=metrics, block=not use_async, t0=t0)
         self._persister.raise_pending()
+        if self.tier is not None:
+            self.tier.raise_pending()  # an upload that failed since the last call
         name = step_dirname(step)
         if self._already_committed(step, name):
             log.info("step %d is already committed at %s; not saving it again", step, self.storage.join(name))
@@ -413,8 +483,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------------- drain
     def wait(self) -> None:
-        """Block until the background save (if any) is durable; raises its error if it failed."""
+        """Block until the background save (if any) is durable and, with a ``local_tier``, every upload is done;
+        raises the error of either if it failed."""
         self._persister.wait(raise_error=True)
+        if self.tier is not None:
+            self.tier.wait_uploads()
 
     def close(self) -> None:
         """Finish pending work and release buffers; raises a background save's error."""
@@ -422,10 +495,16 @@ class CheckpointManager:
             return
         self._closed = True
         try:
-            self._persister.wait(raise_error=True)
+            try:
+                self._persister.wait(raise_error=True)
+            finally:
+                if self.tier is not None:
+                    self.tier.close()  # uploads finish before the process may exit; their errors surface here
         finally:
             if self._staging is not None:
                 self._staging.release()
+            if self._dist is not None:
+                self._dist.staging.release()
             if self._old_handler is not None and threading.current_thread() is threading.main_thread():
                 try:
                     signal.signal(signal.SIGTERM, self._old_handler)

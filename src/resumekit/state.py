@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterable, List, Mapping, MutableMapping, Optional
 import numpy as np
 import torch
 
+from .codec import materialize
 from .errors import StateMismatchError
 
 RNG_KEY = "rng"
@@ -46,6 +47,7 @@ def capture_rng() -> Dict[str, Any]:
 
 
 def restore_rng(rng: Mapping[str, Any]) -> None:
+    rng = materialize(rng)
     if "python" in rng:
         random.setstate(_as_python_state(rng["python"]))
     if "numpy" in rng:
@@ -95,6 +97,10 @@ def apply_state(
         if key not in saved:
             continue
         obj, value = state[key], saved[key]
+        if not isinstance(obj, torch.nn.Module):
+            # A module copies into its own parameters; anything else may keep the tensors it is given, so it
+            # gets its own copies rather than views of the checkpoint file's memory map.
+            value = materialize(value)
         if is_stateful(obj):
             _load_one(key, obj, value, where)
         else:

@@ -67,6 +67,7 @@ from .events import (
     ENV_DIR,
     ENV_EVENTS,
     ENV_HEARTBEAT,
+    ENV_LOCAL_TIER,
     ENV_RESTART_COUNT,
     ENV_RESUME_FROM,
     EVENTS_FILE,
@@ -389,6 +390,12 @@ class SupervisorOptions:
     min_free: Optional[int] = None
     """Free bytes required at a local checkpoint root (the floor; 2x the last checkpoint's size also applies)."""
 
+    local_tier: Optional[str] = None
+    """A fast local directory in front of ``directory`` (the job uses ``CheckpointManager(directory,
+    local_tier=...)``). Before every start the newest valid checkpoint of either tier is chosen; a newer remote one
+    is first downloaded into it (verified, tmp dir + rename), so the job resumes from local disk. Exported as
+    ``RESUMEKIT_LOCAL_TIER``; the event log and heartbeat default to it for remote roots."""
+
     events: Optional[str] = None
     """Event log path; default ``<directory>/events.jsonl`` for local roots, a local temp dir otherwise."""
 
@@ -446,6 +453,11 @@ class SupervisorOptions:
             raise ConfigError(f"SupervisorOptions.poll_interval must be in (0, 10] seconds, got {self.poll_interval!r}")
         if self.min_free is not None and (not isinstance(self.min_free, int) or self.min_free < 0):
             raise ConfigError(f"SupervisorOptions.min_free must be a number of bytes >= 0, got {self.min_free!r}")
+        if self.local_tier is not None:
+            if not str(self.local_tier).strip() or self.directory is None:
+                raise ConfigError("SupervisorOptions.local_tier needs a directory (the remote root it sits in front "
+                                  "of) and must not be empty")
+            self.local_tier = os.path.abspath(os.path.expanduser(str(self.local_tier)))
         if self.layout != "auto":
             from .layouts import get_layout
 
@@ -656,7 +668,10 @@ def check_remote(uri: str, timeout: float) -> None:
     if isinstance(err, ImportError):
         raise PrecheckError("remote", f"cannot reach {uri}: the remote storage backend is not available "
                                       f"({_one_line(err)}); install it with pip install 'resumekit[s3]'")
-    retry = not isinstance(err, (PermissionError, ValueError, TypeError, KeyError))
+    from .errors import StorageError
+
+    # StorageError: a missing bucket or wrong credentials, which no restart fixes; network trouble may pass.
+    retry = not isinstance(err, (StorageError, PermissionError, ValueError, TypeError, KeyError))
     raise PrecheckError("remote", f"cannot reach {uri} at {endpoint}: {_one_line(err)}; check AWS_ENDPOINT_URL, "
                                   "the bucket name and the credentials", retry=retry)
 
@@ -831,11 +846,14 @@ class Supervisor:
             self.events_path = os.path.abspath(os.path.expanduser(self.opts.events))
         elif self.local_dir:
             self.events_path = os.path.join(self.local_dir, EVENTS_FILE)
+        elif self.opts.local_tier:
+            os.makedirs(self.opts.local_tier, exist_ok=True)
+            self.events_path = os.path.join(self.opts.local_tier, EVENTS_FILE)
         else:
             self._tmpdir = tempfile.mkdtemp(prefix="resumekit-run-")
             self.events_path = os.path.join(self._tmpdir, EVENTS_FILE)
         # The heartbeat must be local to the job's node: the checkpoint dir when it is local, else beside the log.
-        self.state_dir = self.local_dir or os.path.dirname(self.events_path)
+        self.state_dir = self.local_dir or self.opts.local_tier or os.path.dirname(self.events_path)
         self.heartbeat_path = os.path.join(self.state_dir, HEARTBEAT_FILE)
         self.log = EventLog(self.events_path, source="supervisor")
 
@@ -1015,6 +1033,8 @@ class Supervisor:
                 check_remote(self.directory, self.opts.remote_timeout)
             else:
                 check_directory(self.local_dir)  # type: ignore[arg-type]
+            if self.opts.local_tier:
+                check_directory(self.opts.local_tier)
             storage = self._open_storage()
         if self.opts.gpus:
             report = check_hardware(self.opts.gpus, self.opts.hardware_timeout)
@@ -1029,9 +1049,16 @@ class Supervisor:
             if prev is not None:
                 best = self._crash_loop_check(storage, layout, best, prev)
                 plan.newest_step = best.step if best else None
+            if self.opts.local_tier and layout.name == "native":
+                best = self._predownload(storage, best)
             free = storage.free_bytes()
             if free is not None:
                 check_free_space(storage.uri, free, self._checkpoint_size(storage, best), self.opts.min_free)
+            if self.opts.local_tier:
+                from .storage.local import LocalStorage
+
+                check_free_space(self.opts.local_tier, LocalStorage(self.opts.local_tier).free_bytes(),
+                                 int(best.size or 0) if best else 0, self.opts.min_free)
             if layout.tracker_name:
                 self._repair(storage, layout)
         elif prev is not None:
@@ -1041,6 +1068,46 @@ class Supervisor:
         if self.opts.config:
             self._resolve_config(plan)
         return plan
+
+    def _predownload(self, storage, remote_best):
+        """The newest valid checkpoint of either tier, as a local-tier path: a newer remote one is downloaded
+        first (parallel ranged reads, checksums verified, tmp dir + rename), so the job never waits on the remote."""
+        from .errors import CorruptCheckpointError
+        from .layouts.base import CheckpointInfo
+        from .layouts.native import NativeLayout
+        from .storage.local import LocalStorage
+        from .storage.tiered import copy_step
+
+        local = LocalStorage(self.opts.local_tier)  # type: ignore[arg-type]
+        layout = NativeLayout()
+        local_best, skipped = layout.latest(local, full=True)
+        for sk in skipped:
+            key = (local.join(sk.name), sk.reason)
+            if key not in self._skips_logged:
+                self._skips_logged.add(key)
+                self.log.emit("skip_invalid", step=sk.step, path=sk.path, layout="native", reason=sk.reason,
+                              tier="local")
+                self._say(f"skipping invalid checkpoint {sk.path}: {sk.reason}")
+        if remote_best is None or (local_best is not None and local_best.step >= remote_best.step):
+            return local_best
+        t0 = time.monotonic()
+        try:
+            man = copy_step(storage, local, remote_best.name, desc=f"download {remote_best.name}")
+        except CorruptCheckpointError as e:  # changed since it was verified: use what is local, look again later
+            self.log.emit("skip_invalid", step=remote_best.step, path=remote_best.path, reason=e.reason)
+            self._say(f"cannot pre-download {remote_best.path}: {e.reason}")
+            return local_best
+        except OSError as e:
+            raise PrecheckError("remote", f"cannot download {remote_best.path} to {local.join(remote_best.name)}: "
+                                          f"{_one_line(e)}", retry=True) from None
+        secs = time.monotonic() - t0
+        self.log.emit("download", step=remote_best.step, path=remote_best.path, to=local.join(remote_best.name),
+                      bytes=man.total_bytes, seconds=round(secs, 3))
+        self._say(f"downloaded {remote_best.path} to {local.join(remote_best.name)} "
+                  f"({human_bytes(man.total_bytes)} in {secs:.1f} s)")
+        info = CheckpointInfo(step=remote_best.step, name=remote_best.name, path=local.join(remote_best.name),
+                              layout="native")
+        return layout.validate(local, info, full=False)
 
     def _open_storage(self):
         from .storage import open_storage
@@ -1103,6 +1170,9 @@ class Supervisor:
             origin = (f"from {last_plan.resume_path}" if last_plan.resume_path else "from scratch")
             raise _GiveUp(f"crash loop: the job failed {k} times in a row starting {origin} without progress, "
                           "and there is no checkpoint left to quarantine; giving up")
+        if own_root and self.opts.local_tier:
+            # The job resumed from the local tier's copy: it goes aside too, or the next pre-download picks it again.
+            self._quarantine_local(last_plan.resume_name, k)
         info = next((i for i in layout.list(storage) if i.name == last_plan.resume_name), None)
         if info is None:  # it vanished (gc, a person); nothing to quarantine, just go on with what is there
             self._streak = 0
@@ -1123,6 +1193,21 @@ class Supervisor:
                   f"it as {storage.join(new)}; {nxt}")
         # A checkpoint found through --config lives outside --dir: the YAML's next search finds its predecessor.
         return best2 if own_root else best
+
+    def _quarantine_local(self, name: str, failures: int) -> None:
+        from .layouts.base import CheckpointInfo
+        from .storage.local import LocalStorage
+
+        local = LocalStorage(self.opts.local_tier)  # type: ignore[arg-type]
+        if not local.exists(name):
+            return
+        try:
+            new = quarantine(local, CheckpointInfo(step=-1, name=name, path=local.join(name), layout="native"))
+        except OSError as e:
+            raise _GiveUp(f"crash loop: cannot quarantine {local.join(name)} ({_one_line(e)}); move it aside by "
+                          "hand and start again") from None
+        self.log.emit("quarantine", path=local.join(name), to=local.join(new), failures=failures, tier="local",
+                      reason=f"{failures} failures in a row without progress")
 
     def _checkpoint_size(self, storage, info) -> int:
         if info is None:
@@ -1238,6 +1323,8 @@ class Supervisor:
         env[ENV_DIR] = self.local_dir or self.directory or ""
         env[ENV_HEARTBEAT] = self.heartbeat_path
         env[ENV_EVENTS] = self.events_path
+        if self.opts.local_tier:
+            env[ENV_LOCAL_TIER] = self.opts.local_tier
         return env
 
     def _clear_heartbeat(self) -> None:

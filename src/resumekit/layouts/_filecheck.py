@@ -82,6 +82,13 @@ def check_torch_zip(storage: Storage, rel: str, where: str, full: bool, shown: O
     except FileNotFoundError:
         raise fail(where, f"{shown} is missing") from None
     with f:
+        head = f.read(4)
+        f.seek(0)
+        if not head:
+            raise fail(where, f"{shown} is empty (truncated or still being written)")
+        if head[:2] != b"PK":
+            raise fail(where, f"{shown} is not a zip archive: a torch file in the legacy format (re-save it with "
+                              "torch>=1.6) or not a torch.save file at all")
         try:
             zf = zipfile.ZipFile(f)  # reads only the end record and the central directory
         except zipfile.BadZipFile:
