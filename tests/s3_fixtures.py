@@ -6,6 +6,7 @@ Imported by conftest.py, so the fixtures are available everywhere; nothing start
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import select
@@ -215,13 +216,14 @@ class FaultProxy:
 
 
 def flaky(seed: int, p: float, max_bytes: int = 3 << 20) -> Callable[[int], Plan]:
-    """Cut a fraction ``p`` of connections, in a random direction, after a random number of bytes."""
+    """Cut a fraction ``p`` of connections, in a random direction, after a log-uniform random number of bytes
+    (so headers, small bodies and large parts all get cut sometimes)."""
     rng = random.Random(seed)
 
     def decide(n: int) -> Plan:
         if rng.random() >= p:
             return None
-        return (rng.choice(["up", "down"]), rng.randrange(200, max_bytes))
+        return (rng.choice(["up", "down"]), int(math.exp(rng.uniform(math.log(50), math.log(max_bytes)))))
 
     return decide
 

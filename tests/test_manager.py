@@ -431,3 +431,23 @@ print("not reached")
     assert [c.step for c in CheckpointManager(str(tmp_path)).checkpoints(full=True)] == [5]
     ev = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
     assert any(e["event"] == "preempted" and e["step"] == 5 for e in ev)
+
+
+def test_torchdata_stateful_dataloader_resumes_mid_epoch(tmp_path):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    ds = list(range(40))
+
+    def loader():
+        return StatefulDataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    ref = [b.tolist() for b in loader()]
+    a = loader()
+    it = iter(a)
+    got = [next(it).tolist() for _ in range(3)]
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(3, {"data": a})
+    b = loader()
+    assert CheckpointManager(str(tmp_path)).restore({"data": b}) == 3
+    got += [x.tolist() for x in b]
+    assert got == ref

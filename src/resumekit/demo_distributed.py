@@ -165,6 +165,17 @@ def torchrun_cmd(nproc: int, job: Sequence[str], *, max_restarts: int = 0, port:
             "--monitor-interval=0.1", "--rdzv-conf=join_timeout=60", *job]
 
 
+def torchrun_env(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment for torchrun jobs that restart: one CPU thread per worker, unbuffered output, and
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: with the agent's store shared (the default since torch 2.5) a
+    restarted group can read the previous attempt's gloo/NCCL addresses and fail to connect (pytorch#135712)."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def _job_args(directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> List[str]:
     args = ["-m", "resumekit.demo_distributed", "--worker", "--dir", directory, "--steps", str(steps),
             "--save-every", str(save_every), "--seed", str(seed)]
@@ -203,12 +214,13 @@ class _ProgressTail:
 
 def run_torchrun_with_kills(command: Sequence[str], directory: str, *, nproc: int, crashes: int,
                             rng: random.Random, env: Optional[Dict[str, str]] = None, timeout: float = 300.0,
-                            log_path: Optional[str] = None) -> "Any":
+                            log_path: Optional[str] = None, last_step: Optional[int] = None) -> "Any":
     """Run ``command`` (torchrun, or ``resumekit run -- torchrun ...``) and SIGKILL one random worker ``crashes``
     times: the first kill, and about 40% of the others, while a checkpoint is being written, the rest after a
     random number of steps. Workers are found through their progress files (``progress_rank{R}.jsonl`` lines with
-    ``pid``, ``rank`` and ``step``). Returns a :class:`resumekit.demo.CrashStats`; every process it started is gone
-    when it returns.
+    ``pid``, ``rank`` and ``step``). Kills aimed at a step never aim past ``last_step - 2`` (the job's length), so
+    every kill lands before the job ends. Returns a :class:`resumekit.demo.CrashStats`; every process it started
+    is gone when it returns.
     """
     from .demo import CrashStats
 
@@ -228,6 +240,8 @@ def run_torchrun_with_kills(command: Sequence[str], directory: str, *, nproc: in
                 continue
             aim_at_save = stats.kills == 0 or rng.random() < 0.4
             target = max(s for _, s in live.values()) + rng.randint(1, 12)
+            if last_step is not None:
+                target = min(target, last_step - 2)
             victim_rank = rng.randrange(nproc)
             while proc.poll() is None and time.monotonic() < deadline:
                 tail.poll()
@@ -239,13 +253,13 @@ def run_torchrun_with_kills(command: Sequence[str], directory: str, *, nproc: in
             else:
                 break
             pid = live[victim_rank][0]
+            # Every pid of this generation is about to be torn down by torchrun's agent (or has finished).
+            dead |= {p for p, _ in live.values()}
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
-                pass
+                continue  # it finished on its own first: not a kill
             mid_save = any(n.startswith(SAVING_PREFIX) for n in os.listdir(directory))
-            # Every pid of this generation is about to be torn down by torchrun's agent.
-            dead |= {p for p, _ in live.values()}
             stats.kills += 1
             stats.kills_mid_save += int(mid_save)
             stats.attempts.append({"killed_rank": victim_rank, "pid": pid, "at_step": live[victim_rank][1],
@@ -306,7 +320,7 @@ def run_distributed_demo(directory: str, *, nproc: int, crashes: int = 4, steps:
     for d in (straight, crashy):
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = torchrun_env()
     for k in ("RESUMEKIT_RESUME_FROM", "RESUMEKIT_HEARTBEAT", "RESUMEKIT_EVENTS", "RESUMEKIT_DIR"):
         env.pop(k, None)
     t0 = time.monotonic()
@@ -324,7 +338,7 @@ def run_distributed_demo(directory: str, *, nproc: int, crashes: int = 4, steps:
            "--backoff-max", "0.2", "--"]
     stats = run_torchrun_with_kills(sup + job, crashy, nproc=nproc, crashes=crashes, rng=rng,
                                     env=dict(env, RESUMEKIT_TEST_SAVE_PAUSE="0.05"),
-                                    log_path=os.path.join(crashy, "torchrun.log"))
+                                    log_path=os.path.join(crashy, "torchrun.log"), last_step=steps)
     t_crashy = time.monotonic() - t0
     from .demo import _count_events
 

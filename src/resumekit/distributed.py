@@ -39,16 +39,18 @@ checkpoint had fewer ranks; its RNG state only from saved rank R (a new rank kee
 
 Loading safety: DCP's ``FileSystemReader.read_metadata`` in torch 2.x calls plain ``pickle.load`` on ``.metadata``,
 and its default load planner reads non-tensor ("bytes") items with ``torch.load(weights_only=False)``; only tensor
-items use ``weights_only=True``. We never hand DCP a file it would unpickle freely: :class:`VerifiedReader` reads
-``.metadata`` itself, checks its size and xxh3 against our manifest (so only the bytes we wrote are read), parses it
-with an allow-list unpickler that accepts only DCP's metadata classes, torch dtypes/Size/layout and pathlib paths,
-checks that every shard it references is listed in the manifest with a safe relative path, and refuses any bytes
-item (we save only tensors through DCP; everything else is JSON). Shards are read by DCP with
+items use ``weights_only=True``. We never let DCP unpickle anything freely: :func:`load_dcp_metadata` reads
+``.metadata`` itself after checking its size and xxh3 against our JSON manifest (so only bytes we wrote are parsed),
+with :class:`MetadataUnpickler`, an allow-list that accepts only DCP's metadata classes, torch dtypes/Size/layout and
+pathlib paths; it checks that every shard the plan references is a safe relative path listed in the manifest. DCP
+then gets a reader (``VerifiedReader``) that hands it this parsed plan instead of calling ``pickle.load`` and refuses
+any bytes item (we save only tensors through DCP; everything else is JSON). Shards are read by DCP with
 ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -57,8 +59,10 @@ import os
 import pickle
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, MutableMapping, Optional, Sequence,
+                    Tuple)
 
 import torch
 
@@ -74,7 +78,6 @@ from .events import ENV_RESUME_FROM, EventLog, Heartbeat
 from .format import (
     MANIFEST,
     TENSORS_FILE,
-    TMP_PREFIX,
     TREE_FILE,
     FileEntry,
     Manifest,
@@ -86,7 +89,7 @@ from .format import (
 )
 from .layouts.base import CheckpointInfo, order_by_step
 from .layouts.native import check_checkpoint, hash_file, read_manifest
-from .state import RNG_KEY, STATE_KEY, apply_state, capture_rng, capture_state, is_stateful, restore_rng
+from .state import RNG_KEY, STATE_KEY, apply_state, capture_rng, capture_state, restore_rng
 from .storage import Storage, open_storage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -188,6 +191,13 @@ class DistContext:
             return cls()
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        if (rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0):
+            log.warning("torchrun shares its rendezvous store with the workers and restarts the group up to %s "
+                        "times: a restarted group can read the previous attempt's addresses and fail with 'Gloo "
+                        "connectFullMesh failed' or NCCL connect errors (pytorch#135712). Export "
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun to avoid it",
+                        os.environ.get("TORCHELASTIC_MAX_RESTARTS"))
         if world == 1:
             return cls(rank=rank, world_size=1, local_rank=local_rank)
         ctl = dist.new_group(backend="gloo")
@@ -303,9 +313,13 @@ class ShardStaging:
         local = self._local(t).detach()
         buf = torch.empty(local.shape, dtype=local.dtype, pin_memory=local.is_cuda)
         if isinstance(t, DTensor):
-            # The same construction DCP's own async staging uses: a CPU copy of the DTensor keeps its spec.
-            staged = t.detach().to("cpu") if t.device.type != "cpu" else copy.copy(t.detach())
-            staged._local_tensor = buf  # noqa: SLF001 - DTensor has no public "replace local shard"
+            if t.device.type == "cpu":
+                return DTensor.from_local(buf, t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                                          stride=t.stride())
+            # from_local would move the buffer to the mesh's device; DCP's own async staging keeps the spec of a
+            # device DTensor with a host local shard this way.
+            staged = t.detach().to("cpu")
+            staged._local_tensor = buf  # noqa: SLF001 - DTensor has no public "replace the local shard"
             return staged
         return buf
 
@@ -499,6 +513,9 @@ class DistributedCheckpointer:
 
     def __init__(self, manager: "CheckpointManager", ctx: Optional[DistContext] = None):
         self.m = manager
+        if getattr(manager, "tier", None) is not None:
+            raise ConfigError("CheckpointOptions.local_tier is not supported with distributed checkpoints yet: "
+                              "save to a shared file system path (or pass distributed=False for a single process)")
         if not manager.storage.is_local:
             raise ConfigError(
                 f"distributed checkpoints need a local or mounted shared directory (every rank writes its shards "
@@ -542,8 +559,8 @@ class DistributedCheckpointer:
     def save(self, step: int, state: Mapping[str, Any], *, metrics: Optional[Mapping[str, Any]], block: bool,
              t0: float) -> Optional[str]:
         m = self.m
-        # A failed background save must fail on every rank before anything else: it was agreed on all ranks.
-        m._persister.raise_pending()
+        # Join the previous background save before raising its error: the error was agreed by all ranks, and
+        # joining first makes every rank raise it at this same call.
         waited = m._persister.wait(raise_error=True)
         prep = self._prepare(step, state, metrics, stage=not block)
         if prep.skip:
@@ -606,8 +623,8 @@ class DistributedCheckpointer:
         if any(errors):
             if txn is not None:
                 txn.abort()
-            if prep_exc is not None and sum(1 for e in errors if e) == 1:
-                raise prep_exc  # only this rank failed: its own exception type (UnsupportedStateError, ...)
+            if prep_exc is not None:
+                raise prep_exc  # a failing rank raises its own error (UnsupportedStateError naming the key, ...)
             _raise_if_failed(errors, lambda ranks, msg: _write_error(
                 None, f"saving step {step} to {m.storage.join(name)} failed before writing, on rank(s) "
                 f"{', '.join(map(str, ranks))} of {self.world}: {msg}. Nothing was written; the previous "
@@ -634,7 +651,8 @@ class DistributedCheckpointer:
         errno_: Optional[int] = None
         writer = make_writer(tmp_path)
         try:
-            dcp.save(p.tensors, storage_writer=writer, process_group=dcp_group, no_dist=not self.ctx.use_dist)
+            with _quiet_single_process():
+                dcp.save(p.tensors, storage_writer=writer, process_group=dcp_group, no_dist=not self.ctx.use_dist)
         except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException (a BaseException) on all ranks
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -671,7 +689,8 @@ class DistributedCheckpointer:
             hint = _hint(OSError(errnos[0], "")) if errnos else "see the failing rank's log"
             raise _write_error(
                 errnos[0] if errnos else None,
-                f"saving step {p.step} to {where} failed on rank {', '.join(map(str, bad))} of {self.world}: "
+                f"saving step {p.step} to {where} failed on rank{'s' if len(bad) > 1 else ''} "
+                f"{', '.join(map(str, bad))} of {self.world}: "
                 f"{msg}; {hint}. Nothing was committed on any rank; the previous checkpoint is untouched.")
         result: Tuple[Optional[str], Any] = (None, None)
         if self.rank == 0:
@@ -731,7 +750,7 @@ class DistributedCheckpointer:
         if plan[0] == "error":
             raise CheckpointNotFoundError(plan[1])
         explicit, candidates = plan[1]
-        chosen = self._first_valid(candidates, explicit)
+        chosen = self._first_valid(candidates)
         if chosen is None:
             if explicit is not None and explicit[1]:
                 raise CheckpointNotFoundError(f"no valid resumekit checkpoint at {explicit[0]}; pass a step_N "
@@ -760,22 +779,25 @@ class DistributedCheckpointer:
         if mode == "never":
             return None, []
         if mode != "auto":
-            return (mode, True), [(*c, True) for c in _candidates_at(mode, m)]
+            return (mode, True), _candidates_at(mode, m)
         env_path = os.environ.get(ENV_RESUME_FROM, "")
         restarts = int(os.environ.get(ENV_ELASTIC_RESTART, "0") or 0)
         cands: List[Tuple[str, str, int, bool]] = []
         if env_path and restarts == 0:
             # After torchrun's agent restarted the group, the supervisor's hand-off predates the newest save.
-            cands = [(*c, False) for c in _candidates_at(env_path, m)][:1]
+            cands = [(r, n, s, False) for r, n, s, _ in _candidates_at(env_path, m)][:1]
             if not cands:
                 log.warning("%s=%s is not usable; searching %s instead", ENV_RESUME_FROM, env_path, m.storage.uri)
         cands += [(m.storage.uri, i.name, i.step, False)
                   for i in reversed(order_by_step(m.layout.list(m.storage)))]
         return None, cands
 
-    def _first_valid(self, candidates: List[Tuple[str, str, int, bool]],
-                     explicit: Optional[Tuple[str, bool]]) -> Optional[Tuple[str, str, int]]:
-        """Verify candidates in order, every rank hashing a share of the files; the first valid on all wins."""
+    def _first_valid(self, candidates: List[Tuple[str, str, int, bool]]) -> Optional[Tuple[str, str, int]]:
+        """Verify candidates in order, every rank hashing a share of the files; the first valid on all wins.
+
+        An invalid explicit candidate (a step directory the user named) raises; others are skipped with the
+        reason logged, as when resuming a single-process run.
+        """
         m = self.m
         seen = set()
         for root, name, step, is_explicit in candidates:
@@ -796,6 +818,10 @@ class DistributedCheckpointer:
                     if digest != man.files[rel].xxh3:
                         raise CorruptCheckpointError(st.join(name), f"{rel} checksum mismatch (xxh3 {digest} != "
                                                      f"{man.files[rel].xxh3}): the file was altered or damaged")
+                # Every rank parses the plan it will load with, so a checkpoint whose .metadata is refused (forged
+                # classes, shards outside the manifest) is skipped like a corrupt one, before any state changes.
+                if DCP_METADATA in man.files:
+                    load_dcp_metadata(_read_verified(st, name, DCP_METADATA, man), st.join(name), man.files)
             except CorruptCheckpointError as e:
                 reason = e.reason
             except OSError as e:
@@ -812,9 +838,9 @@ class DistributedCheckpointer:
 
     def _init_from(self, state: MutableMapping[str, Any], t0: float) -> int:
         m = self.m
-        cands = [(*c, True) for c in _candidates_at(m.options.init_from, m)] if self.rank == 0 else []
+        cands = _candidates_at(m.options.init_from, m) if self.rank == 0 else []
         cands = self.ctx.ctl.broadcast(cands)
-        chosen = self._first_valid(cands, None)
+        chosen = self._first_valid(cands)
         if chosen is None:
             raise CheckpointNotFoundError(f"no valid resumekit checkpoint at {m.options.init_from}")
         root, name, _ = chosen
@@ -902,8 +928,9 @@ class DistributedCheckpointer:
         self._agree_or_raise(err, where, "reading")
         if load_flat:
             try:
-                dcp.load(load_flat, storage_reader=_verified_reader_cls()(st.join(name), md, where),
-                         process_group=self.ctx.dcp_group, no_dist=not self.ctx.use_dist)
+                with _quiet_single_process():
+                    dcp.load(load_flat, storage_reader=_verified_reader_cls()(st.join(name), md, where),
+                             process_group=self.ctx.dcp_group, no_dist=not self.ctx.use_dist)
             except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
                     raise
@@ -928,8 +955,10 @@ class DistributedCheckpointer:
                         raise StateMismatchError(f"state[{key!r}] ({type(obj).__name__}) refused the state in "
                                                  f"{where}: {e}") from e
                 loaded.append(key)
-            rest_keys = [k for k in keys if k not in tree.get(DCP_KEY, {})]
-            loaded += apply_state(state, tree.get(STATE_KEY, {}), only=rest_keys, strict=False, where=where)
+            saved_rest = tree.get(STATE_KEY, {})
+            # Missing entries were judged above (strict / only); here only what the checkpoint has is applied.
+            rest_keys = [k for k in keys if k not in tree.get(DCP_KEY, {}) and k in saved_rest]
+            loaded += apply_state(state, saved_rest, only=rest_keys, strict=False, where=where)
             if rng and RNG_KEY in tree:
                 if self.rank < saved_world:
                     restore_rng(tree[RNG_KEY])
@@ -957,6 +986,15 @@ class DistributedCheckpointer:
             if was_corrupt:
                 raise CorruptCheckpointError(where, msg)
             raise StateMismatchError(f"restoring {where} {msg}")
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every call that it "assumes the intent is to load in a single process" without a process
+    group; in a world of one that is exactly the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to", category=UserWarning)
+        yield
 
 
 def _write_error(errno_: Optional[int], msg: str) -> CheckpointWriteError:
@@ -1044,15 +1082,17 @@ def _read_rank_tree(st: Storage, name: str, rank: int, man: Manifest) -> Dict[st
         raise CorruptCheckpointError(where, f"{jrel} does not decode: {e}") from None
 
 
-def _candidates_at(path: str, m: "CheckpointManager") -> List[Tuple[str, str, int]]:
-    """(root, name, step) for a step directory, or every step of a run directory newest first."""
+def _candidates_at(path: str, m: "CheckpointManager") -> List[Tuple[str, str, int, bool]]:
+    """(root, name, step, explicit) for a step directory (explicit: an invalid one is an error), or every step of
+    a run directory newest first (not explicit: invalid ones are skipped, as when resuming)."""
     path = path.rstrip("/")
     parent, _, name = path.rpartition("/")
     st = open_storage(parent or ".", create=False)
-    if parse_step_dirname(name) is not None and st.exists(f"{name}/{MANIFEST}"):
-        return [(st.uri, name, parse_step_dirname(name))]  # type: ignore[list-item]
+    step = parse_step_dirname(name)
+    if step is not None and st.exists(f"{name}/{MANIFEST}"):
+        return [(st.uri, name, step, True)]
     run = open_storage(path, create=False)
-    return [(run.uri, i.name, i.step) for i in reversed(order_by_step(m.layout.list(run)))]
+    return [(run.uri, i.name, i.step, False) for i in reversed(order_by_step(m.layout.list(run)))]
 
 
 def read_sharded(path: str) -> Tuple[Manifest, Dict[str, torch.Tensor], Dict[int, Any]]:
@@ -1085,10 +1125,7 @@ def read_sharded(path: str) -> Tuple[Manifest, Dict[str, torch.Tensor], Dict[int
                 raise CorruptCheckpointError(where, f"{DCP_METADATA} stores {key!r} as pickled bytes")
             tensors[key] = torch.empty(tuple(smd.size), dtype=smd.properties.dtype)
         if tensors:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
+            with _quiet_single_process():
                 dcp.load(tensors, storage_reader=_verified_reader_cls()(where, md, where), no_dist=True)
     trees = {r: _read_rank_tree(st, name, r, man) for r in range(world)}
     return man, tensors, trees
@@ -1105,5 +1142,5 @@ def wants_distributed(option: Optional[bool]) -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-__all__ = ["DistributedCheckpointer", "read_sharded", "DistContext", "Collectives", "MetadataUnpickler", "load_dcp_metadata",
-           "is_distributed_checkpoint", "wants_distributed", "DIST_FILE", "DCP_METADATA", "rank_dir"]
+__all__ = ["DistributedCheckpointer", "DistContext", "Collectives", "MetadataUnpickler", "load_dcp_metadata",
+           "read_sharded", "is_distributed_checkpoint", "wants_distributed", "DIST_FILE", "DCP_METADATA", "rank_dir"]

@@ -342,7 +342,10 @@ class CheckpointManager:
         exits with status 0 when ``exit_on_preemption`` is set.
         """
         self.heartbeat.beat(step)
-        self._persister.raise_pending()
+        if self._dist is None:
+            # Distributed: a background error surfaces at the next save/wait/close, which join the persist thread
+            # first, so every rank raises it at the same call (raising here could stop one rank alone).
+            self._persister.raise_pending()
         if self.tier is not None:
             self.tier.raise_pending()  # an upload that failed since the last call
         if metrics and self.options.metrics_every and step % self.options.metrics_every == 0:

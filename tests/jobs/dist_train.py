@@ -8,10 +8,11 @@ Files it writes into ``--dir`` (besides the checkpoints):
 
 * ``progress_rank{R}.jsonl``: one line per step: step, the sample indices of the batch, pid, torchrun restart count;
 * ``final_rank{R}.json``: sha256 of every local tensor shard, scheduler, scaler, sampler and RNG state at the end;
-* ``error_rank{R}.txt``: the text of a save error caught with ``--fail-*`` (the job then goes on).
+* ``error_rank{R}_step{S}.txt``: the text of a save error caught with ``--fail`` (the job then goes on).
 
-Fault switches: ``--fail-rank R --fail-step S --fail-phase dcp|files`` makes rank R's save of step S fail with
-ENOSPC (while DCP writes its shard, or while writing its own rank files); ``--term-rank R --term-step S`` sends
+Fault switches: ``--fail-rank R --fail S:dcp --fail T:files`` makes rank R's saves of steps S and T fail with
+ENOSPC (while DCP writes its shard, or while writing its own rank files; the error text goes to
+``error_rank{R}_step{S}.txt`` and the job goes on); ``--term-rank R --term-step S`` sends
 SIGTERM to rank R just before ``maybe_save(S)``. ``--restore-only`` restores, records the sampler's next batches
 (``--peek`` steps) and the fingerprint, and exits without saving.
 """
@@ -103,8 +104,7 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=96)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--fail-rank", type=int, default=-1)
-    p.add_argument("--fail-step", type=int, default=-1)
-    p.add_argument("--fail-phase", choices=["dcp", "files"], default="dcp")
+    p.add_argument("--fail", action="append", default=[], metavar="STEP:dcp|files")
     p.add_argument("--term-rank", type=int, default=-1)
     p.add_argument("--term-step", type=int, default=-1)
     p.add_argument("--restore-only", action="store_true")
@@ -135,18 +135,18 @@ def main(argv=None) -> None:
     suffix = f"{a.tag}_rank{rank}" if a.tag else f"rank{rank}"
 
     if a.restore_only:
+        restored = {"loader": state["loader"].state_dict(), "sched": state["sched"].state_dict()}
         seen = []
         for _, (idx, _, _) in zip(range(a.peek), loader):
             seen.append(idx.tolist())
         with open(os.path.join(a.dir, f"restored_{suffix}.json"), "w") as f:
-            json.dump({"step": step, "world": world, "next": seen, "full": full_digest(state),
-                       "loader": state["loader"].state_dict(), "sched": state["sched"].state_dict()}, f)
+            json.dump({"step": step, "world": world, "next": seen, "full": full_digest(state), **restored}, f)
         mgr.close()
         dist.destroy_process_group()
         return
 
     if rank == a.fail_rank:
-        _inject_failure(a.fail_phase, a.fail_step)
+        _inject_failures({int(f.split(":")[0]): f.split(":")[1] for f in a.fail})
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     progress = open(os.path.join(a.dir, f"progress_{suffix}.jsonl"), "a", buffering=1)
     per_epoch = loader.resumable_sampler.epoch_length // (a.batch * world)
@@ -172,7 +172,7 @@ def main(argv=None) -> None:
             try:
                 mgr.maybe_save(step, state)
             except CheckpointWriteError as e:
-                with open(os.path.join(a.dir, f"error_{suffix}.txt"), "w") as f:
+                with open(os.path.join(a.dir, f"error_{suffix}_step{step}.txt"), "w") as f:
                     f.write(str(e))
             if step >= a.steps:
                 break
@@ -187,32 +187,28 @@ def main(argv=None) -> None:
 _STEP = [0]
 
 
-def _inject_failure(phase: str, fail_step: int) -> None:
-    def boom():
-        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+def _inject_failures(plan: dict) -> None:
+    """Make this rank's save fail with ENOSPC at the planned steps, in the planned phase."""
+    import resumekit.distributed as rd
+    from torch.distributed.checkpoint import FileSystemWriter
 
-    if phase == "dcp":
-        from torch.distributed.checkpoint import FileSystemWriter
+    def boom(phase: str) -> None:
+        if plan.get(_STEP[0]) == phase:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
-        orig = FileSystemWriter.write_data
+    orig_write_data = FileSystemWriter.write_data
+    orig_write_tensors = rd.write_tensors
 
-        def write_data(self, plan, planner):
-            if _STEP[0] == fail_step:
-                boom()
-            return orig(self, plan, planner)
+    def write_data(self, plan_, planner):
+        boom("dcp")
+        return orig_write_data(self, plan_, planner)
 
-        FileSystemWriter.write_data = write_data
-    else:
-        import resumekit.distributed as rd
+    def write_tensors(f, tensors, h):
+        boom("files")
+        return orig_write_tensors(f, tensors, h)
 
-        orig_wt = rd.write_tensors
-
-        def write_tensors(f, tensors, h):
-            if _STEP[0] == fail_step:
-                boom()
-            return orig_wt(f, tensors, h)
-
-        rd.write_tensors = write_tensors
+    FileSystemWriter.write_data = write_data
+    rd.write_tensors = write_tensors
 
 
 if __name__ == "__main__":

@@ -1,0 +1,179 @@
+"""Tiered mode: local commit + background upload, pre-download on restore and before ``resumekit run`` starts a job,
+retention across tiers. The shared behaviour is in test_storage_suite.py; this file covers what only tiers have."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from conftest import PYTHON, assert_same, make_training, state_tensors, train_steps
+from resumekit import CheckpointManager
+from resumekit.events import read_events
+from resumekit.format import TENSORS_FILE, step_dirname
+from resumekit.layouts.native import NativeLayout
+from resumekit.policy import RetentionPolicy
+from resumekit.storage import open_storage
+from resumekit.storage import tiered as tiered_mod
+from resumekit.storage.tiered import plan_uploads, steps_to_resync
+
+# -- pure decisions --------------------------------------------------------------------------------------------
+
+
+def test_plan_uploads_skips_what_remote_retention_would_delete():
+    keep2 = RetentionPolicy(keep_last=2)
+    assert plan_uploads([10, 20, 30, 40], [5], keep2) == ([30, 40], [10, 20])
+    assert plan_uploads([10, 20, 30, 40], [5], RetentionPolicy(keep_last=1, keep_every=20)) == ([20, 40],
+                                                                                                 [10, 30])
+    assert plan_uploads([10, 20], [5], None) == ([10, 20], [])
+    assert plan_uploads([], [5], keep2) == ([], [])
+
+
+@settings(max_examples=200, deadline=None)
+@given(pending=hs.sets(hs.integers(0, 60), max_size=8), remote=hs.sets(hs.integers(0, 60), max_size=8),
+       last=hs.integers(1, 4), every=hs.one_of(hs.none(), hs.integers(1, 10)))
+def test_plan_uploads_always_uploads_the_newest_and_loses_nothing_kept(pending, remote, last, every):
+    policy = RetentionPolicy(keep_last=last, keep_every=every)
+    up, skip = plan_uploads(sorted(pending), sorted(remote), policy)
+    assert sorted(up + skip) == sorted(pending) and not set(up) & set(skip)
+    if pending:
+        assert max(pending) in up
+    kept = set(sorted(pending | remote)) - set(policy.to_delete(sorted(pending | remote)))
+    assert (kept & pending) <= set(up)
+
+
+def test_steps_to_resync():
+    assert steps_to_resync([4, 8, 12, 16], 8) == [12, 16]
+    assert steps_to_resync([4, 8], None) == [4, 8]
+    assert steps_to_resync([4, 8], 12) == []
+
+
+# -- against the moto server -----------------------------------------------------------------------------------
+
+
+def valid_steps(storage):
+    lay = NativeLayout()
+    return sorted(i.step for i in lay.list(storage) if lay.validate(storage, i, full=True).valid)
+
+
+def test_bitwise_resume_through_the_remote_tier(s3_bucket, tmp_path):
+    """Train N straight vs. k steps with tiered saves, lose the local tier, resume from the remote, go on to N."""
+    fast = str(tmp_path / "fast")
+    straight = make_training()
+    train_steps(straight, 20)
+    a = make_training()
+    mgr = CheckpointManager(s3_bucket.uri("run"), local_tier=fast, every_steps=5, async_save=True)
+    assert mgr.restore(a) == 0
+    train_steps(a, 13, mgr)  # dies after step 13: the newest save is step 10
+    mgr.close()
+    shutil.rmtree(fast)
+    os.makedirs(fast)
+    mgr_old = CheckpointManager(str(tmp_path / "elsewhere"))  # an older local step must not win over the remote
+    mgr_old.save(5, make_training())
+    mgr_old.close()
+    shutil.copytree(str(tmp_path / "elsewhere" / step_dirname(5)), os.path.join(fast, step_dirname(5)))
+    b = make_training()
+    torch.manual_seed(4321)
+    mgr = CheckpointManager(s3_bucket.uri("run"), local_tier=fast, every_steps=5)
+    start = mgr.restore(b)
+    assert start == 10 and mgr.restored_from.path == os.path.join(fast, step_dirname(10))
+    train_steps(b, 20, mgr, start=start)
+    mgr.close()
+    assert_same(state_tensors(straight), state_tensors(b))
+    events = read_events(os.path.join(fast, "events.jsonl"))
+    (dl,) = [e for e in events if e["event"] == "download"]
+    assert dl["step"] == 10 and dl["path"] == s3_bucket.uri("run") + "/" + step_dirname(10)
+    assert [e["step"] for e in events if e["event"] == "upload"] == [15, 20]
+    assert valid_steps(open_storage(s3_bucket.uri("run"))) == [5, 10, 15, 20]
+
+
+def test_a_damaged_local_copy_is_fetched_again_from_the_remote(s3_bucket, tmp_path):
+    fast = tmp_path / "fast"
+    st = make_training()
+    mgr = CheckpointManager(s3_bucket.uri("run"), local_tier=str(fast), every_steps=4)
+    train_steps(st, 8, mgr)
+    mgr.close()
+    p = fast / step_dirname(8) / TENSORS_FILE
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 1
+    p.write_bytes(bytes(data))
+    fresh = make_training()
+    mgr = CheckpointManager(s3_bucket.uri("run"), local_tier=str(fast))
+    assert mgr.restore(fresh) == 8
+    mgr.close()
+    assert [(s.step, "checksum mismatch" in s.reason) for s in mgr.skipped] == [(8, True)]
+    assert_same(state_tensors(st), state_tensors(fresh))
+    assert valid_steps(open_storage(str(fast))) == [4, 8]  # the local copy was replaced by the verified one
+
+
+def test_local_retention_waits_for_the_upload_and_skips_superseded_steps(s3_bucket, tmp_path, monkeypatch):
+    fast = tmp_path / "fast"
+    gate = threading.Event()
+    real = tiered_mod.copy_step
+
+    def slow_upload(src, dst, name, **kw):
+        if not dst.is_local:
+            assert gate.wait(30)
+        return real(src, dst, name, **kw)
+
+    monkeypatch.setattr(tiered_mod, "copy_step", slow_upload)
+    st = make_training()
+    mgr = CheckpointManager(s3_bucket.uri("run"), local_tier=str(fast), keep_last=1)
+    mgr.save(1, st)  # its upload is now stuck at the gate
+    mgr.save(2, st)
+    mgr.save(3, st)
+    # Retention (keep_last=1) asked to delete steps 1 and 2 locally; 1 is uploading and 2 is queued: both stay.
+    assert valid_steps(open_storage(str(fast))) == [1, 2, 3]
+    assert mgr.tier.uploading == [step_dirname(1), step_dirname(2), step_dirname(3)]
+    gate.set()
+    mgr.close()
+    assert valid_steps(open_storage(str(fast))) == [3]
+    assert valid_steps(open_storage(s3_bucket.uri("run"))) == [3]
+    events = read_events(str(fast / "events.jsonl"))
+    assert [e["step"] for e in events if e["event"] == "upload"] == [1, 3]
+    assert [(e["step"], e["reason"].split(":")[0]) for e in events if e["event"] == "upload_skipped"] == \
+        [(2, "superseded")]
+    assert ({(e["step"], e.get("tier")) for e in events if e["event"] == "retention_delete"}
+            >= {(1, "remote"), (1, "local"), (2, "local")})
+
+
+def test_resumekit_run_predownloads_before_the_job_starts(s3_bucket, tmp_path):
+    from resumekit.supervisor import Supervisor, SupervisorOptions
+
+    st = make_training()
+    mgr = CheckpointManager(s3_bucket.uri("run"), every_steps=4)
+    train_steps(st, 12, mgr)
+    mgr.close()
+    fast, out = tmp_path / "fast", tmp_path / "env.json"
+    code = ("import json, os; json.dump({k: os.environ.get(k) for k in ('RESUMEKIT_RESUME_FROM', "
+            f"'RESUMEKIT_LOCAL_TIER', 'RESUMEKIT_DIR', 'RESUMEKIT_EVENTS')}}, open({str(out)!r}, 'w'))")
+    sup = Supervisor(SupervisorOptions(command=[PYTHON, "-c", code], directory=s3_bucket.uri("run"),
+                                       local_tier=str(fast), max_restarts=0, quiet=True))
+    assert sup.run() == 0
+    env = json.loads(out.read_text())
+    assert env == {"RESUMEKIT_RESUME_FROM": str(fast / step_dirname(12)), "RESUMEKIT_LOCAL_TIER": str(fast),
+                   "RESUMEKIT_DIR": s3_bucket.uri("run"), "RESUMEKIT_EVENTS": str(fast / "events.jsonl")}
+    assert valid_steps(open_storage(str(fast))) == [12]
+    (dl,) = [e for e in read_events(str(fast / "events.jsonl")) if e["event"] == "download"]
+    assert dl["step"] == 12 and dl["source"] == "supervisor"
+    # The job, resuming from the hand-off, gets exactly the state that was saved.
+    fresh = make_training()
+    os.environ["RESUMEKIT_RESUME_FROM"] = env["RESUMEKIT_RESUME_FROM"]
+    try:
+        mgr = CheckpointManager(s3_bucket.uri("run"), local_tier=str(fast))
+        assert mgr.restore(fresh) == 12
+        mgr.close()
+    finally:
+        del os.environ["RESUMEKIT_RESUME_FROM"]
+    assert_same(state_tensors(st), state_tensors(fresh))
+
+
+def test_local_tier_must_differ_from_the_root(tmp_path):
+    with pytest.raises(ValueError, match=r"the local tier .* is the remote root itself"):
+        CheckpointManager(str(tmp_path), local_tier=str(tmp_path))
