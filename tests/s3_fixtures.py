@@ -7,7 +7,6 @@ Imported by conftest.py, so the fixtures are available everywhere; nothing start
 from __future__ import annotations
 
 import math
-import os
 import random
 import select
 import socket

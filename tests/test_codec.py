@@ -118,3 +118,14 @@ def test_decoding_never_unpickles():
     payload = pickle.dumps(Opaque())
     with pytest.raises(ValueError, match="unknown tag"):
         decode({"__rk__": "pickle", "v": payload.hex()}, {})
+
+
+def test_negative_dimension_in_header_is_corrupt():
+    import json as _json
+    import struct
+
+    header = _json.dumps({"w": {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}}).encode()
+    header += b" " * (-(8 + len(header)) % 8)
+    data = struct.pack("<Q", len(header)) + header + bytes(16)
+    with pytest.raises(CorruptCheckpointError, match="negative dimension"):
+        read_tensors(io.BytesIO(data), len(data), "t.safetensors", new_hasher())

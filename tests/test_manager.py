@@ -451,3 +451,62 @@ def test_torchdata_stateful_dataloader_resumes_mid_epoch(tmp_path):
     assert CheckpointManager(str(tmp_path)).restore({"data": b}) == 3
     got += [x.tolist() for x in b]
     assert got == ref
+
+
+def test_saving_the_same_step_twice_async_writes_once(tmp_path):
+    st = make_training()
+    mgr = CheckpointManager(str(tmp_path), async_save=True, every_steps=5)
+    train_steps(st, 5, mgr)          # maybe_save(5) starts a background save
+    assert mgr.save(5, st) is None   # the usual final save after the loop: waits, sees step 5 committed
+    mgr.close()
+    ev = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
+    assert [e["step"] for e in ev if e["event"] == "save"] == [5]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+def test_fresh_run_replaces_an_old_runs_step(tmp_path):
+    old = make_training(seed=1)
+    CheckpointManager(str(tmp_path)).save(4, old)
+    new = make_training(seed=2)
+    mgr = CheckpointManager(str(tmp_path), resume="never")
+    assert mgr.restore(new) == 0
+    assert mgr.save(4, new) is not None  # not "already committed": that step belongs to another run
+    back = make_training(seed=3)
+    CheckpointManager(str(tmp_path)).restore(back)
+    assert_same(new["model"].state_dict(), back["model"].state_dict())
+
+
+def test_renamed_checkpoint_is_not_trusted(tmp_path):
+    saved_run(tmp_path, steps=8, every=4)
+    shutil.copytree(tmp_path / step_dirname(4), tmp_path / step_dirname(12))
+    mgr = CheckpointManager(str(tmp_path))
+    assert mgr.restore(make_training()) == 8
+    assert "manifest says step 4 but the directory is step 12" in mgr.skipped[0].reason
+
+
+@pytest.mark.parametrize("bad", [1.5, "7", None])
+def test_non_integer_step_is_a_clear_error(tmp_path, bad):
+    with pytest.raises(ConfigError, match="step must be an integer"):
+        CheckpointManager(str(tmp_path)).save(bad, make_training())
+
+
+def test_numpy_step_and_reserved_metric_names(tmp_path):
+    import numpy as np
+
+    mgr = CheckpointManager(str(tmp_path), every_steps=2)
+    assert mgr.maybe_save(np.int64(2), make_training(), metrics={"step": 1.0, "time": 2.0, "loss": 0.5})
+    ev = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
+    m = [e for e in ev if e["event"] == "metrics"][0]
+    assert m["step"] == 2 and m["metric_step"] == 1.0 and m["metric_time"] == 2.0 and m["loss"] == 0.5
+
+
+def test_gc_protects_the_newest_fully_valid_checkpoint(tmp_path):
+    from click.testing import CliRunner
+
+    from resumekit.cli import main
+
+    saved_run(tmp_path, steps=8, every=4)
+    _flip(tmp_path / step_dirname(8) / TENSORS_FILE)  # same size: only checksums see it
+    CliRunner().invoke(main, ["gc", str(tmp_path), "--keep-last", "1"], catch_exceptions=False)
+    assert (tmp_path / step_dirname(4)).exists()
+    assert CheckpointManager(str(tmp_path)).restore(make_training()) == 4

@@ -121,7 +121,7 @@ def test_a_dead_link_fails_clearly_and_commits_nothing(s3_bucket, fault_proxy, m
     with pytest.raises(CheckpointWriteError) as ei:
         mgr.save(2, st)
     msg = str(ei.value)
-    assert f"saving step 2 to {s3_bucket.uri('run')}/{step_dirname(2)} failed" in msg
+    assert msg.startswith(f"saving step 2 to {s3_bucket.uri('run')}/{step_dirname(2)} failed: ")
     assert "failed after 3 attempts" in msg and "The previous checkpoint is untouched." in msg
     mgr.close()
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket.server.endpoint)

@@ -172,8 +172,41 @@ def test_resumekit_run_predownloads_before_the_job_starts(s3_bucket, tmp_path):
     finally:
         del os.environ["RESUMEKIT_RESUME_FROM"]
     assert_same(state_tensors(st), state_tensors(fresh))
+    # A remote newest that fails verification while it downloads is skipped; the one before it is used.
+    key = f"run/{step_dirname(12)}/{TENSORS_FILE}"
+    data = bytearray(s3_bucket.get(key))
+    data[len(data) // 2] ^= 1
+    s3_bucket.put(key, bytes(data))
+    shutil.rmtree(fast)
+    sup = Supervisor(SupervisorOptions(command=[PYTHON, "-c", code], directory=s3_bucket.uri("run"),
+                                       local_tier=str(fast), max_restarts=0, quiet=True))
+    assert sup.run() == 0
+    assert json.loads(out.read_text())["RESUMEKIT_RESUME_FROM"] == str(fast / step_dirname(8))
+    (skip,) = [e for e in read_events(str(fast / "events.jsonl")) if e["event"] == "skip_invalid"]
+    assert skip["step"] == 12 and "checksum mismatch" in skip["reason"]
 
 
 def test_local_tier_must_differ_from_the_root(tmp_path):
     with pytest.raises(ValueError, match=r"the local tier .* is the remote root itself"):
         CheckpointManager(str(tmp_path), local_tier=str(tmp_path))
+
+
+def test_progress_bars_only_for_big_transfers_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from resumekit.storage.tiered import _NoBar, progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert isinstance(progress_bar(1 << 40, "upload"), _NoBar)  # a log file or CI: quiet
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert isinstance(progress_bar(1 << 10, "upload"), _NoBar)  # too small to be worth a bar
+    bar = progress_bar(1 << 40, "upload")
+    assert not isinstance(bar, _NoBar)
+    bar.update(1 << 20)
+    bar.close()
+    assert "upload" in sys.stderr.getvalue()

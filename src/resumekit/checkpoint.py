@@ -16,7 +16,8 @@ import torch
 
 from .codec import decode, dumps_tree, map_tensors, read_tensors, write_tensors
 from .errors import CheckpointWriteError, CorruptCheckpointError
-from .format import MANIFEST, TENSORS_FILE, TREE_FILE, FileEntry, Manifest, new_hasher, step_dirname
+from .format import (MANIFEST, TENSORS_FILE, TREE_FILE, FileEntry, Manifest, new_hasher, parse_step_dirname,
+                     step_dirname)
 from .layouts.native import read_manifest
 from .storage import Storage
 
@@ -67,8 +68,9 @@ def write_checkpoint(storage: Storage, step: int, tree: Any, tensors: Dict[str, 
         hint = {28: "the disk is full: free space or lower keep_last",
                 13: "permission denied: make the checkpoint directory writable",
                 30: "the file system is read-only"}.get(e.errno or 0, "check the storage")
-        raise CheckpointWriteError(e.errno, f"saving step {step} to {where} failed: {e.strerror or e}; {hint}. "
-                                            "The previous checkpoint is untouched.") from e
+        msg = f"saving step {step} to {where} failed: {e.strerror or e}; {hint}. The previous checkpoint is untouched."
+        # Errors without an errno (object-store failures) would otherwise print as "[Errno None] ...".
+        raise (CheckpointWriteError(e.errno, msg) if e.errno is not None else CheckpointWriteError(msg)) from e
     except BaseException:
         txn.abort()
         raise
@@ -92,9 +94,15 @@ def read_checkpoint(storage: Storage, name: str, mapped: Optional[bool] = None) 
     """
     where = storage.join(name)
     man = read_manifest(storage, name)
+    dir_step = parse_step_dirname(name.rsplit("/", 1)[-1])
+    if dir_step is not None and dir_step != man.step:
+        raise CorruptCheckpointError(where, f"manifest says step {man.step} but the directory is step {dir_step} "
+                                            "(copied or renamed by hand?)")
     for rel in (TENSORS_FILE, TREE_FILE):
         if rel not in man.files:
-            raise CorruptCheckpointError(where, f"manifest does not list {rel}")
+            hint = (" (a sharded checkpoint: restore it with CheckpointManager(..., distributed=True) under "
+                    "torchrun, or resumekit.distributed.read_sharded)") if "distributed.json" in man.files else ""
+            raise CorruptCheckpointError(where, f"manifest does not list {rel}{hint}")
     for rel, ent in man.files.items():
         try:
             size = storage.size(f"{name}/{rel}")

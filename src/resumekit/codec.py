@@ -77,7 +77,7 @@ class TreeEncoder:
             self.tensors[name] = obj
             return {TAG: "tensor", "k": name}
         if isinstance(obj, np.ndarray):
-            if obj.dtype == object:
+            if obj.dtype.hasobject:
                 raise UnsupportedStateError(f"state{_fmt(path)}: numpy object arrays cannot be stored safely")
             # Stored as raw bytes: numpy has dtypes torch lacks, and the tag carries dtype and shape back.
             name = self._name(path)
@@ -243,6 +243,8 @@ def read_header(f: BinaryIO, size: int, where: str, hasher=None) -> Tuple[List[T
             b, e = (int(x) for x in ent["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CorruptCheckpointError(where, f"tensor file header entry {name!r} is malformed") from None
+        if any(d < 0 for d in shape):
+            raise CorruptCheckpointError(where, f"tensor {name!r} has a negative dimension {shape}")
         n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if e - b != n or b < 0:
             raise CorruptCheckpointError(where, f"tensor {name!r} has offsets {b}..{e} for {n} bytes")

@@ -137,7 +137,10 @@ class Manifest:
                 raise CorruptCheckpointError(where, f"manifest entry for {rel!r} lacks size/xxh3")
             entries[rel] = FileEntry(ent["size"], ent["xxh3"])
         meta = doc.get("metadata") or {}
-        return cls(step=step, files=entries, time=float(doc.get("time") or 0.0),
+        t = doc.get("time") or 0.0
+        if not isinstance(t, (int, float)) or isinstance(t, bool):
+            raise CorruptCheckpointError(where, f"manifest.json has a non-numeric time {t!r}")
+        return cls(step=step, files=entries, time=float(t),
                    metadata=meta if isinstance(meta, dict) else {},
                    entries=list(doc.get("entries") or []), version=version)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Dict, Optional
 
 from .format import MANIFEST, TMP_PREFIX
+from .layouts.base import choose_latest
 from .layouts.native import NativeLayout
 from .policy import RetentionPolicy
 from .storage import Storage
@@ -23,7 +25,10 @@ def collect_garbage(storage: Storage, policy: RetentionPolicy, *, tmp_age: float
     layout = NativeLayout()
     infos = [layout.validate(storage, i, full=False) for i in layout.list(storage)]
     valid = {i.step: i for i in infos if i.valid}
-    doomed = policy.to_delete(list(valid), {s: i.metadata for s, i in valid.items()})
+    # Sizes can look right on a damaged checkpoint: the one protected is the newest that passes full checksums.
+    best, _ = choose_latest(list(valid.values()), lambda i: layout.validate(storage, i, full=True))
+    protected = {best.step} if best is not None else set(valid)
+    doomed = policy.to_delete(list(valid), {s: i.metadata for s, i in valid.items()}, protected=protected)
     removed, kept = [], []
     for s in sorted(valid):
         (removed if s in doomed else kept).append(valid[s].path)
@@ -46,9 +51,30 @@ def collect_garbage(storage: Storage, policy: RetentionPolicy, *, tmp_age: float
             removed.extend(abort_uploads(tmp_age, dry_run=dry_run, now=now))
     for e in storage.listdir(""):
         if e.name.startswith(TMP_PREFIX):
-            age = now - (e.mtime if e.mtime is not None else now)
+            # A long write changes the files' mtimes, not the directory's: age is that of the newest entry.
+            mtime = _newest_mtime(storage.local_path(e.name)) if storage.is_local else e.mtime
+            age = now - (mtime if mtime is not None else now)
             if age >= tmp_age:
                 removed.append(storage.join(e.name))
                 if not dry_run:
                     storage.remove_tree(e.name)
     return {"removed": removed, "kept": kept, "dry_run": dry_run}
+
+
+def _newest_mtime(path: Optional[str]) -> Optional[float]:
+    if path is None:
+        return None
+    newest = None
+    for root, _dirs, files in os.walk(path):
+        for name in [root] + [os.path.join(root, f) for f in files]:
+            try:
+                m = os.lstat(name).st_mtime
+            except OSError:
+                continue
+            newest = m if newest is None else max(newest, m)
+    if newest is None:
+        try:
+            newest = os.lstat(path).st_mtime
+        except OSError:
+            return None
+    return newest

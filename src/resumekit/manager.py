@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import functools
 import logging
+import operator
 import os
+import weakref
 import signal
 import sys
 import threading
@@ -38,6 +41,24 @@ from .storage import Storage, open_storage
 from .storage.tiered import TieredStorage
 
 log = logging.getLogger("resumekit")
+_EVENT_FIELDS = frozenset({"time", "event", "source", "pid", "host", "step"})
+
+
+def _atexit_close(ref: "weakref.ReferenceType") -> None:
+    mgr = ref()
+    if mgr is not None:
+        mgr._atexit()
+
+
+def _as_step(step: Any) -> int:
+    """Steps are integers (numpy ints and 0-dim integer tensors are accepted); anything else is a clear error."""
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise ConfigError(f"step must be an integer, got {step!r} ({type(step).__name__})") from None
+    if value < 0:
+        raise ConfigError(f"step must be >= 0, got {value}")
+    return value
 
 
 @dataclass(kw_only=True)
@@ -174,7 +195,10 @@ class CheckpointManager:
             from .distributed import DistributedCheckpointer
 
             self._dist = DistributedCheckpointer(self)
-        atexit.register(self._atexit)
+        # A weak reference: a manager the user dropped without close() must not be kept alive (with its pinned
+        # staging buffers) until exit just for this hook.
+        self._atexit_hook = functools.partial(_atexit_close, weakref.ref(self))
+        atexit.register(self._atexit_hook)
 
     # ------------------------------------------------------------------------------------------------ restore
     def restore(self, state: MutableMapping[str, Any], *, resume: Optional[str] = None,
@@ -305,8 +329,9 @@ class CheckpointManager:
                 except CorruptCheckpointError as e:
                     self._skip(info, e.reason)
             if best is None:
-                raise CheckpointNotFoundError(f"no valid resumekit checkpoint at {path}; pass a step_N directory "
-                                              "or a run directory that holds one")
+                what = ("its manifest.json is missing: that save never finished"
+                        if parse_step_dirname(name) is not None else "pass a step_N directory or a run directory that holds one")
+                raise CheckpointNotFoundError(f"no valid resumekit checkpoint at {path}: {what}")
             return best
         man, tree = read_checkpoint(st, name)
         return CheckpointInfo(step=man.step, name=name, path=st.join(name), layout="native", valid=True,
@@ -341,6 +366,7 @@ class CheckpointManager:
         Also beats the heartbeat and surfaces errors from a background save. After a preemption save the process
         exits with status 0 when ``exit_on_preemption`` is set.
         """
+        step = _as_step(step)
         self.heartbeat.beat(step)
         if self._dist is None:
             # Distributed: a background error surfaces at the next save/wait/close, which join the persist thread
@@ -349,7 +375,8 @@ class CheckpointManager:
         if self.tier is not None:
             self.tier.raise_pending()  # an upload that failed since the last call
         if metrics and self.options.metrics_every and step % self.options.metrics_every == 0:
-            self.events.emit("metrics", step=step, **metadata_jsonable(metrics))
+            fields = {(f"metric_{k}" if k in _EVENT_FIELDS else k): v for k, v in metadata_jsonable(metrics).items()}
+            self.events.emit("metrics", step=step, **fields)
         preempt = self._preempt_flag.is_set()
         due = force or self.options.save_policy.due(step, time.monotonic(), self._last_save_time,
                                                     self.last_saved_step)
@@ -378,6 +405,7 @@ class CheckpointManager:
         """
         if self._closed:
             raise RuntimeError("CheckpointManager is closed")
+        step = _as_step(step)
         t0 = time.perf_counter()
         if self._dist is not None:
             use_async = self.options.async_save if block is None else not block
@@ -386,6 +414,9 @@ class CheckpointManager:
         if self.tier is not None:
             self.tier.raise_pending()  # an upload that failed since the last call
         name = step_dirname(step)
+        # A persist of this very step may still be in flight: let it finish before looking, or the step would be
+        # written twice and the second commit would move the first aside.
+        waited_before = self._persister.wait(raise_error=True)
         if self._already_committed(step, name):
             log.info("step %d is already committed at %s; not saving it again", step, self.storage.join(name))
             self.last_saved_step = step
@@ -401,12 +432,11 @@ class CheckpointManager:
         if use_async:
             if self._staging is None:
                 self._staging = StagingBuffers()
-            waited = self._persister.wait(raise_error=True)
+            waited = waited_before
             tensors = self._staging.snapshot(enc.tensors)
             blocking = time.perf_counter() - t0
             self._persister.submit(lambda: self._persist(step, encoded, tensors, meta, entries, blocking, waited))
         else:
-            self._persister.wait(raise_error=True)
             tensors = to_host(enc.tensors)
             blocking = None
             self._persist(step, encoded, tensors, meta, entries, None, 0.0, t0=t0)
@@ -415,16 +445,16 @@ class CheckpointManager:
         return self.storage.join(name)
 
     def _already_committed(self, step: int, name: str) -> bool:
-        """A valid checkpoint of this step exists (then saving again would only risk it). One found invalid at
-        restore, or failing a full check now, is replaced by the new save."""
-        if not self.storage.exists(f"{name}/{MANIFEST}"):
+        """This run already holds ``step`` (it restored or saved it), so saving it again would only risk it.
+
+        A directory of the same step that this run did not produce (an invalid one, or a left-over of an earlier
+        run started with ``resume="never"``) is replaced by the new save: this run's state is the one to keep.
+        """
+        mine = step == self.last_saved_step or (self.restored_from is not None and self.restored_from.step == step)
+        if not mine or not self.storage.exists(f"{name}/{MANIFEST}"):
             return False
-        if any(s.step == step for s in self.skipped):
-            return False
-        if self.restored_from is not None and self.restored_from.step == step:
-            return True
         info = CheckpointInfo(step=step, name=name, path=self.storage.join(name), layout="native")
-        return bool(self.layout.validate(self.storage, info, full=True).valid)
+        return bool(self.layout.validate(self.storage, info, full=False).valid)
 
     def _persist(self, step: int, encoded: Any, tensors: Dict, meta: Dict, entries: List[str],
                  blocking: Optional[float], waited: float, t0: Optional[float] = None) -> SaveResult:
@@ -513,7 +543,7 @@ class CheckpointManager:
                     signal.signal(signal.SIGTERM, self._old_handler)
                 except (ValueError, TypeError):
                     pass
-            atexit.unregister(self._atexit)
+            atexit.unregister(self._atexit_hook)
 
     def _atexit(self) -> None:
         # A background save failing after the loop ended must not vanish: the exit status says so.

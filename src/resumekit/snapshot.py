@@ -34,7 +34,7 @@ class StagingBuffers:
 
     def snapshot(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}
-        any_cuda = False
+        devices = set()
         for name, t in tensors.items():
             t = t.detach()
             buf = self._bufs.get(name)
@@ -42,11 +42,12 @@ class StagingBuffers:
                 # Pinned memory only pays off (and only exists) for device-to-host copies.
                 buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
                 self._bufs[name] = buf
-            buf.copy_(t, non_blocking=t.is_cuda)
-            any_cuda |= t.is_cuda
+            buf.copy_(t.resolve_conj().resolve_neg(), non_blocking=t.is_cuda)
+            if t.is_cuda:
+                devices.add(t.device)
             out[name] = buf
-        if any_cuda:
-            torch.cuda.synchronize()
+        for dev in devices:  # synchronize() without a device only waits for the current one
+            torch.cuda.synchronize(dev)
         for stale in set(self._bufs) - set(tensors):
             del self._bufs[stale]
         return out
@@ -57,7 +58,7 @@ class StagingBuffers:
 
 def to_host(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The synchronous path: CPU contiguous views where possible (no copy for CPU contiguous tensors)."""
-    return {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    return {k: t.detach().resolve_conj().resolve_neg().cpu().contiguous() for k, t in tensors.items()}
 
 
 class BackgroundPersister:

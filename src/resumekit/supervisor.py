@@ -1090,24 +1090,31 @@ class Supervisor:
                 self._say(f"skipping invalid checkpoint {sk.path}: {sk.reason}")
         if remote_best is None or (local_best is not None and local_best.step >= remote_best.step):
             return local_best
-        t0 = time.monotonic()
-        try:
-            man = copy_step(storage, local, remote_best.name, desc=f"download {remote_best.name}")
-        except CorruptCheckpointError as e:  # changed since it was verified: use what is local, look again later
-            self.log.emit("skip_invalid", step=remote_best.step, path=remote_best.path, reason=e.reason)
-            self._say(f"cannot pre-download {remote_best.path}: {e.reason}")
-            return local_best
-        except OSError as e:
-            raise PrecheckError("remote", f"cannot download {remote_best.path} to {local.join(remote_best.name)}: "
-                                          f"{_one_line(e)}", retry=True) from None
-        secs = time.monotonic() - t0
-        self.log.emit("download", step=remote_best.step, path=remote_best.path, to=local.join(remote_best.name),
-                      bytes=man.total_bytes, seconds=round(secs, 3))
-        self._say(f"downloaded {remote_best.path} to {local.join(remote_best.name)} "
-                  f"({human_bytes(man.total_bytes)} in {secs:.1f} s)")
-        info = CheckpointInfo(step=remote_best.step, name=remote_best.name, path=local.join(remote_best.name),
-                              layout="native")
-        return layout.validate(local, info, full=False)
+        # Newest first; one that fails verification on the way down is skipped like any invalid checkpoint.
+        floor = local_best.step if local_best is not None else -1
+        for cand in sorted((i for i in layout.list(storage) if floor < i.step <= remote_best.step),
+                           key=lambda i: i.step, reverse=True):
+            t0 = time.monotonic()
+            try:
+                man = copy_step(storage, local, cand.name, desc=f"download {cand.name}")
+            except CorruptCheckpointError as e:
+                key = (cand.path, e.reason)
+                if key not in self._skips_logged:
+                    self._skips_logged.add(key)
+                    self.log.emit("skip_invalid", step=cand.step, path=cand.path, layout="native", reason=e.reason)
+                    self._say(f"skipping invalid checkpoint {cand.path}: {e.reason}")
+                continue
+            except OSError as e:
+                raise PrecheckError("remote", f"cannot download {cand.path} to {local.join(cand.name)}: "
+                                              f"{_one_line(e)}", retry=True) from None
+            secs = time.monotonic() - t0
+            self.log.emit("download", step=cand.step, path=cand.path, to=local.join(cand.name),
+                          bytes=man.total_bytes, seconds=round(secs, 3))
+            self._say(f"downloaded {cand.path} to {local.join(cand.name)} ({human_bytes(man.total_bytes)} in "
+                      f"{secs:.1f} s)")
+            info = CheckpointInfo(step=cand.step, name=cand.name, path=local.join(cand.name), layout="native")
+            return layout.validate(local, info, full=False)
+        return local_best
 
     def _open_storage(self):
         from .storage import open_storage
@@ -1127,7 +1134,10 @@ class Supervisor:
 
         try:
             layout = resolve_layout(storage, self.opts.layout)
-            best, skipped = layout.latest(storage, full=True)
+            # With a local tier the newest remote checkpoint is verified while it is pre-downloaded: hashing it
+            # here as well would read it from the remote twice.
+            full = not (self.opts.local_tier and layout.name == "native")
+            best, skipped = layout.latest(storage, full=full)
         except OSError as e:
             raise PrecheckError("checkpoint", f"cannot list checkpoints under {storage.uri}: {_one_line(e)}",
                                 retry=self.remote) from None

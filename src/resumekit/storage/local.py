@@ -163,6 +163,9 @@ class LocalStorage(Storage):
 
     def remove_tree(self, rel: str) -> None:
         path = self.join(rel)
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            os.unlink(path)  # a stray file or link: nothing to hide while deleting
+            return
         if not os.path.exists(path):
             return
         # Rename first so a half-deleted directory is never taken for a checkpoint.

@@ -26,7 +26,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import CheckpointWriteError, ConfigError, CorruptCheckpointError
 from ..events import EventLog
