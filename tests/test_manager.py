@@ -510,3 +510,11 @@ def test_gc_protects_the_newest_fully_valid_checkpoint(tmp_path):
     CliRunner().invoke(main, ["gc", str(tmp_path), "--keep-last", "1"], catch_exceptions=False)
     assert (tmp_path / step_dirname(4)).exists()
     assert CheckpointManager(str(tmp_path)).restore(make_training()) == 4
+
+
+def test_supervisor_resume_never_is_honoured(tmp_path, monkeypatch):
+    saved_run(tmp_path, steps=4, every=4)
+    monkeypatch.setenv("RESUMEKIT_RESUME", "never")
+    assert CheckpointManager(str(tmp_path)).restore(make_training()) == 0
+    monkeypatch.setenv("RESUMEKIT_RESUME", "auto")
+    assert CheckpointManager(str(tmp_path)).restore(make_training()) == 4

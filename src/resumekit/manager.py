@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence
 from .checkpoint import SaveResult, read_checkpoint, write_checkpoint
 from .codec import TreeEncoder
 from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
-from .events import ENV_RESUME_FROM, EventLog, Heartbeat
+from .events import ENV_RESUME_FROM, ENV_RESUME_MODE, EventLog, Heartbeat
 from .format import MANIFEST, TMP_PREFIX, metadata_jsonable, parse_step_dirname, step_dirname
 from .layouts.base import CheckpointInfo, order_by_step
 from .layouts.native import NativeLayout
@@ -220,6 +220,8 @@ class CheckpointManager:
         t0 = time.perf_counter()
         strict = self.options.strict if strict is None else strict
         mode = resume or self.options.resume
+        if mode == "auto" and os.environ.get(ENV_RESUME_MODE) == "never":
+            mode = "never"  # `resumekit run --resume never`
         if self._dist is not None:
             return self._dist.restore(state, mode=mode, only=only, strict=strict, t0=t0)
         self._clean_stale_tmp()

@@ -70,6 +70,7 @@ from .events import (
     ENV_LOCAL_TIER,
     ENV_RESTART_COUNT,
     ENV_RESUME_FROM,
+    ENV_RESUME_MODE,
     EVENTS_FILE,
     HEARTBEAT_FILE,
     EventLog,
@@ -1333,8 +1334,13 @@ class Supervisor:
         env[ENV_DIR] = self.local_dir or self.directory or ""
         env[ENV_HEARTBEAT] = self.heartbeat_path
         env[ENV_EVENTS] = self.events_path
+        env[ENV_RESUME_MODE] = "never" if self.opts.resume == "never" else "auto"
         if self.opts.local_tier:
             env[ENV_LOCAL_TIER] = self.opts.local_tier
+        if any(os.path.basename(str(a)) == "torchrun" or str(a) == "torch.distributed.run" for a in self.opts.command):
+            # torch 2.x elastic restarts can reuse the previous attempt's rendezvous store and fail to connect
+            # (pytorch#135712); a fresh store per restart avoids it.
+            env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
         return env
 
     def _clear_heartbeat(self) -> None:
