@@ -36,6 +36,7 @@ _EXPORTS = {
     "CheckpointWriteError": "errors",
     "ConfigError": "errors",
     "StorageError": "errors",
+    "RemoteTransferError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
