@@ -1,7 +1,6 @@
 """Acceptance: a job SIGKILLed at random steps (some inside a save), restarted and resumed, ends bitwise equal to a
 straight run: model, optimizer, scheduler, scaler, data position, every RNG, and the batch seen at every step."""
 
-import os
 import random
 import subprocess
 import sys

@@ -16,9 +16,8 @@ import torch
 
 from .codec import decode, dumps_tree, map_tensors, read_tensors, write_tensors
 from .errors import CheckpointWriteError, CorruptCheckpointError
-from .format import (MANIFEST, TENSORS_FILE, TREE_FILE, FileEntry, Manifest, new_hasher, parse_step_dirname,
-                     step_dirname)
-from .layouts.native import read_manifest
+from .format import MANIFEST, TENSORS_FILE, TREE_FILE, FileEntry, Manifest, new_hasher, step_dirname
+from .layouts.native import check_checkpoint
 from .storage import Storage
 
 # Test hook: seconds to pause between the files of a save, so a fault test can SIGKILL a process while a save is
@@ -93,23 +92,12 @@ def read_checkpoint(storage: Storage, name: str, mapped: Optional[bool] = None) 
         CorruptCheckpointError: anything missing, truncated, altered or malformed.
     """
     where = storage.join(name)
-    man = read_manifest(storage, name)
-    dir_step = parse_step_dirname(name.rsplit("/", 1)[-1])
-    if dir_step is not None and dir_step != man.step:
-        raise CorruptCheckpointError(where, f"manifest says step {man.step} but the directory is step {dir_step} "
-                                            "(copied or renamed by hand?)")
+    man = check_checkpoint(storage, name, full=False)  # manifest, step, every file's presence and size
     for rel in (TENSORS_FILE, TREE_FILE):
         if rel not in man.files:
             hint = (" (a sharded checkpoint: restore it with CheckpointManager(..., distributed=True) under "
                     "torchrun, or resumekit.distributed.read_sharded)") if "distributed.json" in man.files else ""
             raise CorruptCheckpointError(where, f"manifest does not list {rel}{hint}")
-    for rel, ent in man.files.items():
-        try:
-            size = storage.size(f"{name}/{rel}")
-        except FileNotFoundError:
-            raise CorruptCheckpointError(where, f"{rel} is missing") from None
-        if size != ent.size:
-            raise CorruptCheckpointError(where, f"{rel} has {size} bytes, manifest says {ent.size} (truncated?)")
     ent = man.files[TENSORS_FILE]
     h = new_hasher()
     local = storage.local_path(f"{name}/{TENSORS_FILE}")

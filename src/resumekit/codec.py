@@ -13,8 +13,9 @@ import base64
 import json
 import math
 import mmap
-import os
+import queue
 import struct
+import threading
 import warnings
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
@@ -192,18 +193,62 @@ def build_header(items: List[Tuple[str, torch.Tensor]]) -> Tuple[bytes, int]:
 
 
 def write_tensors(f: BinaryIO, tensors: Dict[str, torch.Tensor], hasher) -> int:
-    """Stream tensors (contiguous CPU) to ``f`` in the safetensors layout; returns bytes written."""
+    """Stream tensors (contiguous CPU) to ``f`` in the safetensors layout; returns bytes written.
+
+    For large states the checksum runs on a helper thread, one chunk behind the writes (xxh3 and file writes both
+    release the GIL), so hashing adds next to nothing to the write time.
+    """
     items = ordered(tensors)
     prefix, data_size = build_header(items)
     f.write(prefix)
     hasher.update(prefix)
-    for _, t in items:
-        mv = tensor_bytes(t)
-        for i in range(0, len(mv), _IO_CHUNK):
-            chunk = mv[i:i + _IO_CHUNK]
-            hasher.update(chunk)
-            f.write(chunk)
+    pipe = _HashPipe(hasher) if data_size >= _PIPELINE_MIN else None
+    update = pipe.update if pipe is not None else hasher.update
+    try:
+        for _, t in items:
+            mv = tensor_bytes(t)
+            for i in range(0, len(mv), _WRITE_CHUNK):
+                chunk = mv[i:i + _WRITE_CHUNK]
+                update(chunk)
+                f.write(chunk)
+    finally:
+        if pipe is not None:
+            pipe.finish()
     return len(prefix) + data_size
+
+
+_WRITE_CHUNK = 16 << 20
+_PIPELINE_MIN = 64 << 20
+
+
+class _HashPipe:
+    """Feeds chunks to a hasher on a worker thread, in order; ``finish`` waits until all are hashed."""
+
+    def __init__(self, hasher) -> None:
+        self._hasher = hasher
+        self._queue: "queue.Queue" = queue.Queue(maxsize=4)  # bounded: never far ahead of the writes
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="resumekit-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                return
+            try:
+                self._hasher.update(chunk)
+            except BaseException as e:  # noqa: BLE001 - re-raised by finish()
+                self._error = e
+
+    def update(self, chunk) -> None:
+        self._queue.put(chunk)
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _readinto_exact(f: BinaryIO, mv: memoryview, where: str) -> None:

@@ -275,13 +275,19 @@ def run_demo(directory: str, crashes: int = 6, steps: int = 300, seed: Optional[
                 ("steps redone", stats.steps_redone), ("steps", steps),
                 ("supervisor exit code", stats.exit_code),
                 ("time straight / with kills", f"{t_straight:.1f}s / {t_crashy:.1f}s")]
-        print("\nresumekit demo: train straight, then again under `resumekit run` with random SIGKILLs")
-        for k, v in rows:
-            print(f"  {k:<32} {v}")
-        print(f"  {'final state bitwise identical':<32} {'yes' if not diffs else 'NO: ' + ', '.join(diffs[:5])}")
-        print(f"  {'same batch at every step':<32} {'yes' if batches_equal else 'NO'}")
-        print("PASS" if ok else "FAIL")
+        print_table("train straight, then again under `resumekit run` with random SIGKILLs", rows, diffs,
+                    ("same batch at every step", batches_equal), ok)
     return 0 if ok else 1
+
+
+def print_table(title: str, rows: List[tuple], diffs: List[str], batches: tuple, ok: bool) -> None:
+    """The demo's human summary: counters, then the two verdicts, then PASS/FAIL."""
+    print(f"\nresumekit demo: {title}")
+    for k, v in rows:
+        print(f"  {k:<32} {v}")
+    print(f"  {'final state bitwise identical':<32} {'yes' if not diffs else 'NO: ' + ', '.join(diffs[:5])}")
+    print(f"  {batches[0]:<32} {'yes' if batches[1] else 'NO'}")
+    print("PASS" if ok else "FAIL")
 
 
 def _worker_main(argv: Optional[List[str]] = None) -> None:

@@ -365,13 +365,10 @@ def run_distributed_demo(directory: str, *, nproc: int, crashes: int = 4, steps:
                 ("checkpoints skipped as invalid", stats.skipped_invalid), ("steps", steps),
                 ("exit code", stats.exit_code),
                 ("time straight / with kills", f"{t_straight:.1f}s / {t_crashy:.1f}s")]
-        print(f"\nresumekit demo: {nproc}-process DDP under torchrun, straight, then again under "
-              "`resumekit run -- torchrun` with random worker SIGKILLs")
-        for k, v in rows:
-            print(f"  {k:<32} {v}")
-        print(f"  {'final state bitwise identical':<32} {'yes' if not diffs else 'NO: ' + ', '.join(diffs[:5])}")
-        print(f"  {'same batch at every step/rank':<32} {'yes' if batches_equal else 'NO'}")
-        print("PASS" if ok else "FAIL")
+        from .demo import print_table
+
+        print_table(f"{nproc}-process DDP under torchrun, straight, then again under `resumekit run -- torchrun` "
+                    "with random worker SIGKILLs", rows, diffs, ("same batch at every step/rank", batches_equal), ok)
     return 0 if ok else 1
 
 

@@ -1,7 +1,5 @@
 """Child of the kill-during-save torture test: saves forever; each step's tensors are filled with the step number."""
 
-import os
-import sys
 
 
 def expected_value(step: int) -> float:
