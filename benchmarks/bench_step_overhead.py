@@ -21,10 +21,10 @@ def make(width: int, layers: int):
     return model, opt
 
 
-def loop(model, opt, steps: int, batch: int, width: int, mgr=None) -> float:
+def loop(model, opt, steps: int, batch: int, width: int, mgr=None, start: int = 0) -> float:
     x = torch.randn(batch, width)
     t = time.perf_counter()
-    for step in range(1, steps + 1):
+    for step in range(start + 1, start + steps + 1):
         loss = model(x).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -48,7 +48,8 @@ def run(model_mb: int, steps: int, every: int, directory: str, batch: int, async
     mgr = CheckpointManager(directory, every_steps=every, keep_last=2, async_save=async_save, handle_sigterm=False,
                             metrics_every=0)
     loop(model, opt, every, batch, width, mgr)  # first save allocates the staging buffers once
-    with_ckpt = [loop(model, opt, steps, batch, width, mgr) for _ in range(2)]
+    # global step numbers keep growing: every loop saves at its multiples of `every`
+    with_ckpt = [loop(model, opt, steps, batch, width, mgr, start=every + i * steps) for i in range(2)]
     mgr.close()
     shutil.rmtree(directory, ignore_errors=True)
     state_bytes = sum(p.numel() * 4 for p in model.parameters()) * 3
@@ -67,8 +68,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dir", default="bench-out/overhead")
     p.add_argument("--sync", action="store_true", help="synchronous saves, for comparison")
+    p.add_argument("--threads", type=int, default=0, help="torch compute threads (0: torch's default)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     res = run(a.model_mb, a.steps, a.every, a.dir, a.batch, async_save=not a.sync)
+    res["threads"] = torch.get_num_threads()
+    res["async"] = not a.sync
     print(json.dumps({"bench": "step_overhead", **{k: (round(v, 4) if isinstance(v, float) else v)
                                                     for k, v in res.items()}}))
 
