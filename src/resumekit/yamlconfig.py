@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -334,26 +333,11 @@ def _value_span(line: str, key_col: int) -> Tuple[int, int, Optional[str]]:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    from .storage.local import fsync_dir
+    """Replace the YAML atomically, keeping its permission bits."""
+    from .storage.local import atomic_write
 
-    d = os.path.dirname(path) or "."
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         mode = os.stat(path).st_mode & 0o7777
     except OSError:
         mode = None
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(d)
+    atomic_write(path, text.encode("utf-8"), mode=mode)

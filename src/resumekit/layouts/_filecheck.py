@@ -29,7 +29,7 @@ from ..errors import CorruptCheckpointError
 from ..format import Manifest
 from ..storage import Entry, Storage
 from .base import CheckpointInfo, invalid
-from .native import hash_file
+from .native import check_checkpoint
 
 #: file name of the resumekit manifest written into foreign checkpoint directories (see integrations/hf.py)
 FOREIGN_MANIFEST = "resumekit.manifest.json"
@@ -317,24 +317,10 @@ def check_dcp_dir(storage: Storage, rel: str, where: str, shown: Optional[str] =
 def check_foreign_manifest(storage: Storage, name: str, where: str, full: bool,
                            step: Optional[int] = None) -> Manifest:
     """Verify a foreign checkpoint against the resumekit manifest written into it (sizes; xxh3 when ``full``)."""
-    data = storage.read_bytes(join(name, FOREIGN_MANIFEST))
-    man = Manifest.from_json(data, where)
-    if step is not None and man.step != step:
-        raise fail(where, f"{FOREIGN_MANIFEST} says step {man.step} but the directory is step {step}")
-    for rel, ent in man.files.items():
-        try:
-            size = storage.size(join(name, rel))
-        except FileNotFoundError:
-            raise fail(where, f"{rel} is missing (listed in {FOREIGN_MANIFEST})") from None
-        if size != ent.size:
-            raise fail(where, f"{rel} has {size} bytes, {FOREIGN_MANIFEST} says {ent.size} (truncated?)")
-    if full:
-        for rel, ent in man.files.items():
-            _, digest = hash_file(storage, join(name, rel))
-            if digest != ent.xxh3:
-                raise fail(where, f"{rel} checksum mismatch (xxh3 {digest} != {ent.xxh3}): the file was altered "
-                                  "or damaged")
-    return man
+    try:
+        return check_checkpoint(storage, name, full=full, manifest=FOREIGN_MANIFEST, step=step)
+    except CorruptCheckpointError as e:
+        raise fail(where, e.reason) from None
 
 
 def sha256_file(storage: Storage, rel: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import List
+from typing import List, Optional
 
 from ..errors import CorruptCheckpointError
 from ..format import MANIFEST, Manifest, new_hasher, parse_step_dirname
@@ -13,13 +13,13 @@ from .base import CheckpointInfo, Layout, invalid
 _CHUNK = 8 << 20
 
 
-def read_manifest(storage: Storage, name: str) -> Manifest:
-    """Load and validate ``name/manifest.json``; a missing or bad one is a CorruptCheckpointError."""
+def read_manifest(storage: Storage, name: str, manifest: str = MANIFEST) -> Manifest:
+    """Load and validate ``name/<manifest>``; a missing or bad one is a CorruptCheckpointError."""
     where = storage.join(name)
     try:
-        data = storage.read_bytes(f"{name}/{MANIFEST}")
+        data = storage.read_bytes(f"{name}/{manifest}")
     except FileNotFoundError:
-        raise CorruptCheckpointError(where, "manifest.json is missing (the save never finished)") from None
+        raise CorruptCheckpointError(where, f"{manifest} is missing (the save never finished)") from None
     return Manifest.from_json(data, where)
 
 
@@ -37,20 +37,29 @@ def hash_file(storage: Storage, rel: str) -> tuple:
     return n, h.hexdigest()
 
 
-def check_checkpoint(storage: Storage, name: str, full: bool = True) -> Manifest:
-    """Verify a native checkpoint against its manifest; raises CorruptCheckpointError with the reason."""
+def check_checkpoint(storage: Storage, name: str, full: bool = True, manifest: str = MANIFEST,
+                     step: Optional[int] = None) -> Manifest:
+    """Verify a checkpoint against its resumekit manifest; raises CorruptCheckpointError with the reason.
+
+    Args:
+        manifest: the manifest's file name (foreign layouts carry ours under another name).
+        step: the step the checkpoint must have (default: parsed from a ``step_N`` directory name).
+    """
     where = storage.join(name)
-    man = read_manifest(storage, name)
-    step = parse_step_dirname(name.rsplit("/", 1)[-1])
+    man = read_manifest(storage, name, manifest)
+    said = "manifest" if manifest == MANIFEST else manifest
+    if step is None:
+        step = parse_step_dirname(name.rsplit("/", 1)[-1])
     if step is not None and step != man.step:
-        raise CorruptCheckpointError(where, f"manifest says step {man.step} but the directory is step {step}")
+        raise CorruptCheckpointError(where, f"{said} says step {man.step} but the directory is step {step}")
+    listed = "" if manifest == MANIFEST else f" (listed in {manifest})"
     for rel, ent in man.files.items():
         try:
             size = storage.size(f"{name}/{rel}")
         except FileNotFoundError:
-            raise CorruptCheckpointError(where, f"{rel} is missing") from None
+            raise CorruptCheckpointError(where, f"{rel} is missing{listed}") from None
         if size != ent.size:
-            raise CorruptCheckpointError(where, f"{rel} has {size} bytes, manifest says {ent.size} (truncated?)")
+            raise CorruptCheckpointError(where, f"{rel} has {size} bytes, {said} says {ent.size} (truncated?)")
     if full:
         for rel, ent in man.files.items():
             _, digest = hash_file(storage, f"{name}/{rel}")

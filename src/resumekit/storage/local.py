@@ -67,6 +67,26 @@ class _DurableFile:
                 pass
 
 
+def atomic_write(path: str, data: bytes, mode: Optional[int] = None) -> None:
+    """Replace ``path`` with ``data`` atomically and durably: temp file, fsync, rename, fsync the directory."""
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with _DurableFile(tmp) as f:
+            f.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(d)
+
+
 class LocalTransaction(Transaction):
     def __init__(self, storage: "LocalStorage", name: str, tmp_name: str):
         self.storage = storage
@@ -184,21 +204,7 @@ class LocalStorage(Storage):
         fsync_dir(self.root)
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
-        path = self.join(rel)
-        d = os.path.dirname(path)
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with _DurableFile(tmp) as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        fsync_dir(d)
+        atomic_write(self.join(rel), data)
 
     def free_bytes(self) -> Optional[int]:
         try:
