@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
-import functools
 import logging
 import operator
 import os
-import weakref
 import signal
 import sys
 import threading
@@ -42,12 +40,6 @@ from .storage.tiered import TieredStorage
 
 log = logging.getLogger("resumekit")
 _EVENT_FIELDS = frozenset({"time", "event", "source", "pid", "host", "step"})
-
-
-def _atexit_close(ref: "weakref.ReferenceType") -> None:
-    mgr = ref()
-    if mgr is not None:
-        mgr._atexit()
 
 
 def _as_step(step: Any) -> int:
@@ -195,9 +187,9 @@ class CheckpointManager:
             from .distributed import DistributedCheckpointer
 
             self._dist = DistributedCheckpointer(self)
-        # A weak reference: a manager the user dropped without close() must not be kept alive (with its pinned
-        # staging buffers) until exit just for this hook.
-        self._atexit_hook = functools.partial(_atexit_close, weakref.ref(self))
+        # A strong reference on purpose: a manager dropped without close() still drains its background save at
+        # exit, and a failure there still sets the exit status (its staging buffers live until then).
+        self._atexit_hook = self._atexit
         atexit.register(self._atexit_hook)
 
     # ------------------------------------------------------------------------------------------------ restore

@@ -12,7 +12,6 @@ counted in the save's blocking time and reported, so a too-short interval shows 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Callable, Dict, Optional
@@ -62,18 +61,6 @@ def to_host(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: t.detach().resolve_conj().resolve_neg().cpu().contiguous() for k, t in tensors.items()}
 
 
-def _lower_priority() -> None:
-    """Give the persist thread (and the hash thread it starts) the lowest CPU priority.
-
-    On Linux nice values are per thread: the training threads keep the cores, and the persist, which mostly waits
-    on the device anyway, takes what is left. Measured with benchmarks/bench_step_overhead.py.
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass  # not Linux, or not permitted: run at normal priority
-
-
 class BackgroundPersister:
     """At most one background job in flight; its exception is kept until someone asks."""
 
@@ -92,7 +79,6 @@ class BackgroundPersister:
         waited = self.wait(raise_error=True)
 
         def run() -> None:
-            _lower_priority()
             try:
                 job()
             except BaseException as e:  # noqa: BLE001 - stored and re-raised on the training thread
