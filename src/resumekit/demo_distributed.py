@@ -83,6 +83,8 @@ def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save
     mgr.save(steps, state, block=True)  # the final state both runs are compared on
     mgr.close()
     progress.close()
+    # every rank done with every group before any tears its gloo pairs down (teardown races abort)
+    dist.barrier()
     dist.destroy_process_group()
 
 

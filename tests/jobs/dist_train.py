@@ -142,6 +142,8 @@ def main(argv=None) -> None:
         with open(os.path.join(a.dir, f"restored_{suffix}.json"), "w") as f:
             json.dump({"step": step, "world": world, "next": seen, "full": full_digest(state), **restored}, f)
         mgr.close()
+        # every rank done with every group before any tears its gloo pairs down (teardown races abort)
+        dist.barrier()
         dist.destroy_process_group()
         return
 
@@ -181,6 +183,8 @@ def main(argv=None) -> None:
     with open(os.path.join(a.dir, f"final_{suffix}.json"), "w") as f:
         json.dump(fingerprint(state), f, indent=1)
     progress.close()
+    # every rank done with every group before any tears its gloo pairs down (teardown races abort)
+    dist.barrier()
     dist.destroy_process_group()
 
 
