@@ -38,3 +38,15 @@ def test_demo_command_passes(tmp_path):
 
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["identical"] and out["kills"] == 2 and out["kills_mid_save"] >= 1
+
+
+def test_tree_diff_finds_every_kind_of_difference():
+    import numpy as np
+    import torch
+
+    from resumekit.demo import tree_diff
+
+    a = {"t": torch.tensor([0.0, float("nan")]), "l": [1, 2], "n": np.arange(3), "x": float("nan")}
+    assert tree_diff(a, {**a}) == []
+    b = {"t": torch.tensor([-0.0, float("nan")]), "l": [1], "n": np.arange(1, 4), "x": 1.0, "extra": 1}
+    assert sorted(tree_diff(a, b)) == [" (keys)", "/l (length)", "/n", "/t", "/x"]

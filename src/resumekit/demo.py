@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from .events import iter_events
+
 PROGRESS = "progress.jsonl"
 
 
@@ -78,16 +80,11 @@ def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save
 
 
 # ----------------------------------------------------------------------------------------- comparison
-def compare_final(a: str, b: str, step: int) -> List[str]:
-    """Keys whose values differ between the two runs' final checkpoints (empty: bitwise identical)."""
+def tree_diff(x: Any, y: Any, path: str = "") -> List[str]:
+    """Paths where two decoded state trees differ; tensors compare by bytes, NaN equals NaN (empty: identical)."""
+    import numpy as np
     import torch
 
-    from .checkpoint import read_checkpoint
-    from .format import step_dirname
-    from .storage import open_storage
-
-    _, ta = read_checkpoint(open_storage(a, create=False), step_dirname(step))
-    _, tb = read_checkpoint(open_storage(b, create=False), step_dirname(step))
     diffs: List[str] = []
 
     def walk(x: Any, y: Any, path: str) -> None:
@@ -106,33 +103,30 @@ def compare_final(a: str, b: str, step: int) -> List[str]:
                 diffs.append(f"{path} (length)")
             for i, (u, v) in enumerate(zip(x, y)):
                 walk(u, v, f"{path}/{i}")
-        else:
-            import numpy as np
-
-            if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
-                if not np.array_equal(x, y):
-                    diffs.append(path)
-            elif x != y and not (x != x and y != y):  # NaN == NaN for this purpose
+        elif isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            if not np.array_equal(x, y):
                 diffs.append(path)
+        elif x != y and not (x != x and y != y):  # NaN == NaN for this purpose
+            diffs.append(path)
 
-    walk(ta, tb, "")
-    return sorted(diffs)
+    walk(x, y, path)
+    return diffs
+
+
+def compare_final(a: str, b: str, step: int) -> List[str]:
+    """Keys whose values differ between the two runs' final checkpoints (empty: bitwise identical)."""
+    from .checkpoint import read_checkpoint
+    from .format import step_dirname
+    from .storage import open_storage
+
+    _, ta = read_checkpoint(open_storage(a, create=False), step_dirname(step))
+    _, tb = read_checkpoint(open_storage(b, create=False), step_dirname(step))
+    return sorted(tree_diff(ta, tb))
 
 
 def batch_sequence(directory: str) -> Dict[int, str]:
     """step -> batch hash, the last record winning (a redone step after a kill overwrites the lost one)."""
-    seq: Dict[int, str] = {}
-    try:
-        with open(os.path.join(directory, PROGRESS)) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # torn by a kill
-                seq[rec["step"]] = rec["batch"]
-    except FileNotFoundError:
-        pass
-    return seq
+    return {rec["step"]: rec["batch"] for rec in iter_events(os.path.join(directory, PROGRESS))}
 
 
 # ---------------------------------------------------------------------------------------- crash loop
@@ -163,16 +157,8 @@ def _count_events(directory: str, kind: str) -> int:
 def _progress_pids(directory: str) -> List[tuple]:
     """(pid, first step, last step) of each attempt, in start order, from the progress log."""
     order: Dict[int, List[int]] = {}
-    try:
-        with open(os.path.join(directory, PROGRESS)) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                order.setdefault(rec["pid"], []).append(rec["step"])
-    except FileNotFoundError:
-        pass
+    for rec in iter_events(os.path.join(directory, PROGRESS)):  # JSONL reader that skips lines torn by a kill
+        order.setdefault(rec["pid"], []).append(rec["step"])
     return [(pid, min(v), max(v)) for pid, v in order.items()]
 
 

@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .events import iter_events
+
 PROGRESS_GLOB = "progress_rank"  # progress_rank{R}.jsonl: {"step", "rank", "pid", "batch", ...} per step
 SAVING_PREFIX = ".tmp-step_"
 
@@ -91,44 +93,14 @@ def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save
 # ----------------------------------------------------------------------------------------- comparison
 def compare_final(a: str, b: str, step: int) -> List[str]:
     """What differs between two runs' final sharded checkpoints (empty: bitwise identical)."""
-    import numpy as np
-    import torch
-
     from .distributed import read_sharded
     from .format import step_dirname
 
     _, ta, ra = read_sharded(os.path.join(a, step_dirname(step)))
     _, tb, rb = read_sharded(os.path.join(b, step_dirname(step)))
-    diffs: List[str] = []
+    from .demo import tree_diff
 
-    def same_tensor(x: Any, y: Any) -> bool:
-        return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
-                and x.shape == y.shape
-                and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)))
-
-    def walk(x: Any, y: Any, path: str) -> None:
-        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            if not same_tensor(x, y):
-                diffs.append(path)
-        elif isinstance(x, dict) and isinstance(y, dict):
-            if set(x) != set(y):
-                diffs.append(f"{path} (keys)")
-            for k in set(x) & set(y):
-                walk(x[k], y[k], f"{path}/{k}")
-        elif isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
-            if len(x) != len(y):
-                diffs.append(f"{path} (length)")
-            for i, (u, v) in enumerate(zip(x, y)):
-                walk(u, v, f"{path}/{i}")
-        elif isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
-            if not np.array_equal(x, y):
-                diffs.append(path)
-        elif x != y and not (x != x and y != y):  # NaN == NaN for this purpose
-            diffs.append(path)
-
-    walk(ta, tb, "shards")
-    walk(ra, rb, "ranks")
-    return sorted(diffs)
+    return sorted(tree_diff(ta, tb, "shards") + tree_diff(ra, rb, "ranks"))
 
 
 def read_progress(directory: str) -> Dict[int, List[Dict[str, Any]]]:
@@ -137,13 +109,8 @@ def read_progress(directory: str) -> Dict[int, List[Dict[str, Any]]]:
     for name in sorted(os.listdir(directory)):
         if not (name.startswith(PROGRESS_GLOB) and name.endswith(".jsonl")):
             continue
-        with open(os.path.join(directory, name)) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                out.setdefault(int(rec["rank"]), []).append(rec)
+        for rec in iter_events(os.path.join(directory, name)):  # skips a line torn by a kill
+            out.setdefault(int(rec["rank"]), []).append(rec)
     return out
 
 
