@@ -2,7 +2,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU build of PyTorch: a bare `torch` would pull a multi-GB CUDA build.
+# `pip install torch==2.13.0` gives the CPU build on this project's machines only because they carry a local wheel
+# folder with it; on an ordinary machine it installs the platform default (the CUDA build on Linux, several GB).
 TORCH_PIN := torch==2.13.0
 
 .PHONY: demo test bench venv dev clean

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 
 def _write_loop(directory, tensors, stop, done_bytes, start_step):
-    from resumekit.checkpoint import write_checkpoint
+    from resumekit.checkpointers.native import write_checkpoint
     from resumekit.storage import LocalStorage
 
     st = LocalStorage(directory)

@@ -219,8 +219,8 @@ def set_mtime(path: str, t: float) -> None:
 
 def foreign_manifest(ckpt_dir: str, step: int) -> str:
     from resumekit.format import FileEntry, Manifest
-    from resumekit.layouts._filecheck import FOREIGN_MANIFEST
-    from resumekit.layouts.native import hash_file
+    from resumekit.layouts.checks import FOREIGN_MANIFEST
+    from resumekit.verify import hash_file
     from resumekit.storage import LocalStorage
 
     st = LocalStorage(ckpt_dir, create=False)

@@ -102,8 +102,8 @@ def _file(tensors):
 
 @pytest.mark.parametrize("mutate,msg", [
     (lambda b: b[:-3], "header describes"),
-    (lambda b: b[:5], "shorter than its 8-byte"),
-    (lambda b: b"\xff" * 8 + b[8:], "header claims"),
+    (lambda b: b[:5], "shorter than the 8-byte"),
+    (lambda b: b"\xff" * 8 + b[8:], "header length"),
     (lambda b: b[:8] + b"x" + b[9:], "not valid JSON"),
     (lambda b: (8).to_bytes(8, "little") + b"[1]     ", "not an object"),
 ])

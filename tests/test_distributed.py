@@ -33,8 +33,8 @@ import torch
 from conftest import REPO, assert_same, make_training, state_tensors, train_steps
 from resumekit import CheckpointManager, CorruptCheckpointError
 from resumekit.data import ResumableSampler
-from resumekit.demo_distributed import (batch_sequences, compare_final, run_torchrun_with_kills, torchrun_cmd,
-                                        torchrun_env)
+from resumekit.demo.distributed import (batch_sequences, compare_final, run_torchrun_with_kills, torchrun_cmd,
+                                         torchrun_env)
 from resumekit.distributed import DCP_METADATA, MetadataUnpickler, read_sharded
 from resumekit.format import MANIFEST, Manifest, new_hasher, step_dirname
 

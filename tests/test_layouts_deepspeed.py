@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import layout_fixtures as F
 from resumekit.cli import main
 from resumekit.layouts import detect_layout, get_layout
-from resumekit.layouts._filecheck import NOT_SCALAR, scan_pickle_scalars
+from resumekit.layouts.checks import NOT_SCALAR, scan_pickle_scalars
 from resumekit.layouts.deepspeed import tag_step
 from resumekit.storage import open_storage
 

@@ -327,7 +327,7 @@ def test_async_checkpoint_is_byte_identical_to_sync(tmp_path):
 
 
 def test_mutation_after_async_save_does_not_leak(tmp_path, monkeypatch):
-    from resumekit import checkpoint
+    from resumekit.checkpointers import native as checkpoint
 
     gate = __import__("threading").Event()
     orig = checkpoint.write_tensors

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as hs
 
 from resumekit.errors import RemoteTransferError, StorageError
 from resumekit.format import MANIFEST
@@ -21,9 +23,12 @@ from resumekit.storage.remote import (
     TRANSIENT,
     RemoteOptions,
     RemoteStorage,
-    backoff_delay,
     classify,
+    transfer_backoff,
 )
+from resumekit.storage.remote.options import parse_uri
+from resumekit.storage.remote.retry import permanent_error
+from resumekit.storage.remote.writer import part_size_for
 
 
 def client_error(code: str, status: int):
@@ -61,9 +66,45 @@ def test_network_errors_are_transient():
 
 
 def test_backoff_grows_and_is_capped():
-    assert backoff_delay(1, 0.2, 8, 0.0) == 0.1 and backoff_delay(1, 0.2, 8, 1.0) == 0.2
-    assert backoff_delay(3, 0.2, 8, 1.0) == pytest.approx(0.8)
-    assert backoff_delay(30, 0.2, 8, 1.0) == 8
+    assert transfer_backoff(1, 0.2, 8, 0.0) == 0.1 and transfer_backoff(1, 0.2, 8, 1.0) == 0.2
+    assert transfer_backoff(3, 0.2, 8, 1.0) == pytest.approx(0.8)
+    assert transfer_backoff(30, 0.2, 8, 1.0) == 8
+
+
+@given(attempt=hs.integers(1, 60), base=hs.floats(0, 10), cap=hs.floats(0, 60), rand=hs.floats(0, 1))
+def test_backoff_jitters_the_upper_half_and_never_passes_the_cap(attempt, base, cap, rand):
+    full = min(cap, base * 2 ** (attempt - 1))
+    d = transfer_backoff(attempt, base, cap, rand)
+    assert full / 2 - 1e-9 <= d <= full + 1e-9 and d <= cap + 1e-9
+    assert transfer_backoff(attempt, base, cap, 0.0) <= d <= transfer_backoff(attempt, base, cap, 1.0)
+
+
+def test_uris_name_a_bucket_and_a_prefix():
+    assert parse_uri("s3://bucket/some/prefix/") == ("bucket", "some/prefix")
+    assert parse_uri("S3A://bucket") == ("bucket", "")
+    with pytest.raises(ValueError, match=r"storage URI 's3:///x' names no bucket; use s3://bucket/prefix"):
+        parse_uri("s3:///x")
+    with pytest.raises(ValueError, match=r"unsupported storage URI 'obs://b/x'"):
+        parse_uri("obs://b/x")
+
+
+def test_parts_double_every_thousand_so_any_stream_fits_ten_thousand():
+    assert [part_size_for(n, 5 << 20) for n in (1, 1000, 1001, 2001)] == [5 << 20, 5 << 20, 10 << 20, 20 << 20]
+    # with the default part size, 10,000 parts hold more than S3's largest object (5 TiB)
+    assert sum(part_size_for(n, RemoteOptions().part_size) for n in range(1, 10_001)) > 5 << 40
+
+
+def test_permanent_errors_name_the_bucket_the_endpoint_and_the_fix():
+    from botocore.exceptions import NoCredentialsError
+
+    e = permanent_error("list s3://b/x/", client_error("NoSuchBucket", 404), "b", "http://h:9000")
+    assert isinstance(e, StorageError) and str(e) == (
+        "list s3://b/x/: bucket 'b' does not exist at http://h:9000; create it (e.g. aws s3 mb s3://b) or fix the "
+        "bucket name / AWS_ENDPOINT_URL")
+    assert str(permanent_error("read k", NoCredentialsError(), "b", "ep")) == (
+        "read k: no usable AWS credentials (NoCredentialsError); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        "(or AWS_PROFILE) for bucket 'b'")
+    assert "refresh AWS_SESSION_TOKEN" in str(permanent_error("w", client_error("ExpiredToken", 400), "b", "ep"))
 
 
 def test_options_are_validated_and_read_from_the_environment(monkeypatch):
@@ -81,10 +122,10 @@ def test_only_s3_uris(s3_bucket):
 
 
 def test_missing_s3fs_names_the_extra(monkeypatch):
-    import resumekit.storage.remote as remote
+    import resumekit.storage.remote.client as remote_client
 
     monkeypatch.setitem(sys.modules, "s3fs", None)
-    monkeypatch.setattr(remote, "_FS_CACHE", {})
+    monkeypatch.setattr(remote_client, "_FS_CACHE", {})
     with pytest.raises(ImportError, match=r"install it with pip install 'resumekit\[s3\]'"):
         RemoteStorage("s3://b/x", create=False)
 

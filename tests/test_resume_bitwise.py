@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from resumekit.demo import _job_cmd, batch_sequence, compare_final, run_with_kills
+from resumekit.demo.single import batch_sequence, compare_final, run_with_kills
+from resumekit.demo.single import job_cmd as _job_cmd
 
 STEPS, EVERY = 120, 10  # 64 batches per epoch: kills land mid-epoch and across the epoch boundary
 

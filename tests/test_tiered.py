@@ -15,13 +15,15 @@ from hypothesis import strategies as hs
 
 from conftest import PYTHON, assert_same, make_training, state_tensors, train_steps
 from resumekit import CheckpointManager
+from resumekit.errors import CorruptCheckpointError
 from resumekit.events import read_events
 from resumekit.format import TENSORS_FILE, step_dirname
 from resumekit.layouts.native import NativeLayout
 from resumekit.policy import RetentionPolicy
 from resumekit.storage import open_storage
 from resumekit.storage import tiered as tiered_mod
-from resumekit.storage.tiered import plan_uploads, steps_to_resync
+from resumekit.storage.tiered import newest_valid, plan_uploads, step_dirs, steps_to_resync, valid_manifest
+from resumekit.storage.transfer import copy_step, read_manifest_bytes
 
 # -- pure decisions --------------------------------------------------------------------------------------------
 
@@ -52,6 +54,59 @@ def test_steps_to_resync():
     assert steps_to_resync([4, 8, 12, 16], 8) == [12, 16]
     assert steps_to_resync([4, 8], None) == [4, 8]
     assert steps_to_resync([4, 8], 12) == []
+
+
+# -- one tier's steps, and copying one between tiers (local directories) ---------------------------------------
+
+
+def _commit_step(storage, step, payload=b"payload", manifest_step=None):
+    from resumekit.format import FileEntry, Manifest, new_hasher
+
+    h = new_hasher()
+    h.update(payload)
+    txn = storage.begin(step_dirname(step))
+    with txn.open_write("data.bin") as f:
+        f.write(payload)
+    man = Manifest(step=step if manifest_step is None else manifest_step,
+                   files={"data.bin": FileEntry(len(payload), h.hexdigest())}, metadata={"loss": 1.0})
+    raw = man.to_json()
+    txn.commit(raw)
+    return raw
+
+
+def test_steps_of_a_tier_and_the_newest_valid_one(tmp_path):
+    st = open_storage(str(tmp_path / "tier"))
+    assert step_dirs(st) == [] and newest_valid(st) is None
+    for s in (4, 8, 12):
+        _commit_step(st, s)
+    (tmp_path / "tier" / "step_000000016").mkdir()  # a save that never finished
+    (tmp_path / "tier" / ".tmp-step_000000020-x").mkdir()
+    (tmp_path / "tier" / "events.jsonl").write_text("")
+    assert sorted(step_dirs(st)) == [(4, step_dirname(4)), (8, step_dirname(8)), (12, step_dirname(12)),
+                                     (16, step_dirname(16))]
+    assert newest_valid(st) == (12, step_dirname(12))
+    assert valid_manifest(st, step_dirname(16)) is None
+    assert valid_manifest(st, step_dirname(8)).metadata == {"loss": 1.0}
+    data = tmp_path / "tier" / step_dirname(12) / "data.bin"
+    data.write_bytes(b"PAYLOAD")  # same size, other bytes: only a full check sees it
+    assert newest_valid(st) == (12, step_dirname(12))
+    assert newest_valid(st, full=True) == (8, step_dirname(8))
+
+
+def test_copy_step_commits_the_same_manifest_bytes_and_refuses_a_damaged_source(tmp_path):
+    src, dst = open_storage(str(tmp_path / "a")), open_storage(str(tmp_path / "b"))
+    raw = _commit_step(src, 3)
+    assert read_manifest_bytes(src, step_dirname(3))[0] == raw
+    man = copy_step(src, dst, step_dirname(3))
+    assert man.step == 3 and (tmp_path / "b" / step_dirname(3) / "manifest.json").read_bytes() == raw
+    _commit_step(src, 5, manifest_step=6)
+    with pytest.raises(CorruptCheckpointError, match=r"manifest says step 6 but the directory is step 5"):
+        read_manifest_bytes(src, step_dirname(5))
+    _commit_step(src, 7)
+    (tmp_path / "a" / step_dirname(7) / "data.bin").write_bytes(b"payloadX")
+    with pytest.raises(CorruptCheckpointError, match=r"data.bin has more than 8 bytes, manifest says 7"):
+        copy_step(src, dst, step_dirname(7))
+    assert step_dirs(dst) == [(3, step_dirname(3))]  # nothing of step 7 was committed
 
 
 # -- against the moto server -----------------------------------------------------------------------------------
@@ -195,7 +250,7 @@ def test_progress_bars_only_for_big_transfers_on_a_terminal(monkeypatch):
     import io
     import sys
 
-    from resumekit.storage.tiered import _NoBar, progress_bar
+    from resumekit.storage.transfer import _NoBar, progress_bar
 
     class Terminal(io.StringIO):
         def isatty(self):

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "jobs"))
 
 from torture_child import expected_value, save_loop  # noqa: E402
 
-from resumekit.checkpoint import read_checkpoint  # noqa: E402
+from resumekit.checkpointers.native import read_checkpoint  # noqa: E402
 from resumekit.layouts.native import NativeLayout  # noqa: E402
 from resumekit.storage import open_storage  # noqa: E402
 

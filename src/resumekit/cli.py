@@ -14,23 +14,13 @@ import click
 
 from . import __version__
 from .errors import ResumekitError
+from .units import format_bytes
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE = 0, 1, 2
 
 
 def _out(data: Any, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=None, default=str) if as_json else text)
-
-
-def _human_size(n: Optional[int]) -> str:
-    if not n:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1024
-    return str(n)
 
 
 def _fail(message: str, code: int = EXIT_NOT_FOUND) -> "click.exceptions.Exit":
@@ -109,7 +99,8 @@ def ls_cmd(uri: str, layout: str, full: bool, as_json: bool) -> None:
             click.echo(f"no checkpoints under {st.uri} (layout {lay.name})")
         for i in infos:
             status = "valid" if i.valid else f"INVALID: {i.reason}"
-            click.echo(f"{i.step:>12}  {lay.name:<10} {_human_size(i.size):>10}  {i.path}  {status}")
+            size = format_bytes(i.size or None, sep="", missing="-")  # an empty size reads "-", like an unknown one
+            click.echo(f"{i.step:>12}  {lay.name:<10} {size:>10}  {i.path}  {status}")
     if not any(i.valid for i in infos):
         raise SystemExit(EXIT_NOT_FOUND)
 
@@ -270,7 +261,7 @@ class _SizeType(click.ParamType):
     name = "SIZE"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> int:
-        from .supervisor import parse_size
+        from .units import parse_size
 
         if isinstance(value, int):
             return value

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptCheckpointError, UnsupportedStateError
+from .verify import read_safetensors_header
 
 _DTYPES: Dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -36,7 +37,6 @@ for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 TAG = "__rk__"  # marker key of tagged JSON nodes; a user dict containing it is stored tagged too
-_MAX_HEADER = 256 << 20
 _IO_CHUNK = 64 << 20
 
 
@@ -261,48 +261,34 @@ def _readinto_exact(f: BinaryIO, mv: memoryview, where: str) -> None:
 
 
 def read_header(f: BinaryIO, size: int, where: str, hasher=None) -> Tuple[List[Tuple[str, dict]], int]:
-    """Parse and sanity-check a safetensors header; returns entries in file order and the data start."""
-    head = f.read(8)
-    if len(head) != 8:
-        raise CorruptCheckpointError(where, "tensor file is shorter than its 8-byte header length")
-    (hlen,) = struct.unpack("<Q", head)
-    if hlen > min(_MAX_HEADER, size - 8):
-        raise CorruptCheckpointError(where, f"tensor file header claims {hlen} bytes but the file has {size}")
-    raw = f.read(hlen)
-    if hasher is not None:
-        hasher.update(head)
-        hasher.update(raw)
-    try:
-        header = json.loads(raw)
-    except ValueError as e:
-        raise CorruptCheckpointError(where, f"tensor file header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(where, "tensor file header is not an object")
+    """Parse and check a safetensors header; returns entries in file order and the data start.
+
+    The checks are the one parser's (:func:`resumekit.verify.read_safetensors_header`, full); this only maps the
+    dtype codes to torch dtypes.
+
+    Args:
+        f: the file, at offset 0.
+        size: the file's size.
+        where: the file's path (its last part names the file in messages).
+        hasher: fed the header bytes, when given.
+
+    Returns:
+        ``(name, {"dtype", "shape", "begin", "end"})`` for every tensor, sorted by position, and the offset where
+        the data area starts.
+
+    Raises:
+        CorruptCheckpointError: the header is damaged, lies about the file, or names a dtype torch cannot hold.
+    """
+    shown = where.rsplit("/", 1)[-1]
+    spans, data_start = read_safetensors_header(f, size, where, shown, full=True, hasher=hasher)
     entries = []
-    for name, ent in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _CODES[ent["dtype"]]
-            shape = [int(s) for s in ent["shape"]]
-            b, e = (int(x) for x in ent["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(where, f"tensor file header entry {name!r} is malformed") from None
-        if any(d < 0 for d in shape):
-            raise CorruptCheckpointError(where, f"tensor {name!r} has a negative dimension {shape}")
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if e - b != n or b < 0:
-            raise CorruptCheckpointError(where, f"tensor {name!r} has offsets {b}..{e} for {n} bytes")
-        entries.append((name, {"dtype": dtype, "shape": shape, "begin": b, "end": e}))
-    entries.sort(key=lambda kv: kv[1]["begin"])
-    pos = 0
-    for name, ent in entries:
-        if ent["begin"] != pos:
-            raise CorruptCheckpointError(where, f"tensor {name!r} does not start where the previous one ends")
-        pos = ent["end"]
-    if 8 + hlen + pos != size:
-        raise CorruptCheckpointError(where, f"tensor file has {size} bytes, its header describes {8 + hlen + pos}")
-    return entries, 8 + hlen
+    for s in spans:
+        dtype = _CODES.get(s.dtype)
+        if dtype is None:
+            raise CorruptCheckpointError(where, f"{shown}: tensor {s.name!r} has an unknown dtype {s.dtype!r} "
+                                                "(no torch dtype for it)")
+        entries.append((s.name, {"dtype": dtype, "shape": list(s.shape), "begin": s.begin, "end": s.end}))
+    return entries, data_start
 
 
 def read_tensors(f: BinaryIO, size: int, where: str, hasher,

@@ -59,24 +59,60 @@ class EventLog:
         return rec
 
 
-def read_events(path: str) -> List[Dict[str, Any]]:
-    """Every well-formed event of a log; a torn last line (killed writer) is skipped."""
-    return list(iter_events(path))
+class EventTail:
+    """Follows one JSONL file from a byte offset: each :meth:`read` returns the whole records appended since.
 
+    The one reader of every JSONL log in the project (the supervisor's per-attempt view of ``events.jsonl``, the
+    demo's progress files, the report). A line not yet ended by ``\n`` (a writer mid-append, or killed) is left
+    for the next read; lines that are not JSON objects are skipped.
 
-def iter_events(path: str) -> Iterator[Dict[str, Any]]:
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return
-    with f:
-        for raw in f:
+    Args:
+        path: the file; a missing file reads as empty.
+        offset: where to start (e.g. the size of the log before an attempt began).
+    """
+
+    def __init__(self, path: str, offset: int = 0):
+        self.path = path
+        self.offset = offset
+
+    @staticmethod
+    def size_of(path: str) -> int:
+        """The current size of ``path`` (0 when absent): an offset from which to follow only new records."""
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return 0
+
+    def read(self, *, final: bool = False) -> List[Dict[str, Any]]:
+        """Records appended since the last read. ``final``: also take an unterminated last line (the writer is
+        gone, so a complete JSON object there is a record; a torn one is skipped)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        end = len(data) if final else data.rfind(b"\n") + 1
+        self.offset += end
+        out: List[Dict[str, Any]] = []
+        for raw in data[:end].splitlines():
             try:
                 rec = json.loads(raw)
             except ValueError:
                 continue
             if isinstance(rec, dict):
-                yield rec
+                out.append(rec)
+        return out
+
+
+def read_events(path: str) -> List[Dict[str, Any]]:
+    """Every well-formed event of a log; a torn last line (killed writer) is skipped."""
+    return EventTail(path).read(final=True)
+
+
+def iter_events(path: str) -> Iterator[Dict[str, Any]]:
+    """Every well-formed event of a log, in order."""
+    return iter(read_events(path))
 
 
 class Heartbeat:

@@ -28,8 +28,11 @@ from .errors import CorruptCheckpointError, UnsafePathError
 FORMAT_NAME = "resumekit"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: our manifest written into foreign checkpoint directories (HF ``checkpoint-N/``) by the integrations
+FOREIGN_MANIFEST = "resumekit.manifest.json"
 TENSORS_FILE = "tensors.safetensors"
 TREE_FILE = "state.json"
+DIST_FILE = "distributed.json"  # marks a sharded (torch.distributed.checkpoint) checkpoint: world size, entries
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 QUARANTINE_PREFIX = "quarantined-"

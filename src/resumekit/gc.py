@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Set
 
+from .events import EventLog
 from .format import MANIFEST, TMP_PREFIX
 from .layouts.base import choose_latest
 from .layouts.native import NativeLayout
 from .policy import RetentionPolicy
 from .storage import Storage
+
+log = logging.getLogger("resumekit")
+
+
+def apply_retention(storage: Storage, policy: RetentionPolicy, *, protect: Set[int],
+                    events: Optional[EventLog] = None) -> List[int]:
+    """Delete the valid checkpoints ``policy`` no longer keeps (never a step in ``protect``); returns their steps.
+
+    Validity is the quick check (manifest and sizes): retention runs after every save and must not re-hash the
+    root. A deletion that fails is logged and skipped; the next save retries it.
+    """
+    layout = NativeLayout()
+    infos = [layout.validate(storage, i, full=False) for i in layout.list(storage)]
+    valid = {i.step: i for i in infos if i.valid}
+    removed = []
+    for s in policy.to_delete(list(valid), {s: i.metadata for s, i in valid.items()}, protected=protect):
+        try:
+            storage.remove_tree(valid[s].name)
+        except OSError as e:
+            log.warning("retention could not remove %s: %s", valid[s].path, e)
+            continue
+        removed.append(s)
+        if events is not None:
+            events.emit("retention_delete", step=s, path=valid[s].path)
+    return removed
 
 
 def collect_garbage(storage: Storage, policy: RetentionPolicy, *, tmp_age: float = 600.0, dry_run: bool = False,

@@ -23,18 +23,18 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence
+from typing import Any, List, Mapping, MutableMapping, Optional, Sequence
 
-from .checkpoint import SaveResult, read_checkpoint, write_checkpoint
-from .codec import TreeEncoder
+from .checkpointers.base import Checkpointer, Committed, Opened, Snapshot, first_valid, first_valid_at
+from .checkpointers.local import LocalCheckpointer
 from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from .events import ENV_RESUME_FROM, ENV_RESUME_MODE, EventLog, Heartbeat
-from .format import MANIFEST, TMP_PREFIX, metadata_jsonable, parse_step_dirname, step_dirname
+from .format import metadata_jsonable, step_dirname
+from .gc import apply_retention
 from .layouts.base import CheckpointInfo, order_by_step
 from .layouts.native import NativeLayout
 from .policy import RetentionPolicy, SavePolicy
-from .snapshot import BackgroundPersister, StagingBuffers, to_host
-from .state import RNG_KEY, STATE_KEY, apply_state, capture_rng, capture_state, restore_rng
+from .snapshot import BackgroundPersister
 from .storage import Storage, open_storage
 from .storage.tiered import TieredStorage
 
@@ -81,7 +81,7 @@ class CheckpointOptions:
             newest valid checkpoint of either tier, downloading a newer remote one first. Retention applies to
             both tiers. See :mod:`resumekit.storage.tiered`.
         distributed: save modules and optimizers as sharded torch.distributed.checkpoint files, every rank its own,
-            with rank agreement on saves and signals (see :mod:`resumekit.distributed`). None (default): when
+            with rank agreement on saves and signals (see :mod:`resumekit.checkpointers.dcp`). None (default): when
             ``torch.distributed`` is initialised. Every rank must create the manager and call its methods at the
             same steps.
     """
@@ -143,6 +143,33 @@ class SaveCost:
         return self.persist_s_total / self.saves if self.saves else 0.0
 
 
+class _PreemptionFlag:
+    """SIGTERM (preemption) only sets a flag; the manager saves at the next step boundary, where the model is
+    consistent (saving from inside a signal handler could see a half-updated model)."""
+
+    def __init__(self, install: bool):
+        self._flag = threading.Event()
+        self._old: Any = None
+        if install and threading.current_thread() is threading.main_thread():
+            try:
+                self._old = signal.signal(signal.SIGTERM, lambda signum, frame: self._flag.set())
+            except ValueError:
+                self._old = None
+
+    def set(self) -> None:
+        self._flag.set()
+
+    def is_set(self) -> bool:
+        return self._flag.is_set()
+
+    def uninstall(self) -> None:
+        if self._old is not None and threading.current_thread() is threading.main_thread():
+            try:
+                signal.signal(signal.SIGTERM, self._old)
+            except (ValueError, TypeError):
+                pass
+
+
 class CheckpointManager:
     """Saves the whole training state when due, atomically, and restores the newest valid checkpoint.
 
@@ -170,27 +197,35 @@ class CheckpointManager:
         self.last_saved_step: Optional[int] = None
         self.preempted = False
         self._last_save_time = time.monotonic()
-        self._staging = StagingBuffers() if self.options.async_save else None
         self._persister = BackgroundPersister()
         self._closed = False
-        self._preempt_flag = threading.Event()
-        self._old_handler: Any = None
-        if self.options.handle_sigterm:
-            self._install_sigterm()
+        self._sigterm = _PreemptionFlag(install=self.options.handle_sigterm)
+        self.checkpointer: Checkpointer = self._make_checkpointer()
+        # One writer of the event log (rank 0) and one heartbeat per node (local rank 0): a hung rank stalls
+        # rank 0 at its next collective, so the node's heartbeat still goes stale.
+        if not self.checkpointer.leads_job:
+            self.events = EventLog(None, self.events.source)
+        if not self.checkpointer.leads_node:
+            self.heartbeat = Heartbeat(None)
         if self.heartbeat.path and hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
             # Under `resumekit run --hang-timeout`, SIGUSR1 dumps every thread's stack before the kill.
             faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
-        self._dist: Any = None
-        from .distributed import wants_distributed
-
-        if wants_distributed(self.options.distributed):
-            from .distributed import DistributedCheckpointer
-
-            self._dist = DistributedCheckpointer(self)
         # A strong reference on purpose: a manager dropped without close() still drains its background save at
         # exit, and a failure there still sets the exit status (its staging buffers live until then).
         self._atexit_hook = self._atexit
         atexit.register(self._atexit_hook)
+
+    def _make_checkpointer(self) -> Checkpointer:
+        from .distributed.context import wants_distributed
+
+        if not wants_distributed(self.options.distributed):
+            return LocalCheckpointer(self.storage)
+        if self.tier is not None:
+            raise ConfigError("CheckpointOptions.local_tier is not supported with distributed checkpoints yet: "
+                              "save to a shared file system path (or pass distributed=False for a single process)")
+        from .checkpointers.dcp import DcpCheckpointer
+
+        return DcpCheckpointer(self.storage)
 
     # ------------------------------------------------------------------------------------------------ restore
     def restore(self, state: MutableMapping[str, Any], *, resume: Optional[str] = None,
@@ -214,25 +249,12 @@ class CheckpointManager:
         mode = resume or self.options.resume
         if mode == "auto" and os.environ.get(ENV_RESUME_MODE) == "never":
             mode = "never"  # `resumekit run --resume never`
-        if self._dist is not None:
-            return self._dist.restore(state, mode=mode, only=only, strict=strict, t0=t0)
-        self._clean_stale_tmp()
-        env_path = os.environ.get(ENV_RESUME_FROM, "")
-        chosen: Optional[tuple] = None
+        cp = self.checkpointer
+        cp.clean_stale_tmp()
         if mode == "never":
-            self.events.emit("restore", step=0, path=None, reason="resume=never")
+            self.events.emit("restore", step=0, path=None, reason="resume=never", **cp.event_fields())
             return 0
-        if mode != "auto":
-            chosen = self._load_explicit(mode)
-        else:
-            if env_path:
-                try:
-                    chosen = self._load_explicit(env_path)
-                except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                    log.warning("RESUMEKIT_RESUME_FROM=%s is not usable (%s); searching %s instead",
-                                env_path, e, self.storage.uri)
-            if chosen is None:
-                chosen = self._load_newest()
+        chosen = self._choose(mode)
         if self.tier is not None:
             # A previous run may have died mid-upload: its local steps newer than the remote's newest go up again.
             self.tier.resync(exclude={s.name for s in self.skipped})
@@ -240,66 +262,32 @@ class CheckpointManager:
             if self.options.init_from:
                 return self._init_from(state, t0)
             self.events.emit("restore", step=0, path=None, skipped=[s.as_dict() for s in self.skipped],
-                             seconds=time.perf_counter() - t0)
+                             seconds=time.perf_counter() - t0, **cp.event_fields())
             return 0
-        info, tree = chosen
-        saved = tree.get(STATE_KEY, {})
-        apply_state(state, saved, only=only, strict=strict, where=info.path)
-        if only is None and self.options.save_rng and RNG_KEY in tree:
-            restore_rng(tree[RNG_KEY])
+        cp.load(chosen, state, only=only, strict=strict, rng=only is None and self.options.save_rng)
+        info = chosen.info
         self.restored_from = info
         self.last_saved_step = info.step
         self._last_save_time = time.monotonic()
         secs = time.perf_counter() - t0
-        self.events.emit("restore", step=info.step, path=info.path, seconds=secs,
+        self.events.emit("restore", step=info.step, path=info.path, seconds=secs, **cp.event_fields(),
                          skipped=[{"path": s.path, "reason": s.reason} for s in self.skipped])
         log.info("resumed from %s (step %d) in %.2fs", info.path, info.step, secs)
         return info.step
 
-    def _load_newest(self) -> Optional[tuple]:
-        if self.tier is not None:
-            return self._load_newest_tiered()
-        for info in reversed(order_by_step(self.layout.list(self.storage))):
-            got = self._try_read(info)
-            if got is not None:
-                return got
-        return None
-
-    def _try_read(self, info: CheckpointInfo) -> Optional[tuple]:
-        try:
-            man, tree = read_checkpoint(self.storage, info.name)
-        except CorruptCheckpointError as e:
-            self._skip(info, e.reason)
-            return None
-        except OSError as e:
-            self._skip(info, f"unreadable: {e}")
-            return None
-        info.valid, info.size, info.time, info.metadata = True, man.total_bytes, man.time, man.metadata
-        return info, tree
-
-    def _load_newest_tiered(self) -> Optional[tuple]:
-        """The newest valid checkpoint of either tier. A remote step newer than every valid local one (or whose
-        local copy is damaged) is downloaded into the local tier first: verified, tmp dir + rename."""
-        tier = self.tier
-        assert tier is not None
-        local = {i.step: i for i in self.layout.list(tier.local)}
-        remote = {i.step: i for i in self.layout.list(tier.remote)}
-        for step in sorted(set(local) | set(remote), reverse=True):
-            if step in local:
-                got = self._try_read(local[step])
-                if got is not None:
-                    return got
-            if step in remote:
-                try:
-                    tier.download(remote[step].name)
-                except CorruptCheckpointError as e:
-                    self._skip(remote[step], e.reason)
-                    continue
-                got = self._try_read(CheckpointInfo(step=step, name=remote[step].name,
-                                                    path=tier.local.join(remote[step].name), layout="native"))
-                if got is not None:
-                    return got
-        return None
+    def _choose(self, mode: str) -> Optional[Opened]:
+        """The checkpoint to restore for ``mode``: a user-named path, the supervisor's hand-off, or the newest."""
+        cp = self.checkpointer
+        if mode != "auto":
+            return first_valid_at(cp, mode, self._skip)
+        env_path = os.environ.get(ENV_RESUME_FROM, "")
+        if env_path and cp.honours_resume_env():
+            try:
+                return first_valid_at(cp, env_path, self._skip)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                log.warning("%s=%s is not usable (%s); searching %s instead", ENV_RESUME_FROM, env_path, e,
+                            self.storage.uri)
+        return first_valid(cp, cp.candidates(), self._skip)
 
     def _skip(self, info: CheckpointInfo, reason: str) -> None:
         info.valid, info.reason = False, reason
@@ -307,50 +295,14 @@ class CheckpointManager:
         log.warning("skipping invalid checkpoint %s: %s", info.path, reason)
         self.events.emit("skip_invalid", step=info.step, path=info.path, reason=reason)
 
-    def _load_explicit(self, path: str) -> tuple:
-        """A checkpoint directory, or a run directory whose newest valid checkpoint is taken."""
-        path = path.rstrip("/")
-        parent, _, name = path.rpartition("/")
-        st = open_storage(parent or ".", create=False)
-        if parse_step_dirname(name) is None or not st.exists(f"{name}/{MANIFEST}"):
-            run = open_storage(path, create=False)
-            best = None
-            for info in reversed(order_by_step(self.layout.list(run))):
-                try:
-                    man, tree = read_checkpoint(run, info.name)
-                    best = (info, tree)
-                    break
-                except CorruptCheckpointError as e:
-                    self._skip(info, e.reason)
-            if best is None:
-                what = ("its manifest.json is missing: that save never finished"
-                        if parse_step_dirname(name) is not None else "pass a step_N directory or a run directory that holds one")
-                raise CheckpointNotFoundError(f"no valid resumekit checkpoint at {path}: {what}")
-            return best
-        man, tree = read_checkpoint(st, name)
-        return CheckpointInfo(step=man.step, name=name, path=st.join(name), layout="native", valid=True,
-                              size=man.total_bytes, time=man.time, metadata=man.metadata), tree
-
     def _init_from(self, state: MutableMapping[str, Any], t0: float) -> int:
-        info, tree = self._load_explicit(self.options.init_from)
+        assert self.options.init_from is not None
+        chosen = first_valid_at(self.checkpointer, self.options.init_from, self._skip)
         keys = list(self.options.init_keys) if self.options.init_keys is not None else None
-        loaded = apply_state(state, tree.get(STATE_KEY, {}), only=keys, strict=self.options.strict,
-                             where=info.path)
-        self.events.emit("init_from", path=info.path, step=0, keys=loaded, seconds=time.perf_counter() - t0)
-        log.info("initialised %s from %s; starting at step 0", loaded, info.path)
+        loaded = self.checkpointer.load(chosen, state, only=keys, strict=self.options.strict, rng=False)
+        self.events.emit("init_from", path=chosen.info.path, step=0, keys=loaded, seconds=time.perf_counter() - t0)
+        log.info("initialised %s from %s; starting at step 0", loaded, chosen.info.path)
         return 0
-
-    def _clean_stale_tmp(self) -> None:
-        # This manager is the only writer of its directory while it runs, so every tmp dir present before its
-        # first save is left over from a killed save.
-        if self._persister.busy:
-            return
-        for e in self.storage.listdir(""):
-            if e.name.startswith(TMP_PREFIX):
-                try:
-                    self.storage.remove_tree(e.name)
-                except OSError as err:
-                    log.warning("could not remove stale %s: %s", self.storage.join(e.name), err)
 
     # --------------------------------------------------------------------------------------------------- save
     def maybe_save(self, step: int, state: Mapping[str, Any], *, metrics: Optional[Mapping[str, Any]] = None,
@@ -362,8 +314,9 @@ class CheckpointManager:
         """
         step = _as_step(step)
         self.heartbeat.beat(step)
-        if self._dist is None:
-            # Distributed: a background error surfaces at the next save/wait/close, which join the persist thread
+        cp = self.checkpointer
+        if not cp.collective:
+            # Collective: a background error surfaces at the next save/wait/close, which join the persist thread
             # first, so every rank raises it at the same call (raising here could stop one rank alone).
             self._persister.raise_pending()
         if self.tier is not None:
@@ -371,12 +324,12 @@ class CheckpointManager:
         if metrics and self.options.metrics_every and step % self.options.metrics_every == 0:
             fields = {(f"metric_{k}" if k in _EVENT_FIELDS else k): v for k, v in metadata_jsonable(metrics).items()}
             self.events.emit("metrics", step=step, **fields)
-        preempt = self._preempt_flag.is_set()
+        preempt = self._sigterm.is_set()
         due = force or self.options.save_policy.due(step, time.monotonic(), self._last_save_time,
                                                     self.last_saved_step)
-        if self._dist is not None and self._dist.needs_agreement:
+        if cp.needs_agreement(self.options.handle_sigterm, self.options.every_seconds is not None):
             # A signal or a clock seen by one rank must make every rank save at this same step.
-            preempt, due = self._dist.agree(preempt, due)
+            preempt, due = cp.agree(preempt, due)
         if preempt:
             return self._preemption_save(step, state, metrics)
         if due:
@@ -401,101 +354,58 @@ class CheckpointManager:
             raise RuntimeError("CheckpointManager is closed")
         step = _as_step(step)
         t0 = time.perf_counter()
-        if self._dist is not None:
-            use_async = self.options.async_save if block is None else not block
-            return self._dist.save(step, state, metrics=metrics, block=not use_async, t0=t0)
-        self._persister.raise_pending()
+        cp = self.checkpointer
+        if not cp.collective:
+            self._persister.raise_pending()
         if self.tier is not None:
             self.tier.raise_pending()  # an upload that failed since the last call
-        name = step_dirname(step)
         # A persist of this very step may still be in flight: let it finish before looking, or the step would be
-        # written twice and the second commit would move the first aside.
-        waited_before = self._persister.wait(raise_error=True)
-        if self._already_committed(step, name):
+        # written twice and the second commit would move the first aside. Joining before raising its error also
+        # makes every rank of a collective checkpointer raise it at this same call.
+        waited = self._persister.wait(raise_error=True)
+        use_async = self.options.async_save if block is None else not block
+        # This run already holds the step (it restored or saved it): saving it again would only risk it. A
+        # directory of the same step that this run did not produce (an invalid one, or a left-over of a run started
+        # with resume="never") is replaced by the new save: this run's state is the one to keep.
+        mine = step == self.last_saved_step or (self.restored_from is not None and self.restored_from.step == step)
+        snap = cp.snapshot(step, state, metadata=metadata_jsonable(metrics), stage=use_async,
+                           rng=self.options.save_rng, skip_if_committed=mine)
+        name = step_dirname(step)
+        if snap is None:
             log.info("step %d is already committed at %s; not saving it again", step, self.storage.join(name))
             self.last_saved_step = step
             return None
-        enc = TreeEncoder()
-        # Encoded separately so error messages read state['key'], not state['state']['key'].
-        encoded = {STATE_KEY: enc.encode(capture_state(state))}
-        if self.options.save_rng:
-            encoded[RNG_KEY] = enc.encode(capture_rng(), ("<rng>",))
-        meta = metadata_jsonable(metrics)
-        entries = list(state.keys())
-        use_async = self.options.async_save if block is None else not block
         if use_async:
-            if self._staging is None:
-                self._staging = StagingBuffers()
-            waited = waited_before
-            tensors = self._staging.snapshot(enc.tensors)
             blocking = time.perf_counter() - t0
-            self._persister.submit(lambda: self._persist(step, encoded, tensors, meta, entries, blocking, waited))
+            self._persister.submit(lambda: self._persist(snap, blocking, waited, t0, background=True))
         else:
-            tensors = to_host(enc.tensors)
-            blocking = None
-            self._persist(step, encoded, tensors, meta, entries, None, 0.0, t0=t0)
+            self._persist(snap, None, waited, t0, background=False)
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
         return self.storage.join(name)
 
-    def _already_committed(self, step: int, name: str) -> bool:
-        """This run already holds ``step`` (it restored or saved it), so saving it again would only risk it.
-
-        A directory of the same step that this run did not produce (an invalid one, or a left-over of an earlier
-        run started with ``resume="never"``) is replaced by the new save: this run's state is the one to keep.
-        """
-        mine = step == self.last_saved_step or (self.restored_from is not None and self.restored_from.step == step)
-        if not mine or not self.storage.exists(f"{name}/{MANIFEST}"):
-            return False
-        info = CheckpointInfo(step=step, name=name, path=self.storage.join(name), layout="native")
-        return bool(self.layout.validate(self.storage, info, full=False).valid)
-
-    def _persist(self, step: int, encoded: Any, tensors: Dict, meta: Dict, entries: List[str],
-                 blocking: Optional[float], waited: float, t0: Optional[float] = None) -> SaveResult:
-        res = write_checkpoint(self.storage, step, encoded, tensors, meta, entries)
+    def _persist(self, snap: Snapshot, blocking: Optional[float], waited: float, t0: float, *,
+                 background: bool) -> Committed:
+        res = self.checkpointer.persist(snap, background=background)
         if blocking is None:  # synchronous: the whole write blocked training
-            blocking = time.perf_counter() - (t0 or 0.0)
+            blocking = time.perf_counter() - t0
         c = self.cost
         c.saves += 1
         c.blocking_s_total += blocking
         c.persist_s_total += res.seconds
         c.last_blocking_s, c.last_persist_s = blocking, res.seconds
-        c.bytes_last = res.manifest.total_bytes
-        self.events.emit("save", step=step, path=res.path, bytes=res.manifest.total_bytes, blocking_s=blocking,
-                         persist_s=res.seconds, waited_s=waited, metrics=meta)
-        self._apply_retention(protect={step})
+        c.bytes_last = res.nbytes
+        self.events.emit("save", step=snap.step, path=res.path, bytes=res.nbytes, blocking_s=blocking,
+                         persist_s=res.seconds, waited_s=waited, metrics=snap.metadata,
+                         **self.checkpointer.event_fields())
+        if self.checkpointer.leads_job and self.options.retention.active:
+            apply_retention(self.storage, self.options.retention, protect={snap.step}, events=self.events)
         return res
 
-    def _apply_retention(self, protect: set) -> None:
-        policy = self.options.retention
-        if not policy.active:
-            return
-        infos = [self.layout.validate(self.storage, i, full=False) for i in self.layout.list(self.storage)]
-        valid = {i.step: i for i in infos if i.valid}
-        metrics = {s: i.metadata for s, i in valid.items()}
-        for s in policy.to_delete(list(valid), metrics, protected=protect):
-            try:
-                self.storage.remove_tree(valid[s].name)
-                self.events.emit("retention_delete", step=s, path=valid[s].path)
-            except OSError as e:
-                log.warning("retention could not remove %s: %s", valid[s].path, e)
-
     # ------------------------------------------------------------------------------------------- preemption
-    def _install_sigterm(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        try:
-            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        except ValueError:
-            self._old_handler = None
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        # Only set a flag: saving from inside a signal handler could see a half-updated model.
-        self._preempt_flag.set()
-
     def request_preemption(self) -> None:
         """Ask for a save at the next step boundary, as SIGTERM does (e.g. from a rank-agreement hook)."""
-        self._preempt_flag.set()
+        self._sigterm.set()
 
     def _preemption_save(self, step: int, state: Mapping[str, Any], metrics: Optional[Mapping[str, Any]]) -> bool:
         self.preempted = True
@@ -528,15 +438,8 @@ class CheckpointManager:
                 if self.tier is not None:
                     self.tier.close()  # uploads finish before the process may exit; their errors surface here
         finally:
-            if self._staging is not None:
-                self._staging.release()
-            if self._dist is not None:
-                self._dist.staging.release()
-            if self._old_handler is not None and threading.current_thread() is threading.main_thread():
-                try:
-                    signal.signal(signal.SIGTERM, self._old_handler)
-                except (ValueError, TypeError):
-                    pass
+            self.checkpointer.release()
+            self._sigterm.uninstall()
             atexit.unregister(self._atexit_hook)
 
     def _atexit(self) -> None:

@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 from resumekit.events import ENV_DIR, ENV_RESUME_FROM, EventLog, Heartbeat
 from resumekit.format import FileEntry, Manifest, new_hasher, step_dirname

@@ -193,7 +193,7 @@ _STEP = [0]
 
 def _inject_failures(plan: dict) -> None:
     """Make this rank's save fail with ENOSPC at the planned steps, in the planned phase."""
-    import resumekit.distributed as rd
+    import resumekit.distributed.sharded as rd
     from torch.distributed.checkpoint import FileSystemWriter
 
     def boom(phase: str) -> None:

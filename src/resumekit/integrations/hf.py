@@ -29,9 +29,8 @@ from typing import Dict, Iterable, List, Optional
 
 from transformers import TrainerCallback
 
-from ..format import FileEntry, Manifest, metadata_jsonable
-from ..layouts._filecheck import FOREIGN_MANIFEST
-from ..layouts.native import hash_file
+from ..format import FOREIGN_MANIFEST, FileEntry, Manifest, metadata_jsonable
+from ..verify import hash_file
 from ..storage.local import LocalStorage, fsync_dir
 
 log = logging.getLogger("resumekit")

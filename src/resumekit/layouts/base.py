@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Pattern, Tuple
 
-from ..storage import Storage
+from ..errors import CorruptCheckpointError
+from ..storage import Entry, Storage
+
+#: a layout's name -> step parser (``checkpoint-1200`` -> 1200); None for names that are not checkpoints
+StepParser = Callable[[str], Optional[int]]
 
 
 @dataclass
@@ -91,7 +95,51 @@ def newest(infos: Iterable[CheckpointInfo]) -> Optional[CheckpointInfo]:
 
 
 def invalid(info: CheckpointInfo, reason: str) -> CheckpointInfo:
+    """A copy of ``info`` marked invalid for ``reason``."""
     return replace(info, valid=False, reason=reason)
+
+
+def run_check(info: CheckpointInfo, check: Callable[[], Optional[Dict[str, Any]]]) -> CheckpointInfo:
+    """Run ``check() -> dict of CheckpointInfo fields`` and turn its outcome into a validated copy of ``info``.
+
+    The one shape of every ``validate``: a CorruptCheckpointError becomes the invalid reason, an OSError
+    "unreadable: ...", and success a valid copy carrying the fields the check returned (size, time, ...).
+    """
+    try:
+        fields = check() or {}
+    except CorruptCheckpointError as e:
+        return invalid(info, e.reason)
+    except OSError as e:
+        return invalid(info, f"unreadable: {e}")
+    return replace(info, valid=True, reason="", **fields)
+
+
+def match_step(pattern: Pattern[str], name: str) -> Optional[int]:
+    """The integer step in a checkpoint name: ``pattern``'s ``step`` group (else its first group) when ``pattern``
+    matches ``name``, None when it does not. Always an integer, never text (``ckpt_9`` < ``ckpt_10``)."""
+    m = pattern.match(name)
+    if m is None:
+        return None
+    return int(m.group("step") if "step" in pattern.groupindex else m.group(1))
+
+
+def step_entries(storage: Storage, parse: StepParser, dirs: bool = True) -> List[Tuple[int, Entry]]:
+    """The root's entries whose names ``parse`` gives a step, with that integer step, in listing order.
+
+    Args:
+        storage: the root to list.
+        parse: the layout's name -> step parser.
+        dirs: directories only (True) or plain files only (False).
+    """
+    out = []
+    for e in storage.listdir(""):
+        # Hidden names are other tools' partial writes (rsync's ``.name.XXXX``, editors), never checkpoints.
+        if e.is_dir != dirs or e.name.startswith("."):
+            continue
+        step = parse(e.name)
+        if step is not None:
+            out.append((step, e))
+    return out
 
 
 class Layout(abc.ABC):
@@ -109,6 +157,20 @@ class Layout(abc.ABC):
     @abc.abstractmethod
     def list(self, storage: Storage) -> List[CheckpointInfo]:
         """Every checkpoint candidate under the root, ``valid`` left None (cheap)."""
+
+    def candidate(self, storage: Storage, name: str, step: int, **fields: Any) -> CheckpointInfo:
+        """A not-yet-validated :class:`CheckpointInfo` of this layout for the root entry ``name``."""
+        return CheckpointInfo(step=step, name=name, path=storage.join(name), layout=self.name, **fields)
+
+    def list_matching(self, storage: Storage, parse: StepParser, dirs: bool = True) -> List[CheckpointInfo]:
+        """Candidates for the root entries whose names ``parse`` gives a step (see :func:`step_entries`).
+
+        A file candidate carries the file's size and mtime from the listing; a directory's total is known only
+        once it is validated.
+        """
+        return [self.candidate(storage, e.name, step) if dirs else
+                self.candidate(storage, e.name, step, size=e.size, time=e.mtime)
+                for step, e in step_entries(storage, parse, dirs)]
 
     @abc.abstractmethod
     def validate(self, storage: Storage, info: CheckpointInfo, full: bool = True) -> CheckpointInfo:

@@ -26,11 +26,11 @@ import re
 from typing import Dict, List, Optional, Set, Tuple
 
 from ..storage import Entry, Storage
-from . import register
-from ._filecheck import (NOT_SCALAR, check_torch_zip, describe_ranks, fail, files_of, join, missing_ranks,
-                         newest_mtime, run_check, scan_pickle_scalars, sum_sizes)
+from .registry import register
 from ._tracked import TrackedLayout
-from .base import CheckpointInfo
+from .base import CheckpointInfo, run_check
+from .checks import (NOT_SCALAR, check_torch_zip, describe_ranks, fail, files_of, join, missing_ranks, newest_mtime,
+                     scan_pickle_scalars, sum_sizes)
 
 LATEST = "latest"
 _TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -165,7 +165,7 @@ class DeepSpeedLayout(TrackedLayout):
             step = tag_step(e.name)
             if step is None or not (_TAG_RE.match(e.name) or e.name == latest):
                 continue
-            out.append(CheckpointInfo(step=step, name=e.name, path=storage.join(e.name), layout=self.name))
+            out.append(self.candidate(storage, e.name, step))
         return self.mark_tracked(storage, out)
 
     def validate(self, storage: Storage, info: CheckpointInfo, full: bool = True) -> CheckpointInfo:

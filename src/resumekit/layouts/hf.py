@@ -27,11 +27,10 @@ import re
 from typing import Dict, List, Optional, Set
 
 from ..storage import Entry, Storage
-from . import register
-from ._filecheck import (FOREIGN_MANIFEST, check_dcp_dir, check_foreign_manifest, check_safetensors,
-                         check_torch_zip, fail, files_of, join, missing_ranks, newest_mtime, read_json, run_check,
-                         sum_sizes)
-from .base import CheckpointInfo, Layout
+from .registry import register
+from .base import CheckpointInfo, Layout, match_step, run_check, step_entries
+from .checks import (FOREIGN_MANIFEST, check_dcp_dir, check_foreign_manifest, check_safetensors, check_torch_zip,
+                     fail, files_of, join, missing_ranks, newest_mtime, read_json, sum_sizes)
 
 PREFIX = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
@@ -50,8 +49,7 @@ _FSDP_OPTIM = re.compile(r"^optimizer(_\d+)?(_rank\d+)?(\.bin)?$")
 
 def parse_checkpoint_dirname(name: str) -> Optional[int]:
     """``checkpoint-1200`` -> 1200 (as the Trainer's own ``_re_checkpoint``); None for anything else."""
-    m = _DIR_RE.match(name)
-    return int(m.group(1)) if m else None
+    return match_step(_DIR_RE, name)
 
 
 class HFLayout(Layout):
@@ -60,15 +58,10 @@ class HFLayout(Layout):
     name = "hf"
 
     def detect(self, storage: Storage) -> bool:
-        return any(e.is_dir and _DIR_RE.match(e.name) for e in storage.listdir(""))
+        return bool(step_entries(storage, parse_checkpoint_dirname))
 
     def list(self, storage: Storage) -> List[CheckpointInfo]:
-        out = []
-        for e in storage.listdir(""):
-            step = parse_checkpoint_dirname(e.name)
-            if e.is_dir and step is not None:
-                out.append(CheckpointInfo(step=step, name=e.name, path=storage.join(e.name), layout=self.name))
-        return out
+        return self.list_matching(storage, parse_checkpoint_dirname)
 
     def validate(self, storage: Storage, info: CheckpointInfo, full: bool = True) -> CheckpointInfo:
         return run_check(info, lambda: check_checkpoint(storage, info.name, info.path, full))

@@ -22,9 +22,9 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 from ..storage import Storage
-from . import register
-from ._filecheck import check_torch_zip, fail, files_of, join, load_weights_only, run_check, sum_sizes
-from .base import CheckpointInfo, Layout, choose_latest
+from .registry import register
+from .base import CheckpointInfo, Layout, choose_latest, run_check
+from .checks import check_torch_zip, fail, files_of, join, load_weights_only, sum_sizes
 
 SUFFIX = ".ckpt"
 REQUIRED_KEYS = ("epoch", "global_step", "state_dict", "optimizer_states", "lr_schedulers", "loops")
@@ -58,8 +58,8 @@ class LightningLayout(Layout):
                 meta["step_from"] = "name"
             else:
                 step, meta["step_from"] = self._estimate_step(storage, e, stepped)
-            out.append(CheckpointInfo(step=step, name=e.name, path=storage.join(e.name), layout=self.name,
-                                      size=e.size if not e.is_dir else 0, time=e.mtime, metadata=meta))
+            out.append(self.candidate(storage, e.name, step, size=e.size if not e.is_dir else 0, time=e.mtime,
+                                      metadata=meta))
         return out
 
     @staticmethod

@@ -23,15 +23,18 @@ parallel sizes recorded in the first rank's ``args`` (read from pickle opcodes, 
 
 from __future__ import annotations
 
+import hashlib
 import re
+from dataclasses import replace
 from typing import Dict, List, Optional, Set, Tuple
 
 from ..storage import Entry, Storage
-from . import register
-from ._filecheck import (check_dcp_dir, check_torch_zip, fail, files_of, grid_missing, join, newest_mtime, read_json,
-                         run_check, scan_pickle_scalars, sha256_file, sum_sizes)
+from ..verify import hash_file
+from .registry import register
 from ._tracked import TrackedLayout
-from .base import CheckpointInfo
+from .base import CheckpointInfo, match_step, run_check, step_entries
+from .checks import (check_dcp_dir, check_torch_zip, fail, files_of, grid_missing, join, newest_mtime, read_json,
+                     scan_pickle_scalars, sum_sizes)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -50,8 +53,13 @@ def iter_dirname(iteration: int) -> str:
 
 def parse_iter_dirname(name: str) -> Optional[int]:
     """``iter_0001200`` -> 1200, ``iter_10000000`` -> 10000000; None for anything else."""
-    m = _ITER_RE.match(name)
-    return int(m.group(1)) if m else None
+    return match_step(_ITER_RE, name)
+
+
+def checkpoint_step(name: str) -> Optional[int]:
+    """The step of a checkpoint directory of the ``--save`` root: ``iter_N`` -> N, and ``release`` -> 0, since
+    Megatron reads a "release" tracker as iteration 0 (converted weights, older than any iteration)."""
+    return 0 if name == RELEASE else parse_iter_dirname(name)
 
 
 class MegatronLayout(TrackedLayout):
@@ -84,17 +92,8 @@ class MegatronLayout(TrackedLayout):
         return RELEASE if info.name == RELEASE else str(info.step)
 
     def list(self, storage: Storage) -> List[CheckpointInfo]:
-        out = []
-        for e in storage.listdir(""):
-            if not e.is_dir:
-                continue
-            step = parse_iter_dirname(e.name)
-            if step is not None:
-                out.append(CheckpointInfo(step=step, name=e.name, path=storage.join(e.name), layout=self.name))
-            elif e.name == RELEASE:
-                # Megatron reads a "release" tracker as iteration 0: converted weights, older than any iteration.
-                out.append(CheckpointInfo(step=0, name=e.name, path=storage.join(e.name), layout=self.name,
-                                          metadata={"release": True}))
+        out = [replace(i, metadata={"release": True}) if i.name == RELEASE else i
+               for i in self.list_matching(storage, checkpoint_step)]
         return self.mark_tracked(storage, out)
 
     def validate(self, storage: Storage, info: CheckpointInfo, full: bool = True) -> CheckpointInfo:
@@ -106,11 +105,8 @@ class MegatronLayout(TrackedLayout):
         return run_check(info, check)
 
     def _siblings_are_torch_dist(self, storage: Storage, name: str) -> bool:
-        for e in storage.listdir(""):
-            if e.is_dir and e.name != name and (_ITER_RE.match(e.name) or e.name == RELEASE):
-                if storage.exists(join(e.name, DIST_CONFIG)):
-                    return True
-        return False
+        return any(e.name != name and storage.exists(join(e.name, DIST_CONFIG))
+                   for _, e in step_entries(storage, checkpoint_step))
 
 
 def check_iteration(storage: Storage, name: str, where: str, full: bool,
@@ -157,7 +153,7 @@ def _check_integrity(storage: Storage, name: str, where: str, files: Dict[str, E
             raise fail(where, f"{INTEGRITY} lists an unsafe name {fname!r}")
         if fname not in files:
             raise fail(where, f"{fname} is missing (listed in {INTEGRITY})")
-        if full and algorithm == "sha256" and sha256_file(storage, join(name, fname)) != digest:
+        if full and algorithm == "sha256" and hash_file(storage, join(name, fname), hashlib.sha256)[1] != digest:
             raise fail(where, f"{fname} sha256 does not match {INTEGRITY}: the file was altered or damaged")
 
 

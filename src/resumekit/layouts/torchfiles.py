@@ -17,17 +17,16 @@ from dataclasses import replace
 from typing import List, Optional
 
 from ..storage import Storage
-from . import register
-from ._filecheck import check_torch_zip, load_weights_only, run_check
-from .base import CheckpointInfo, Layout
+from .registry import register
+from .base import CheckpointInfo, Layout, match_step, run_check
+from .checks import check_torch_zip, load_weights_only
 
 _NAME_RE = re.compile(r"^(?P<stem>[^/]*?)(?P<step>\d+)\.(?:pt|pth|pth\.tar)$")
 
 
 def parse_step(name: str) -> Optional[int]:
     """``ckpt_10.pth`` -> 10, ``ckpt_best_9.pth`` -> 9, ``model_0012.pt`` -> 12; None for other names."""
-    m = _NAME_RE.match(name)
-    return int(m.group("step")) if m else None
+    return match_step(_NAME_RE, name)
 
 
 class TorchFilesLayout(Layout):
@@ -39,13 +38,7 @@ class TorchFilesLayout(Layout):
         return any(not e.is_dir and _NAME_RE.match(e.name) for e in storage.listdir(""))
 
     def list(self, storage: Storage) -> List[CheckpointInfo]:
-        out = []
-        for e in storage.listdir(""):
-            step = parse_step(e.name)
-            if step is not None and not e.is_dir and not e.name.startswith("."):
-                out.append(CheckpointInfo(step=step, name=e.name, path=storage.join(e.name), layout=self.name,
-                                          size=e.size, time=e.mtime))
-        return out
+        return self.list_matching(storage, parse_step, dirs=False)
 
     def validate(self, storage: Storage, info: CheckpointInfo, full: bool = True) -> CheckpointInfo:
         if info.step < 0 and parse_step(info.name) is not None:  # `verify PATH` of a file list() did not see

@@ -28,11 +28,11 @@ import re
 from typing import Dict, List, Optional, Set
 
 from ..storage import Entry, Storage
-from . import register
-from ._filecheck import (check_dcp_dir, check_torch_zip, fail, files_of, join, missing_ranks, newest_mtime, read_json,
-                         run_check, sum_sizes)
+from .registry import register
 from ._tracked import TrackedLayout
-from .base import CheckpointInfo
+from .base import CheckpointInfo, match_step, run_check, step_entries
+from .checks import (check_dcp_dir, check_torch_zip, fail, files_of, join, missing_ranks, newest_mtime, read_json,
+                     sum_sizes)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 DATA_FILE = "data.pt"
@@ -44,8 +44,7 @@ _RANK_RE = re.compile(r"^(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.
 
 def parse_step_dirname(name: str) -> Optional[int]:
     """``global_step_120`` -> 120; None for anything else."""
-    m = _DIR_RE.match(name)
-    return int(m.group(1)) if m else None
+    return match_step(_DIR_RE, name)
 
 
 class VerlLayout(TrackedLayout):
@@ -55,7 +54,7 @@ class VerlLayout(TrackedLayout):
     tracker_name = TRACKER
 
     def detect(self, storage: Storage) -> bool:
-        return any(e.is_dir and _DIR_RE.match(e.name) for e in storage.listdir(""))
+        return bool(step_entries(storage, parse_step_dirname))
 
     def target_of(self, content: str) -> Optional[str]:
         try:
@@ -68,12 +67,7 @@ class VerlLayout(TrackedLayout):
         return str(info.step) if info else None
 
     def list(self, storage: Storage) -> List[CheckpointInfo]:
-        out = []
-        for e in storage.listdir(""):
-            step = parse_step_dirname(e.name)
-            if e.is_dir and step is not None:
-                out.append(CheckpointInfo(step=step, name=e.name, path=storage.join(e.name), layout=self.name))
-        return self.mark_tracked(storage, out)
+        return self.mark_tracked(storage, self.list_matching(storage, parse_step_dirname))
 
     def validate(self, storage: Storage, info: CheckpointInfo, full: bool = True) -> CheckpointInfo:
         def check():

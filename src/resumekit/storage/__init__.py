@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 from .base import Entry, Storage, Transaction
 from .local import LocalStorage
 
@@ -25,4 +27,16 @@ def open_storage(uri: str, create: bool = True) -> Storage:
     return LocalStorage(uri, create=create)
 
 
-__all__ = ["Entry", "Storage", "Transaction", "LocalStorage", "open_storage", "is_remote"]
+def open_parent(path: str) -> Tuple[Storage, str]:
+    """``(storage of the parent, name)`` for a checkpoint path or URI: ``runs/a/step_9`` -> (``runs/a``, ``step_9``).
+
+    How a single checkpoint named by the user (``verify PATH``, ``--resume PATH``, ``read_checkpoint(PATH)``) is
+    reached through the storage interface, whose operations are relative to a root. The parent is opened without
+    creating it.
+    """
+    path = str(path).rstrip("/")
+    parent, _, name = path.rpartition("/")
+    return open_storage(parent or ".", create=False), name
+
+
+__all__ = ["Entry", "Storage", "Transaction", "LocalStorage", "open_storage", "open_parent", "is_remote"]

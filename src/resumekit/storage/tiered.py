@@ -13,8 +13,9 @@ Ordering guarantees (each one is what makes a crash at any instant harmless):
 * Local retention never deletes a step that is queued, uploading or failed to upload (the deletion is deferred
   until the step is on the remote or no longer needed); remote retention runs after each upload, with the same
   policy, on the remote's own valid steps, and never deletes the remote's newest valid one.
-* Bytes are verified against the manifest's xxh3 on every copy, in both directions; a download lands in a local
-  tmp dir renamed into place only when complete and verified.
+* Bytes are verified against the manifest's xxh3 on every copy, in both directions
+  (:func:`resumekit.storage.transfer.copy_step`); a download lands in a local tmp dir renamed into place only when
+  complete and verified. Which steps of a tier count is :func:`resumekit.verify.check_checkpoint`'s quick check.
 * Upload errors are kept and raised at the next ``save``/``wait``/``close`` (through :meth:`raise_pending`), never
   dropped.
 """
@@ -22,23 +23,36 @@ Ordering guarantees (each one is what makes a crash at any instant harmless):
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 import time
-from typing import Any, BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from ..errors import CheckpointWriteError, ConfigError, CorruptCheckpointError
 from ..events import EventLog
-from ..format import MANIFEST, Manifest, new_hasher, parse_step_dirname, step_dirname
+from ..format import MANIFEST, Manifest, parse_step_dirname, step_dirname
+from ..verify import check_checkpoint, read_manifest
 from .base import Entry, Storage, Transaction
 from .local import LocalStorage
+# copy_step is looked up in this module by the uploader and download (tests slow it down here); the supervisor
+# and the benchmarks import it from here too.
+from .transfer import PROGRESS_MIN_BYTES, copy_step, progress_bar, read_manifest_bytes
 
 log = logging.getLogger("resumekit")
 
-_CHUNK = 8 << 20
-#: Transfers at least this large get a progress bar (when stderr is a terminal).
-PROGRESS_MIN_BYTES = int(float(os.environ.get("RESUMEKIT_PROGRESS_MIN_BYTES", str(256 << 20)) or 0))
+
+class Retention(Protocol):
+    """What the uploader needs of a retention policy (:class:`resumekit.policy.RetentionPolicy` is one).
+
+    Declared here so that storage imports nothing above it; the manager hands its policy in.
+    """
+
+    @property
+    def active(self) -> bool:
+        """False when no rule is set: every step is kept and nothing is planned."""
+
+    def to_delete(self, valid_steps: Sequence[int], metrics: Optional[Mapping[int, Mapping[str, Any]]] = None,
+                  protected: Iterable[int] = ()) -> List[int]:
+        """The valid steps to delete, oldest first; never the newest nor a ``protected`` one."""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -46,7 +60,7 @@ PROGRESS_MIN_BYTES = int(float(os.environ.get("RESUMEKIT_PROGRESS_MIN_BYTES", st
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def plan_uploads(pending: Sequence[int], remote_valid: Iterable[int], policy: Any,
+def plan_uploads(pending: Sequence[int], remote_valid: Iterable[int], policy: Optional[Retention],
                  metrics: Optional[Mapping[int, Mapping[str, Any]]] = None) -> Tuple[List[int], List[int]]:
     """Split the queued steps into (to upload, to skip), both oldest first.
 
@@ -69,103 +83,33 @@ def steps_to_resync(local_valid: Iterable[int], remote_newest: Optional[int]) ->
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Copying one checkpoint between storages
+# The native steps of one tier
 # ------------------------------------------------------------------------------------------------------------------
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+def step_dirs(storage: Storage) -> List[Tuple[int, str]]:
+    """(step, name) of every ``step_N`` directory at the root of ``storage``, in listing order."""
+    return [(s, e.name) for e in storage.listdir("") if e.is_dir and (s := parse_step_dirname(e.name)) is not None]
 
 
-def progress_bar(total: int, desc: str) -> Any:
-    """A tqdm bar for transfers above :data:`PROGRESS_MIN_BYTES`, on a terminal only (quiet in logs and CI)."""
-    if total < max(1, PROGRESS_MIN_BYTES):
-        return _NoBar()
-    try:
-        if not sys.stderr.isatty():
-            return _NoBar()
-        from tqdm import tqdm
-    except (ImportError, AttributeError, ValueError):
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-                file=sys.stderr, dynamic_ncols=True)
+def valid_manifest(storage: Storage, name: str, full: bool = False) -> Optional[Manifest]:
+    """The manifest of checkpoint ``name`` when it verifies (sizes only unless ``full``), else None.
 
-
-def read_manifest_bytes(storage: Storage, name: str) -> Tuple[bytes, Manifest]:
-    """The raw manifest of ``name`` and its parsed form; CorruptCheckpointError when missing or malformed."""
-    where = storage.join(name)
-    try:
-        raw = storage.read_bytes(f"{name}/{MANIFEST}")
-    except FileNotFoundError:
-        raise CorruptCheckpointError(where, "manifest.json is missing (the save never finished)") from None
-    man = Manifest.from_json(raw, where)
-    step = parse_step_dirname(name.rsplit("/", 1)[-1])
-    if step is not None and step != man.step:
-        raise CorruptCheckpointError(where, f"manifest says step {man.step} but the directory is step {step}")
-    return raw, man
-
-
-def copy_step(src: Storage, dst: Storage, name: str, *, desc: str = "") -> Manifest:
-    """Copy one committed native checkpoint from ``src`` to ``dst`` and commit it there (manifest last).
-
-    Every file is checked against the manifest (size and xxh3) while it streams; a mismatch aborts the copy, so
-    ``dst`` never gets a step that does not verify.
-
-    Raises:
-        CorruptCheckpointError: the source is incomplete or damaged (nothing is committed at ``dst``).
-        OSError: the transfer failed (for object stores after the retry budget); nothing is committed.
+    An unreadable checkpoint counts as invalid, as in discovery: the tiers only need to know which steps count.
     """
-    where = src.join(name)
-    raw, man = read_manifest_bytes(src, name)
-    bar = progress_bar(man.total_bytes, desc or f"copy {name}")
-    txn: Transaction = dst.begin(name)
     try:
-        for rel, ent in sorted(man.files.items()):
-            try:
-                fin = src.open_read(f"{name}/{rel}")
-            except FileNotFoundError:
-                raise CorruptCheckpointError(where, f"{rel} is missing") from None
-            h = new_hasher()
-            n = 0
-            with fin, txn.open_write(rel) as fout:
-                while True:
-                    chunk = fin.read(min(_CHUNK, ent.size - n + 1))
-                    if not chunk:
-                        break
-                    n += len(chunk)
-                    if n > ent.size:
-                        break
-                    h.update(chunk)
-                    fout.write(chunk)
-                    bar.update(len(chunk))
-                # Checked inside the block so a bad remote upload is aborted, never completed.
-                if n != ent.size:
-                    raise CorruptCheckpointError(
-                        where, f"{rel} has {'more than ' if n > ent.size else ''}{n} bytes, manifest says "
-                               f"{ent.size}" + (" (truncated?)" if n < ent.size else ""))
-                if h.hexdigest() != ent.xxh3:
-                    raise CorruptCheckpointError(where, f"{rel} checksum mismatch (xxh3 {h.hexdigest()} != "
-                                                        f"{ent.xxh3}): the file was altered or damaged")
-        txn.commit(raw)
-    except BaseException:
-        txn.abort()
-        raise
-    finally:
-        bar.close()
-    return man
+        return check_checkpoint(storage, name, full=full)
+    except (CorruptCheckpointError, OSError):
+        return None
 
 
 def newest_valid(storage: Storage, full: bool = False) -> Optional[Tuple[int, str]]:
     """(step, name) of the newest valid native checkpoint (sizes only unless ``full``), or None."""
-    from ..layouts.native import NativeLayout
-
-    layout = NativeLayout()
-    best, _ = layout.latest(storage, full=full)
-    return (best.step, best.name) if best is not None else None
+    # Newest first, stopping at the first valid one: older steps are never read.
+    for step, name in sorted(step_dirs(storage), reverse=True):
+        if valid_manifest(storage, name, full=full) is not None:
+            return step, name
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -214,8 +158,8 @@ class TieredStorage(Storage):
 
     is_local = True
 
-    def __init__(self, remote: Any, local_dir: str, *, retention: Any = None, events: Optional[EventLog] = None,
-                 create: bool = True):
+    def __init__(self, remote: Any, local_dir: str, *, retention: Optional[Retention] = None,
+                 events: Optional[EventLog] = None, create: bool = True):
         from . import open_storage
 
         self.local = LocalStorage(local_dir, create=create)
@@ -308,13 +252,9 @@ class TieredStorage(Storage):
             The names queued.
         """
         exclude = set(exclude)
-        from ..layouts.native import NativeLayout
-
         remote = newest_valid(self.remote)
-        layout = NativeLayout()
-        local_valid = {i.step: i.name for i in (layout.validate(self.local, j, full=False)
-                                                for j in layout.list(self.local)) if i.valid
-                       and i.name not in exclude}
+        local_valid = {step: name for step, name in step_dirs(self.local)
+                       if name not in exclude and valid_manifest(self.local, name) is not None}
         names = [local_valid[s] for s in steps_to_resync(local_valid, remote[0] if remote else None)]
         for n in names:
             self.enqueue_upload(n)
@@ -449,7 +389,7 @@ class _Uploader:
             metrics = {s: m for s, m in remote.items()}
             for s, n in by_step.items():
                 try:
-                    metrics[s] = Manifest.from_json(tier.local.read_bytes(f"{n}/{MANIFEST}"), n).metadata
+                    metrics[s] = read_manifest(tier.local, n).metadata
                 except (OSError, CorruptCheckpointError):
                     metrics[s] = {}
             up, skip = plan_uploads(list(by_step), remote, policy, metrics)
@@ -463,14 +403,12 @@ class _Uploader:
 
     def _remote_state(self) -> Dict[int, Dict[str, Any]]:
         if self._remote_valid is None:
-            from ..layouts.native import NativeLayout
-
-            layout = NativeLayout()
+            remote = self.tier.remote
             state: Dict[int, Dict[str, Any]] = {}
-            for info in layout.list(self.tier.remote):
-                checked = layout.validate(self.tier.remote, info, full=False)
-                if checked.valid:
-                    state[checked.step] = dict(checked.metadata)
+            for step, name in step_dirs(remote):
+                man = valid_manifest(remote, name)
+                if man is not None:
+                    state[step] = dict(man.metadata)
             self._remote_valid = state
         return self._remote_valid
 
@@ -504,12 +442,7 @@ class _Uploader:
             return False
 
     def _remote_sizes_ok(self, name: str) -> bool:
-        from ..layouts.base import CheckpointInfo
-        from ..layouts.native import NativeLayout
-
-        info = CheckpointInfo(step=parse_step_dirname(name) or 0, name=name, path=self.tier.remote.join(name),
-                              layout="native")
-        return bool(NativeLayout().validate(self.tier.remote, info, full=False).valid)
+        return valid_manifest(self.tier.remote, name) is not None
 
     def _remote_retention(self, protect: set) -> None:
         tier = self.tier
@@ -565,5 +498,5 @@ class _Uploader:
             self._cv.notify_all()
 
 
-__all__ = ["TieredStorage", "copy_step", "plan_uploads", "steps_to_resync", "newest_valid", "progress_bar",
-           "read_manifest_bytes"]
+__all__ = ["TieredStorage", "Retention", "copy_step", "plan_uploads", "steps_to_resync", "newest_valid",
+           "step_dirs", "valid_manifest", "progress_bar", "read_manifest_bytes", "PROGRESS_MIN_BYTES"]

@@ -1,4 +1,4 @@
-"""Write and read one native checkpoint through a storage transaction.
+"""The native format's handler: write and read one checkpoint (``step_N/``) through a storage transaction.
 
 Write order is the commit protocol: tensor file, tree file (each durable on close), then the manifest with their
 sizes and checksums, then the backend's commit (rename locally, nothing more on object stores).
@@ -14,11 +14,12 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .codec import decode, dumps_tree, map_tensors, read_tensors, write_tensors
-from .errors import CheckpointWriteError, CorruptCheckpointError
-from .format import MANIFEST, TENSORS_FILE, TREE_FILE, FileEntry, Manifest, new_hasher, step_dirname
-from .layouts.native import check_checkpoint
-from .storage import Storage
+from ..codec import decode, dumps_tree, map_tensors, read_tensors, write_tensors
+from ..errors import CheckpointWriteError, CorruptCheckpointError
+from ..format import DIST_FILE, TENSORS_FILE, TREE_FILE, FileEntry, Manifest, new_hasher, step_dirname
+from ..storage import Storage
+from ..units import errno_hint
+from ..verify import check_checkpoint
 
 # Test hook: seconds to pause between the files of a save, so a fault test can SIGKILL a process while a save is
 # in progress. Read once; zero in production.
@@ -49,14 +50,14 @@ def write_checkpoint(storage: Storage, step: int, tree: Any, tensors: Dict[str, 
         with txn.open_write(TENSORS_FILE) as f:
             n = write_tensors(f, tensors, h)
         files[TENSORS_FILE] = FileEntry(n, h.hexdigest())
-        _pause()
+        pause_between_files()
         blob = dumps_tree(tree)
         h = new_hasher()
         h.update(blob)
         with txn.open_write(TREE_FILE) as f:
             f.write(blob)
         files[TREE_FILE] = FileEntry(len(blob), h.hexdigest())
-        _pause()
+        pause_between_files()
         man = Manifest(step=step, files=files, metadata=dict(metadata or {}), entries=list(entries))
         path = txn.commit(man.to_json())
     except OSError as e:
@@ -64,9 +65,7 @@ def write_checkpoint(storage: Storage, step: int, tree: Any, tensors: Dict[str, 
         where = storage.join(name)
         if isinstance(e, CheckpointWriteError):
             raise
-        hint = {28: "the disk is full: free space or lower keep_last",
-                13: "permission denied: make the checkpoint directory writable",
-                30: "the file system is read-only"}.get(e.errno or 0, "check the storage")
+        hint = errno_hint(e.errno)
         msg = f"saving step {step} to {where} failed: {e.strerror or e}; {hint}. The previous checkpoint is untouched."
         # Errors without an errno (object-store failures) would otherwise print as "[Errno None] ...".
         raise (CheckpointWriteError(e.errno, msg) if e.errno is not None else CheckpointWriteError(msg)) from e
@@ -76,7 +75,8 @@ def write_checkpoint(storage: Storage, step: int, tree: Any, tensors: Dict[str, 
     return SaveResult(step, path, man, time.perf_counter() - t0)
 
 
-def _pause() -> None:
+def pause_between_files() -> None:
+    """The fault-injection pause (``RESUMEKIT_TEST_SAVE_PAUSE``) between the files of a save; no-op normally."""
     if _SAVE_PAUSE:
         time.sleep(_SAVE_PAUSE)
 
@@ -96,7 +96,7 @@ def read_checkpoint(storage: Storage, name: str, mapped: Optional[bool] = None) 
     for rel in (TENSORS_FILE, TREE_FILE):
         if rel not in man.files:
             hint = (" (a sharded checkpoint: restore it with CheckpointManager(..., distributed=True) under "
-                    "torchrun, or resumekit.distributed.read_sharded)") if "distributed.json" in man.files else ""
+                    "torchrun, or resumekit.distributed.read_sharded)") if DIST_FILE in man.files else ""
             raise CorruptCheckpointError(where, f"manifest does not list {rel}{hint}")
     ent = man.files[TENSORS_FILE]
     h = new_hasher()
@@ -122,4 +122,4 @@ def read_checkpoint(storage: Storage, name: str, mapped: Optional[bool] = None) 
     return man, tree
 
 
-__all__ = ["write_checkpoint", "read_checkpoint", "SaveResult", "MANIFEST"]
+__all__ = ["write_checkpoint", "read_checkpoint", "SaveResult", "pause_between_files"]

@@ -1,40 +1,51 @@
-"""The crash-and-resume demonstration behind ``resumekit demo`` (and ``make demo``).
+"""The single-process demonstration behind ``resumekit demo`` (and ``make demo``).
 
-It trains a small model on synthetic data twice: once straight, once under a restart loop that SIGKILLs the job at
-random moments, some of them while a checkpoint is being written. It then compares the two final states bit for
-bit (model, optimizer, scheduler, grad scaler, data position, RNGs) and the batches each step saw.
+It trains a small model on synthetic data twice: once straight, once under ``resumekit run`` while this module
+SIGKILLs the job at random moments, some of them while a checkpoint is being written. It then compares the two final
+states bit for bit (model, optimizer, scheduler, grad scaler, data position, RNGs) and the batches each step saw.
+
+The job itself runs as ``python -m resumekit.demo.single --worker --dir D ...`` (see :func:`job_cmd`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
-import shutil
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-from .events import iter_events
+from ..events import EVENTS_FILE, iter_events, read_events
+from .core import (CrashStats, ProgressTail, count_events, fresh_run_dirs, parse_worker_args, print_table, saving,
+                   tree_diff, worker_args)
 
-PROGRESS = "progress.jsonl"
+PROGRESS = "progress.jsonl"  # one {"step", "batch", "loss", "pid"} record per step
+WORKER_MODULE = "resumekit.demo.single"
 
 
 # ------------------------------------------------------------------------------------------------ the job
 def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save: bool = False,
           width: int = 512) -> None:
-    """The training job: plain PyTorch plus the four resumekit lines. Deterministic given ``seed``."""
+    """The training job: plain PyTorch plus the four resumekit lines. Deterministic given ``seed``.
+
+    Args:
+        directory: the checkpoint directory (the progress log goes there too).
+        steps: train until this step.
+        save_every: checkpoint every this many steps.
+        seed: seeds the data, the weights, the data order and every RNG.
+        async_save: write checkpoints in the background.
+        width: the hidden width of the model.
+    """
     import hashlib
 
+    import numpy as np
     import torch
 
-    from .data import ResumableDataLoader
-    from .manager import CheckpointManager
-
-    import numpy as np
+    from ..data import ResumableDataLoader
+    from ..manager import CheckpointManager
 
     torch.set_num_threads(1)  # same kernels, same thread split: bitwise reproducible on one machine
     random.seed(seed)
@@ -79,45 +90,31 @@ def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save
     progress.close()
 
 
+def job_cmd(directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> List[str]:
+    """The command line that runs :func:`train` in a fresh Python process (the arguments are those of
+    :func:`resumekit.demo.core.worker_args`).
+
+    Returns:
+        ``[python, "-m", "resumekit.demo.single", "--worker", ...]``.
+    """
+    return [sys.executable, *worker_args(WORKER_MODULE, directory, steps, save_every, seed, async_save)]
+
+
 # ----------------------------------------------------------------------------------------- comparison
-def tree_diff(x: Any, y: Any, path: str = "") -> List[str]:
-    """Paths where two decoded state trees differ; tensors compare by bytes, NaN equals NaN (empty: identical)."""
-    import numpy as np
-    import torch
-
-    diffs: List[str] = []
-
-    def walk(x: Any, y: Any, path: str) -> None:
-        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
-                    and x.shape == y.shape
-                    and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))):
-                diffs.append(path)
-        elif isinstance(x, dict) and isinstance(y, dict):
-            if set(x) != set(y):
-                diffs.append(f"{path} (keys)")
-            for k in set(x) & set(y):
-                walk(x[k], y[k], f"{path}/{k}")
-        elif isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
-            if len(x) != len(y):
-                diffs.append(f"{path} (length)")
-            for i, (u, v) in enumerate(zip(x, y)):
-                walk(u, v, f"{path}/{i}")
-        elif isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
-            if not np.array_equal(x, y):
-                diffs.append(path)
-        elif x != y and not (x != x and y != y):  # NaN == NaN for this purpose
-            diffs.append(path)
-
-    walk(x, y, path)
-    return diffs
-
-
 def compare_final(a: str, b: str, step: int) -> List[str]:
-    """Keys whose values differ between the two runs' final checkpoints (empty: bitwise identical)."""
-    from .checkpoint import read_checkpoint
-    from .format import step_dirname
-    from .storage import open_storage
+    """Keys whose values differ between two runs' final checkpoints.
+
+    Args:
+        a: one run's checkpoint directory.
+        b: the other's.
+        step: the step of the checkpoint compared in both.
+
+    Returns:
+        The differing paths, sorted; empty when bitwise identical.
+    """
+    from ..checkpointers.native import read_checkpoint
+    from ..format import step_dirname
+    from ..storage import open_storage
 
     _, ta = read_checkpoint(open_storage(a, create=False), step_dirname(step))
     _, tb = read_checkpoint(open_storage(b, create=False), step_dirname(step))
@@ -125,71 +122,74 @@ def compare_final(a: str, b: str, step: int) -> List[str]:
 
 
 def batch_sequence(directory: str) -> Dict[int, str]:
-    """step -> batch hash, the last record winning (a redone step after a kill overwrites the lost one)."""
+    """step -> batch hash, the last record winning (a redone step after a kill overwrites the lost one).
+
+    Args:
+        directory: the run directory holding the progress log.
+
+    Returns:
+        The batch hash seen at each step.
+    """
     return {rec["step"]: rec["batch"] for rec in iter_events(os.path.join(directory, PROGRESS))}
 
 
-# ---------------------------------------------------------------------------------------- crash loop
-@dataclass
-class CrashStats:
-    kills: int = 0
-    kills_mid_save: int = 0
-    restarts: int = 0
-    skipped_invalid: int = 0
-    steps_redone: int = 0
-    exit_code: Optional[int] = None
-    attempts: List[Dict[str, Any]] = field(default_factory=list)
-    summary: Dict[str, Any] = field(default_factory=dict)
+def progress_attempts(directory: str) -> List[Tuple[int, int, int]]:
+    """(pid, first step, last step) of each attempt, in start order, from the whole progress log.
 
+    Args:
+        directory: the run directory holding the progress log.
 
-def _job_cmd(directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> List[str]:
-    cmd = [sys.executable, "-m", "resumekit.demo", "--worker", "--dir", directory, "--steps", str(steps),
-           "--save-every", str(save_every), "--seed", str(seed)]
-    return cmd + (["--async"] if async_save else [])
-
-
-def _count_events(directory: str, kind: str) -> int:
-    from .events import EVENTS_FILE, read_events
-
-    return sum(1 for e in read_events(os.path.join(directory, EVENTS_FILE)) if e.get("event") == kind)
-
-
-def _progress_pids(directory: str) -> List[tuple]:
-    """(pid, first step, last step) of each attempt, in start order, from the progress log."""
+    Returns:
+        One tuple per process that trained.
+    """
     order: Dict[int, List[int]] = {}
     for rec in iter_events(os.path.join(directory, PROGRESS)):  # JSONL reader that skips lines torn by a kill
         order.setdefault(rec["pid"], []).append(rec["step"])
     return [(pid, min(v), max(v)) for pid, v in order.items()]
 
 
+# ---------------------------------------------------------------------------------------- crash loop
 def run_with_kills(directory: str, steps: int, save_every: int, seed: int, crashes: int, rng: random.Random,
                    async_save: bool = False, timeout: float = 600.0) -> CrashStats:
-    """Run the job under ``resumekit run`` and SIGKILL it ``crashes`` times (the first, and about a third of the
-    others, while a checkpoint is being written); the supervisor restarts it each time."""
-    import signal
+    """Run the job under ``resumekit run`` and SIGKILL it ``crashes`` times; the supervisor restarts it each time.
 
-    from .events import EVENTS_FILE, read_events
+    The first kill, and about 40% of the others, land while a checkpoint is being written; the rest after a
+    random delay.
 
+    Args:
+        directory: the (empty) run directory.
+        steps: the job's length.
+        save_every: the job's checkpoint interval.
+        seed: the job's seed.
+        crashes: how many kills.
+        rng: picks the kind and moment of each kill.
+        async_save: the job writes checkpoints in the background.
+        timeout: seconds the whole run may take.
+
+    Returns:
+        What happened: kills, restarts, skipped checkpoints, steps redone, one record per attempt.
+    """
     stats = CrashStats()
     env = dict(os.environ, RESUMEKIT_TEST_SAVE_PAUSE="0.02", PYTHONUNBUFFERED="1")
     sup_cmd = [sys.executable, "-m", "resumekit", "run", "--dir", directory, "--max-restarts", str(crashes + 3),
                "--backoff", "0.05", "--backoff-max", "0.2", "--crash-loop", str(crashes + 2), "--json", "--"]
-    sup = subprocess.Popen(sup_cmd + _job_cmd(directory, steps, save_every, seed, async_save), env=env,
+    sup = subprocess.Popen(sup_cmd + job_cmd(directory, steps, save_every, seed, async_save), env=env,
                            stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     killed_pids = set()
+    tail = ProgressTail(directory, PROGRESS)
     try:
         while stats.kills < crashes and sup.poll() is None and time.monotonic() < deadline:
-            attempts = _progress_pids(directory)
-            if not attempts or attempts[-1][0] in killed_pids:
+            tail.poll()
+            pids = list(tail.latest)  # in start order: the last one is the attempt running now
+            if not pids or pids[-1] in killed_pids:
                 time.sleep(0.005)
                 continue
-            pid = attempts[-1][0]
+            pid = pids[-1]
             aim_at_save = stats.kills == 0 or rng.random() < 0.4
             t_seen, delay = time.monotonic(), rng.uniform(0.05, 1.2)
             while sup.poll() is None:
-                saving = any(n.startswith(".tmp-step_") for n in os.listdir(directory))
-                if (aim_at_save and saving) or (not aim_at_save and time.monotonic() - t_seen >= delay):
+                if (aim_at_save and saving(directory)) or (not aim_at_save and time.monotonic() - t_seen >= delay):
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
@@ -197,7 +197,7 @@ def run_with_kills(directory: str, steps: int, save_every: int, seed: int, crash
                     killed_pids.add(pid)
                     stats.kills += 1
                     time.sleep(0.01)
-                    stats.kills_mid_save += int(any(n.startswith(".tmp-step_") for n in os.listdir(directory)))
+                    stats.kills_mid_save += int(saving(directory))
                     break
                 time.sleep(0.002)
         out, _ = sup.communicate(timeout=max(1.0, deadline - time.monotonic()))
@@ -211,33 +211,37 @@ def run_with_kills(directory: str, steps: int, save_every: int, seed: int, crash
     stats.exit_code = sup.returncode
     restores = {e.get("pid"): e.get("step", 0) for e in read_events(os.path.join(directory, EVENTS_FILE))
                 if e.get("event") == "restore"}
-    for i, (pid, first, last) in enumerate(_progress_pids(directory)):
+    for i, (pid, first, last) in enumerate(progress_attempts(directory)):
         stats.attempts.append({"attempt": i, "pid": pid, "resumed_from": restores.get(pid, first - 1),
                                "reached": last, "killed": pid in killed_pids})
     stats.restarts = int(stats.summary.get("restarts", len(stats.attempts) - 1))
-    stats.skipped_invalid = _count_events(directory, "skip_invalid")
+    stats.skipped_invalid = count_events(directory, "skip_invalid")
     for prev, nxt in zip(stats.attempts, stats.attempts[1:]):
         stats.steps_redone += max(0, prev["reached"] - nxt["resumed_from"])
     return stats
 
 
-def run_demo(directory: str, crashes: int = 6, steps: int = 300, seed: Optional[int] = None, nproc: int = 1,
-             as_json: bool = False, save_every: int = 20, async_save: bool = False) -> int:
-    """Straight run vs killed-and-restarted run; returns 0 only if they end bitwise identical."""
-    if nproc != 1:
-        # The same demonstration with N processes under torchrun (DDP, sharded checkpoints, worker SIGKILLs).
-        from .demo_distributed import run_distributed_demo
+def run_single_demo(directory: str, *, crashes: int = 6, steps: int = 300, seed: Optional[int] = None,
+                    as_json: bool = False, save_every: int = 20, async_save: bool = False) -> int:
+    """Straight run vs killed-and-restarted run of the single-process job.
 
-        return run_distributed_demo(directory, nproc=nproc, crashes=crashes, steps=steps, seed=seed,
-                                    as_json=as_json, save_every=save_every, async_save=async_save)
+    Args:
+        directory: where both runs write (``straight/`` and ``crashy/``, emptied first).
+        crashes: how many SIGKILLs.
+        steps: the job's length.
+        seed: the kill seed (random when None; printed so a run can be repeated).
+        as_json: print one JSON object instead of the table.
+        save_every: the job's checkpoint interval.
+        async_save: the job writes checkpoints in the background.
+
+    Returns:
+        0 only if both runs end bitwise identical, saw the same batches and the supervisor exited 0; else 1.
+    """
     seed = random.randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
-    straight, crashy = os.path.join(directory, "straight"), os.path.join(directory, "crashy")
-    for d in (straight, crashy):
-        shutil.rmtree(d, ignore_errors=True)
-        os.makedirs(d)
+    straight, crashy = fresh_run_dirs(directory)
     t0 = time.monotonic()
-    subprocess.run(_job_cmd(straight, steps, save_every, 0, async_save), check=True)
+    subprocess.run(job_cmd(straight, steps, save_every, 0, async_save), check=True)
     t_straight = time.monotonic() - t0
     t0 = time.monotonic()
     stats = run_with_kills(crashy, steps, save_every, 0, crashes, rng, async_save=async_save)
@@ -249,7 +253,8 @@ def run_demo(directory: str, crashes: int = 6, steps: int = 300, seed: Optional[
     result = {
         "identical": ok, "kills": stats.kills, "kills_mid_save": stats.kills_mid_save, "restarts": stats.restarts,
         "skipped_invalid": stats.skipped_invalid, "steps_redone": stats.steps_redone,
-        "supervisor_exit": stats.exit_code, "supervisor_summary": stats.summary, "differing_keys": diffs, "batch_sequence_equal": batches_equal, "steps": steps, "kill_seed": seed,
+        "supervisor_exit": stats.exit_code, "supervisor_summary": stats.summary, "differing_keys": diffs,
+        "batch_sequence_equal": batches_equal, "steps": steps, "kill_seed": seed,
         "seconds_straight": round(t_straight, 2), "seconds_with_kills": round(t_crashy, 2),
         "directory": os.path.abspath(directory),
     }
@@ -266,27 +271,19 @@ def run_demo(directory: str, crashes: int = 6, steps: int = 300, seed: Optional[
     return 0 if ok else 1
 
 
-def print_table(title: str, rows: List[tuple], diffs: List[str], batches: tuple, ok: bool) -> None:
-    """The demo's human summary: counters, then the two verdicts, then PASS/FAIL."""
-    print(f"\nresumekit demo: {title}")
-    for k, v in rows:
-        print(f"  {k:<32} {v}")
-    print(f"  {'final state bitwise identical':<32} {'yes' if not diffs else 'NO: ' + ', '.join(diffs[:5])}")
-    print(f"  {batches[0]:<32} {'yes' if batches[1] else 'NO'}")
-    print("PASS" if ok else "FAIL")
+# --------------------------------------------------------------------------------------- entry point
+def worker_main(argv: Optional[List[str]] = None) -> None:
+    """``python -m resumekit.demo.single --worker --dir D [--steps N] [--save-every K] [--seed S] [--async]``.
 
-
-def _worker_main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m resumekit.demo")
-    p.add_argument("--worker", action="store_true")
-    p.add_argument("--dir", required=True)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--save-every", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--async", dest="async_save", action="store_true")
-    a = p.parse_args(argv)
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+    """
+    a = parse_worker_args(f"python -m {WORKER_MODULE}", argv, steps=300, save_every=20)
     train(a.dir, a.steps, a.save_every, a.seed, a.async_save)
 
 
+__all__ = ["PROGRESS", "batch_sequence", "compare_final", "job_cmd", "progress_attempts", "run_single_demo",
+           "run_with_kills", "train", "worker_main"]
+
 if __name__ == "__main__":
-    _worker_main()
+    worker_main()

@@ -6,41 +6,54 @@ some of them while a sharded checkpoint is being written. torchrun's elastic age
 again; every rank resumes from the newest checkpoint valid on all ranks. The two runs' final checkpoints are then
 compared bit for bit (every tensor unsharded, every rank's scheduler/scaler/sampler/RNG state) together with the
 batches every rank saw at every step.
+
+Each rank runs as ``torchrun ... -m resumekit.demo.distributed --worker --dir D ...`` (see :func:`job_args`).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
+import fnmatch
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
-from .events import iter_events
+from ..events import iter_events
+from .core import (CrashStats, ProgressTail, count_events, fresh_run_dirs, parse_worker_args, print_table, saving,
+                   stop_tree, tree_diff, worker_args)
 
 PROGRESS_GLOB = "progress_rank"  # progress_rank{R}.jsonl: {"step", "rank", "pid", "batch", ...} per step
-SAVING_PREFIX = ".tmp-step_"
+PROGRESS_PATTERN = f"{PROGRESS_GLOB}*.jsonl"
+WORKER_MODULE = "resumekit.demo.distributed"
 
 
 # ------------------------------------------------------------------------------------------------ the job
 def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save: bool = False,
           width: int = 128) -> None:
-    """One rank of the DDP job: plain PyTorch plus the resumekit lines. Deterministic given seed and world."""
+    """One rank of the DDP job: plain PyTorch plus the resumekit lines. Deterministic given seed and world.
+
+    Args:
+        directory: the checkpoint directory (the ranks' progress logs go there too).
+        steps: train until this step.
+        save_every: checkpoint every this many steps.
+        seed: seeds the data, the weights, the data order and every RNG (one stream per rank).
+        async_save: write checkpoints in the background.
+        width: the hidden width of the model.
+    """
     import hashlib
 
     import numpy as np
     import torch
     import torch.distributed as dist
 
-    from .data import ResumableDataLoader
-    from .manager import CheckpointManager
+    from ..data import ResumableDataLoader
+    from ..manager import CheckpointManager
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
@@ -90,24 +103,49 @@ def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save
     dist.destroy_process_group()
 
 
+def job_args(directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> List[str]:
+    """torchrun's arguments after its own options: run :func:`train` on every rank (the arguments are those of
+    :func:`resumekit.demo.core.worker_args`).
+
+    Returns:
+        ``["-m", "resumekit.demo.distributed", "--worker", ...]``.
+    """
+    return worker_args(WORKER_MODULE, directory, steps, save_every, seed, async_save)
+
+
 # ----------------------------------------------------------------------------------------- comparison
 def compare_final(a: str, b: str, step: int) -> List[str]:
-    """What differs between two runs' final sharded checkpoints (empty: bitwise identical)."""
-    from .distributed import read_sharded
-    from .format import step_dirname
+    """What differs between two runs' final sharded checkpoints.
+
+    Args:
+        a: one run's checkpoint directory.
+        b: the other's.
+        step: the step of the checkpoint compared in both.
+
+    Returns:
+        The differing paths (``shards/...`` for tensors, ``ranks/...`` for per-rank state), sorted; empty when
+        bitwise identical.
+    """
+    from ..distributed import read_sharded
+    from ..format import step_dirname
 
     _, ta, ra = read_sharded(os.path.join(a, step_dirname(step)))
     _, tb, rb = read_sharded(os.path.join(b, step_dirname(step)))
-    from .demo import tree_diff
-
     return sorted(tree_diff(ta, tb, "shards") + tree_diff(ra, rb, "ranks"))
 
 
 def read_progress(directory: str) -> Dict[int, List[Dict[str, Any]]]:
-    """rank -> progress records in file order (a torn last line from a kill is skipped)."""
+    """rank -> progress records in file order (a torn last line from a kill is skipped).
+
+    Args:
+        directory: the run directory holding ``progress_rank{R}.jsonl``.
+
+    Returns:
+        Every rank's records.
+    """
     out: Dict[int, List[Dict[str, Any]]] = {}
     for name in sorted(os.listdir(directory)):
-        if not (name.startswith(PROGRESS_GLOB) and name.endswith(".jsonl")):
+        if not fnmatch.fnmatchcase(name, PROGRESS_PATTERN):
             continue
         for rec in iter_events(os.path.join(directory, name)):  # skips a line torn by a kill
             out.setdefault(int(rec["rank"]), []).append(rec)
@@ -115,11 +153,19 @@ def read_progress(directory: str) -> Dict[int, List[Dict[str, Any]]]:
 
 
 def batch_sequences(directory: str, key: str = "batch") -> Dict[int, Dict[int, Any]]:
-    """rank -> {step -> batch}, the last record winning (a step redone after a kill replaces the lost one)."""
+    """rank -> {step -> batch}, the last record winning (a step redone after a kill replaces the lost one).
+
+    Args:
+        directory: the run directory holding the progress logs.
+        key: the record field to collect.
+
+    Returns:
+        Each rank's value of ``key`` at each step.
+    """
     return {r: {rec["step"]: rec[key] for rec in recs} for r, recs in read_progress(directory).items()}
 
 
-# ---------------------------------------------------------------------------------------- crash loop
+# ------------------------------------------------------------------------------------------- torchrun
 def free_port() -> int:
     """A TCP port free right now on this host (for torchrun's rendezvous endpoint)."""
     with socket.socket() as s:
@@ -128,16 +174,35 @@ def free_port() -> int:
 
 
 def torchrun_cmd(nproc: int, job: Sequence[str], *, max_restarts: int = 0, port: Optional[int] = None) -> List[str]:
-    """``torchrun`` on this host with a c10d rendezvous on a free port, restarting the group up to N times."""
+    """``torchrun`` on this host with a c10d rendezvous on a free port, restarting the group up to N times.
+
+    Args:
+        nproc: processes per node.
+        job: the script and its arguments, or ``-m module ...``.
+        max_restarts: group restarts torchrun's agent may make.
+        port: the rendezvous port (default: a free one).
+
+    Returns:
+        The command line.
+    """
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port or free_port()}", f"--max-restarts={max_restarts}",
             "--monitor-interval=0.1", "--rdzv-conf=join_timeout=60", *job]
 
 
 def torchrun_env(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The environment for torchrun jobs that restart: one CPU thread per worker, unbuffered output, and
-    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: with the agent's store shared (the default since torch 2.5) a
-    restarted group can read the previous attempt's gloo/NCCL addresses and fail to connect (pytorch#135712)."""
+    """The environment for torchrun jobs that restart.
+
+    One CPU thread per worker, unbuffered output, and ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: with the agent's
+    store shared (the default since torch 2.5) a restarted group can read the previous attempt's gloo/NCCL
+    addresses and fail to connect (pytorch#135712).
+
+    Args:
+        base: the environment to start from (default: this process's).
+
+    Returns:
+        A new environment dict.
+    """
     env = dict(os.environ if base is None else base)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
@@ -145,56 +210,35 @@ def torchrun_env(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def _job_args(directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> List[str]:
-    args = ["-m", "resumekit.demo_distributed", "--worker", "--dir", directory, "--steps", str(steps),
-            "--save-every", str(save_every), "--seed", str(seed)]
-    return args + (["--async"] if async_save else [])
-
-
-class _ProgressTail:
-    """Follows every rank's progress file incrementally (the kill loop polls every few milliseconds)."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.offsets: Dict[str, int] = {}
-        self.latest: Dict[int, Tuple[int, int]] = {}  # pid -> (rank, last step)
-
-    def poll(self) -> None:
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return
-        for name in names:
-            if not (name.startswith(PROGRESS_GLOB) and name.endswith(".jsonl")):
-                continue
-            path = os.path.join(self.directory, name)
-            with open(path, "rb") as f:
-                f.seek(self.offsets.get(name, 0))
-                data = f.read()
-            end = data.rfind(b"\n") + 1  # leave a partly written line for the next poll
-            self.offsets[name] = self.offsets.get(name, 0) + end
-            for line in data[:end].splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                self.latest[int(rec["pid"])] = (int(rec["rank"]), int(rec["step"]))
-
-
+# ---------------------------------------------------------------------------------------- crash loop
 def run_torchrun_with_kills(command: Sequence[str], directory: str, *, nproc: int, crashes: int,
                             rng: random.Random, env: Optional[Dict[str, str]] = None, timeout: float = 300.0,
-                            log_path: Optional[str] = None, last_step: Optional[int] = None) -> "Any":
+                            log_path: Optional[str] = None, last_step: Optional[int] = None) -> CrashStats:
     """Run ``command`` (torchrun, or ``resumekit run -- torchrun ...``) and SIGKILL one random worker ``crashes``
-    times: the first kill, and about 40% of the others, while a checkpoint is being written, the rest after a
-    random number of steps. Workers are found through their progress files (``progress_rank{R}.jsonl`` lines with
-    ``pid``, ``rank`` and ``step``). Kills aimed at a step never aim past ``last_step - 2`` (the job's length), so
-    every kill lands before the job ends. Returns a :class:`resumekit.demo.CrashStats`; every process it started
-    is gone when it returns.
-    """
-    from .demo import CrashStats
+    times.
 
+    The first kill, and about 40% of the others, land while a checkpoint is being written, the rest after a random
+    number of steps. Workers are found through their progress files (``progress_rank{R}.jsonl`` lines with
+    ``pid``, ``rank`` and ``step``).
+
+    Args:
+        command: what to run; it is started in a session of its own.
+        directory: the run directory the workers write their progress and checkpoints to.
+        nproc: workers per generation.
+        crashes: how many kills.
+        rng: picks the kind, the moment and the victim of each kill.
+        env: the command's environment (default: this process's).
+        timeout: seconds the whole run may take.
+        log_path: where the command's output is appended (default: discarded).
+        last_step: the job's length; kills aimed at a step never aim past ``last_step - 2``, so every kill lands
+            before the job ends.
+
+    Returns:
+        The kills (one record per kill in ``attempts``) and the command's exit code. Every process it started is
+        gone when it returns.
+    """
     stats = CrashStats()
-    tail = _ProgressTail(directory)
+    tail = ProgressTail(directory, PROGRESS_PATTERN)
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(list(command), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -214,9 +258,8 @@ def run_torchrun_with_kills(command: Sequence[str], directory: str, *, nproc: in
             victim_rank = rng.randrange(nproc)
             while proc.poll() is None and time.monotonic() < deadline:
                 tail.poll()
-                saving = any(n.startswith(SAVING_PREFIX) for n in os.listdir(directory))
                 steps_now = max(s for p, (_, s) in tail.latest.items() if p not in dead)
-                if (aim_at_save and saving) or (not aim_at_save and steps_now >= target):
+                if (aim_at_save and saving(directory)) or (not aim_at_save and steps_now >= target):
                     break
                 time.sleep(0.002)
             else:
@@ -228,7 +271,7 @@ def run_torchrun_with_kills(command: Sequence[str], directory: str, *, nproc: in
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue  # it finished on its own first: not a kill
-            mid_save = any(n.startswith(SAVING_PREFIX) for n in os.listdir(directory))
+            mid_save = saving(directory)
             stats.kills += 1
             stats.kills_mid_save += int(mid_save)
             stats.attempts.append({"killed_rank": victim_rank, "pid": pid, "at_step": live[victim_rank][1],
@@ -237,7 +280,7 @@ def run_torchrun_with_kills(command: Sequence[str], directory: str, *, nproc: in
     except subprocess.TimeoutExpired:
         pass
     finally:
-        _kill_tree(proc)
+        stop_tree(proc)
         if log_path:
             log.close()  # type: ignore[union-attr]
     stats.exit_code = proc.returncode
@@ -245,56 +288,33 @@ def run_torchrun_with_kills(command: Sequence[str], directory: str, *, nproc: in
     return stats
 
 
-def _descendants(pid: int) -> List[int]:
-    children: Dict[int, List[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL ``proc`` and every descendant (torchrun starts its workers in sessions of their own)."""
-    if proc.poll() is None or _descendants(proc.pid):
-        for pid in [proc.pid] + _descendants(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-
-
 def run_distributed_demo(directory: str, *, nproc: int, crashes: int = 4, steps: int = 120,
                          seed: Optional[int] = None, as_json: bool = False, save_every: int = 10,
                          async_save: bool = False) -> int:
-    """Straight ``torchrun`` run vs one SIGKILLed and restarted by torchrun under ``resumekit run``; returns 0
-    only if both end bitwise identical."""
+    """Straight ``torchrun`` run vs one SIGKILLed and restarted by torchrun under ``resumekit run``.
+
+    Args:
+        directory: where both runs write (``straight/`` and ``crashy/``, emptied first).
+        nproc: processes per run.
+        crashes: how many worker SIGKILLs.
+        steps: the job's length.
+        seed: the kill seed (random when None; printed so a run can be repeated).
+        as_json: print one JSON object instead of the table.
+        save_every: the job's checkpoint interval.
+        async_save: the job writes checkpoints in the background.
+
+    Returns:
+        0 only if both runs end bitwise identical, every rank saw the same batches and the command exited 0.
+    """
     seed = random.randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
-    straight, crashy = os.path.join(directory, "straight"), os.path.join(directory, "crashy")
-    for d in (straight, crashy):
-        shutil.rmtree(d, ignore_errors=True)
-        os.makedirs(d)
+    straight, crashy = fresh_run_dirs(directory)
     env = torchrun_env()
     for k in ("RESUMEKIT_RESUME_FROM", "RESUMEKIT_HEARTBEAT", "RESUMEKIT_EVENTS", "RESUMEKIT_DIR"):
         env.pop(k, None)
     t0 = time.monotonic()
     with open(os.path.join(straight, "torchrun.log"), "wb") as log:
-        r = subprocess.run(torchrun_cmd(nproc, _job_args(straight, steps, save_every, 0, async_save)), env=env,
+        r = subprocess.run(torchrun_cmd(nproc, job_args(straight, steps, save_every, 0, async_save)), env=env,
                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     t_straight = time.monotonic() - t0
     if r.returncode != 0:
@@ -302,16 +322,14 @@ def run_distributed_demo(directory: str, *, nproc: int, crashes: int = 4, steps:
               file=sys.stderr)
         return 1
     t0 = time.monotonic()
-    job = torchrun_cmd(nproc, _job_args(crashy, steps, save_every, 0, async_save), max_restarts=crashes + 1)
+    job = torchrun_cmd(nproc, job_args(crashy, steps, save_every, 0, async_save), max_restarts=crashes + 1)
     sup = [sys.executable, "-m", "resumekit", "run", "--dir", crashy, "--max-restarts", "2", "--backoff", "0.05",
            "--backoff-max", "0.2", "--"]
     stats = run_torchrun_with_kills(sup + job, crashy, nproc=nproc, crashes=crashes, rng=rng,
                                     env=dict(env, RESUMEKIT_TEST_SAVE_PAUSE="0.05"),
                                     log_path=os.path.join(crashy, "torchrun.log"), last_step=steps)
     t_crashy = time.monotonic() - t0
-    from .demo import _count_events
-
-    stats.skipped_invalid = _count_events(crashy, "skip_invalid")
+    stats.skipped_invalid = count_events(crashy, "skip_invalid")
     try:
         diffs = compare_final(straight, crashy, steps)
     except Exception as e:  # noqa: BLE001 - a missing or invalid final checkpoint is the demo failing
@@ -334,24 +352,26 @@ def run_distributed_demo(directory: str, *, nproc: int, crashes: int = 4, steps:
                 ("checkpoints skipped as invalid", stats.skipped_invalid), ("steps", steps),
                 ("exit code", stats.exit_code),
                 ("time straight / with kills", f"{t_straight:.1f}s / {t_crashy:.1f}s")]
-        from .demo import print_table
-
         print_table(f"{nproc}-process DDP under torchrun, straight, then again under `resumekit run -- torchrun` "
                     "with random worker SIGKILLs", rows, diffs, ("same batch at every step/rank", batches_equal), ok)
     return 0 if ok else 1
 
 
-def _worker_main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="torchrun -m resumekit.demo_distributed")
-    p.add_argument("--worker", action="store_true")
-    p.add_argument("--dir", required=True)
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--save-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--async", dest="async_save", action="store_true")
-    a = p.parse_args(argv)
+# --------------------------------------------------------------------------------------- entry point
+def worker_main(argv: Optional[List[str]] = None) -> None:
+    """``torchrun ... -m resumekit.demo.distributed --worker --dir D [--steps N] [--save-every K] [--seed S]
+    [--async]``.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+    """
+    a = parse_worker_args(f"torchrun -m {WORKER_MODULE}", argv, steps=120, save_every=10)
     train(a.dir, a.steps, a.save_every, a.seed, a.async_save)
 
 
+__all__ = ["PROGRESS_GLOB", "PROGRESS_PATTERN", "batch_sequences", "compare_final", "free_port", "job_args",
+           "read_progress", "run_distributed_demo", "run_torchrun_with_kills", "torchrun_cmd", "torchrun_env", "train",
+           "worker_main"]
+
 if __name__ == "__main__":
-    _worker_main()
+    worker_main()

@@ -1,0 +1,129 @@
+"""One process, the native format: a step is one tensor file + one JSON tree, committed by a manifest written last.
+
+Atomicity is the storage's commit strategy (rename on POSIX, manifest-last on object stores); asynchronous saves
+stage tensors in reused host buffers so training blocks only for that copy. With a tiered storage, restore
+candidates come from both tiers and a remote one is downloaded (verified) into the local tier before it is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+
+from ..codec import TreeEncoder
+from ..format import step_dirname
+from ..layouts.base import CheckpointInfo
+from ..snapshot import StagingBuffers, to_host
+from ..state import RNG_KEY, STATE_KEY, apply_state, capture_rng, capture_state, restore_rng
+from ..storage import Storage
+from ..storage.tiered import TieredStorage
+from .base import Candidate, Committed, Opened, Snapshot, candidates_at, is_committed, remove_stale_tmp, root_candidates
+from .native import read_checkpoint, write_checkpoint
+
+
+
+class LocalCheckpointer:
+    """The single-process :class:`~resumekit.checkpointers.base.Checkpointer`.
+
+    Args:
+        storage: the root (local, mounted, object store, or a :class:`TieredStorage`).
+    """
+
+    collective = False
+    leads_job = True
+    leads_node = True
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.tier = storage if isinstance(storage, TieredStorage) else None
+        self._staging: Optional[StagingBuffers] = None
+
+    # ---------------------------------------------------------------------------------------- coordination
+    def event_fields(self) -> Dict[str, Any]:
+        return {}
+
+    def needs_agreement(self, handle_sigterm: bool, clock_based: bool) -> bool:
+        return False
+
+    def agree(self, preempt: bool, due: bool) -> Tuple[bool, bool]:
+        return preempt, due
+
+    def honours_resume_env(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------------------------------------ save
+    def snapshot(self, step: int, state: Mapping[str, Any], *, metadata: Dict[str, Any], stage: bool, rng: bool,
+                 skip_if_committed: bool) -> Optional[Snapshot]:
+        name = step_dirname(step)
+        if skip_if_committed and is_committed(self.storage, name):
+            return None
+        enc = TreeEncoder()
+        # Encoded separately so error messages read state['key'], not state['state']['key'].
+        encoded = {STATE_KEY: enc.encode(capture_state(state))}
+        if rng:
+            encoded[RNG_KEY] = enc.encode(capture_rng(), ("<rng>",))
+        if stage:
+            if self._staging is None:
+                self._staging = StagingBuffers()
+            tensors = self._staging.snapshot(enc.tensors)
+        else:
+            tensors = to_host(enc.tensors)
+        return Snapshot(step=step, name=name, metadata=metadata, entries=list(state.keys()),
+                        payload=(encoded, tensors))
+
+    def persist(self, snap: Snapshot, *, background: bool) -> Committed:
+        encoded, tensors = snap.payload
+        res = write_checkpoint(self.storage, snap.step, encoded, tensors, snap.metadata, snap.entries)
+        return Committed(step=snap.step, path=res.path, nbytes=res.manifest.total_bytes, seconds=res.seconds)
+
+    # --------------------------------------------------------------------------------------------- restore
+    def candidates(self, path: Optional[str] = None) -> List[Candidate]:
+        if path is not None:
+            return candidates_at(path)
+        if self.tier is None:
+            return root_candidates(self.storage)
+        # Both tiers, newest step first; at each step the local copy before the remote one (no download needed).
+        local = {c.step: c for c in root_candidates(self.tier.local)}
+        remote = {c.step: c for c in root_candidates(self.tier.remote)}
+        out: List[Candidate] = []
+        for step in sorted(set(local) | set(remote), reverse=True):
+            if step in local:
+                out.append(local[step])
+            if step in remote:
+                r = remote[step]
+                out.append(Candidate(r.root, r.name, r.step, r.path, remote=True))
+        return out
+
+    def open(self, cand: Candidate) -> Opened:
+        if cand.remote:
+            # A remote step newer than every valid local one (or whose local copy is damaged) is downloaded into
+            # the local tier first: verified, tmp dir + rename; then it is read like a local one.
+            assert self.tier is not None
+            self.tier.download(cand.name)
+            storage: Storage = self.tier.local
+        else:
+            storage = self.storage if cand.root == self.storage.uri else cand.storage()
+        man, tree = read_checkpoint(storage, cand.name)
+        info = CheckpointInfo(step=cand.step, name=cand.name, path=storage.join(cand.name), layout="native",
+                              valid=True, size=man.total_bytes, time=man.time, metadata=man.metadata)
+        return Opened(info=info, payload=tree)
+
+    def load(self, opened: Opened, state: MutableMapping[str, Any], *, only: Optional[Sequence[str]],
+             strict: bool, rng: bool) -> List[str]:
+        tree = opened.payload
+        loaded = apply_state(state, tree.get(STATE_KEY, {}), only=only, strict=strict, where=opened.info.path)
+        if rng and RNG_KEY in tree:
+            restore_rng(tree[RNG_KEY])
+        return loaded
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def clean_stale_tmp(self) -> None:
+        # The manager is the only writer of its directory while it runs, so every tmp dir present before its
+        # first save is left over from a killed save.
+        remove_stale_tmp(self.storage)
+
+    def release(self) -> None:
+        if self._staging is not None:
+            self._staging.release()
+
+
+__all__ = ["LocalCheckpointer"]

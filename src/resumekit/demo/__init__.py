@@ -1,0 +1,52 @@
+"""The crash-and-resume demonstration behind ``resumekit demo`` (and ``make demo``).
+
+A small job is trained straight, then again under ``resumekit run`` while it is SIGKILLed at random moments (some
+of them mid-save); the demo passes only if both runs end bitwise identical and saw the same batches.
+
+Modules:
+    core: what both demonstrations share (state comparison, crash statistics, the summary table, the kill loop's
+        progress tail and process-tree cleanup).
+    single: the single-process job and its kill loop; the job runs as ``python -m resumekit.demo.single``.
+    distributed: the DDP job under torchrun and its kill loop; each rank runs as
+        ``torchrun -m resumekit.demo.distributed``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .core import CrashStats, print_table, tree_diff
+
+
+def run_demo(directory: str, crashes: int = 6, steps: int = 300, seed: Optional[int] = None, nproc: int = 1,
+             as_json: bool = False, save_every: int = 20, async_save: bool = False) -> int:
+    """Straight run vs killed-and-restarted run; the single-process job, or with ``nproc`` > 1 a DDP job under
+    torchrun (sharded checkpoints, worker SIGKILLs).
+
+    Args:
+        directory: where both runs write.
+        crashes: how many SIGKILLs.
+        steps: the job's length.
+        seed: the kill seed (random when None).
+        nproc: processes; 1 runs the single-process demo.
+        as_json: print one JSON object instead of the table.
+        save_every: the job's checkpoint interval.
+        async_save: the job writes checkpoints in the background.
+
+    Returns:
+        0 only if both runs end bitwise identical; else 1.
+    """
+    # Imported here, not at the top: the workers run as ``python -m resumekit.demo.single`` (and ``.distributed``),
+    # and runpy warns on stderr when the package has already imported the module it is asked to run.
+    if nproc != 1:
+        from .distributed import run_distributed_demo
+
+        return run_distributed_demo(directory, nproc=nproc, crashes=crashes, steps=steps, seed=seed,
+                                    as_json=as_json, save_every=save_every, async_save=async_save)
+    from .single import run_single_demo
+
+    return run_single_demo(directory, crashes=crashes, steps=steps, seed=seed, as_json=as_json,
+                           save_every=save_every, async_save=async_save)
+
+
+__all__ = ["CrashStats", "print_table", "run_demo", "tree_diff"]

@@ -1,0 +1,104 @@
+"""A sharded checkpoint's per-rank files, and reading a whole one into one process (no process group)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import torch
+
+from ..codec import decode, dumps_tree, read_tensors, write_tensors
+from ..errors import CorruptCheckpointError
+from ..format import DIST_FILE, TENSORS_FILE, TREE_FILE, Manifest, new_hasher
+from ..storage import Storage, open_parent
+from ..storage.local import _DurableFile as DurableFile
+from ..storage.local import fsync_dir
+from ..verify import check_checkpoint, read_verified
+from .dcp_io import load_dcp_metadata, quiet_single_process, verified_reader_cls
+from .statedict import DCP_METADATA
+
+
+def rank_dir(rank: int) -> str:
+    """Directory of one rank's non-tensor files inside a checkpoint."""
+    return f"rank_{rank:05d}"
+
+
+def is_distributed_checkpoint(man: Manifest) -> bool:
+    """True for a checkpoint written through DCP by resumekit."""
+    return DIST_FILE in man.files
+
+
+def read_rank_tree(st: Storage, name: str, rank: int, man: Manifest) -> Dict[str, Any]:
+    where = st.join(name)
+    rdir = rank_dir(rank)
+    trel, jrel = f"{rdir}/{TENSORS_FILE}", f"{rdir}/{TREE_FILE}"
+    if trel not in man.files or jrel not in man.files:
+        raise CorruptCheckpointError(where, f"manifest does not list {rdir}/ (saved by fewer ranks?)")
+    ent = man.files[trel]
+    h = new_hasher()
+    with st.open_read(f"{name}/{trel}") as f:
+        tensors = read_tensors(f, ent.size, f"{where}/{trel}", h)
+    if h.hexdigest() != ent.xxh3:
+        raise CorruptCheckpointError(where, f"{trel} checksum mismatch: the file was altered or damaged")
+    blob = read_verified(st, name, jrel, man)
+    try:
+        return decode(json.loads(blob), tensors)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(where, f"{jrel} does not decode: {e}") from None
+
+
+def read_sharded(path: str) -> Tuple[Manifest, Dict[str, torch.Tensor], Dict[int, Any]]:
+    """Load a whole distributed checkpoint into this one process, without a process group.
+
+    For inspection, export and comparisons (``resumekit demo --nproc``): every DCP tensor comes back unsharded
+    (key ``"<entry>/<state-dict path>"``, e.g. ``"model/0.weight"``) and every saved rank's non-tensor tree
+    decoded. Everything is verified against the manifest first; nothing is unpickled freely.
+
+    Raises:
+        CorruptCheckpointError: the checkpoint is invalid or not a distributed one.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    st, name = open_parent(path)
+    where = st.join(name)
+    man = check_checkpoint(st, name, full=True)
+    if not is_distributed_checkpoint(man):
+        raise CorruptCheckpointError(where, f"is not a distributed checkpoint (no {DIST_FILE}); use "
+                                            "resumekit.checkpointers.native.read_checkpoint")
+    world = int(json.loads(read_verified(st, name, DIST_FILE, man))["world_size"])
+    tensors: Dict[str, torch.Tensor] = {}
+    if DCP_METADATA in man.files:
+        md = load_dcp_metadata(read_verified(st, name, DCP_METADATA, man), where, man.files)
+        for key, smd in md.state_dict_metadata.items():
+            if not isinstance(smd, TensorStorageMetadata):
+                raise CorruptCheckpointError(where, f"{DCP_METADATA} stores {key!r} as pickled bytes")
+            tensors[key] = torch.empty(tuple(smd.size), dtype=smd.properties.dtype)
+        if tensors:
+            with quiet_single_process():
+                dcp.load(tensors, storage_reader=verified_reader_cls()(where, md, where), no_dist=True)
+    trees = {r: read_rank_tree(st, name, r, man) for r in range(world)}
+    return man, tensors, trees
+
+
+
+def write_rank_files(tmp_path: str, rank: int, tensors: Dict[str, torch.Tensor],
+                     encoded: Any) -> Dict[str, Tuple[int, str]]:
+    """Write and fsync one rank's own files (its non-tensor tree and the tensors DCP does not shard) into the
+    step's tmp directory; returns ``{relative path: (size, xxh3)}`` for the manifest."""
+    rdir = rank_dir(rank)
+    os.makedirs(os.path.join(tmp_path, rdir), exist_ok=True)
+    files: Dict[str, Tuple[int, str]] = {}
+    h = new_hasher()
+    with DurableFile(os.path.join(tmp_path, rdir, TENSORS_FILE)) as f:
+        n = write_tensors(f, tensors, h)
+    files[f"{rdir}/{TENSORS_FILE}"] = (n, h.hexdigest())
+    blob = dumps_tree(encoded)
+    h = new_hasher()
+    h.update(blob)
+    with DurableFile(os.path.join(tmp_path, rdir, TREE_FILE)) as f:
+        f.write(blob)
+    files[f"{rdir}/{TREE_FILE}"] = (len(blob), h.hexdigest())
+    fsync_dir(os.path.join(tmp_path, rdir))
+    return files

@@ -1,0 +1,104 @@
+"""Copying one committed native checkpoint between two storages, verified while it streams: the upload and the
+download of the tiered storage, and the supervisor's pre-download, all go through :func:`copy_step`.
+
+Imports no torch and nothing above storage: the manifest is read and checked by :mod:`resumekit.verify`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Tuple
+
+from ..errors import CorruptCheckpointError
+from ..format import Manifest, new_hasher
+from ..verify import HASH_CHUNK, check_step
+from ..verify import read_manifest_bytes as verify_read_manifest_bytes
+from .base import Storage, Transaction
+
+#: Transfers at least this large get a progress bar (when stderr is a terminal).
+PROGRESS_MIN_BYTES = int(float(os.environ.get("RESUMEKIT_PROGRESS_MIN_BYTES", str(256 << 20)) or 0))
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str) -> Any:
+    """A tqdm bar for transfers above :data:`PROGRESS_MIN_BYTES`, on a terminal only (quiet in logs and CI)."""
+    if total < max(1, PROGRESS_MIN_BYTES):
+        return _NoBar()
+    try:
+        if not sys.stderr.isatty():
+            return _NoBar()
+        from tqdm import tqdm
+    except (ImportError, AttributeError, ValueError):
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def read_manifest_bytes(storage: Storage, name: str) -> Tuple[bytes, Manifest]:
+    """The raw manifest of ``name`` and its parsed form; CorruptCheckpointError when missing or malformed, or
+    when it names another step than the directory."""
+    raw, man = verify_read_manifest_bytes(storage, name)
+    check_step(man, name, storage.join(name))
+    return raw, man
+
+
+def copy_step(src: Storage, dst: Storage, name: str, *, desc: str = "") -> Manifest:
+    """Copy one committed native checkpoint from ``src`` to ``dst`` and commit it there (manifest last).
+
+    Every file is checked against the manifest (size and xxh3) while it streams; a mismatch aborts the copy, so
+    ``dst`` never gets a step that does not verify.
+
+    Raises:
+        CorruptCheckpointError: the source is incomplete or damaged (nothing is committed at ``dst``).
+        OSError: the transfer failed (for object stores after the retry budget); nothing is committed.
+    """
+    where = src.join(name)
+    raw, man = read_manifest_bytes(src, name)
+    bar = progress_bar(man.total_bytes, desc or f"copy {name}")
+    txn: Transaction = dst.begin(name)
+    try:
+        for rel, ent in sorted(man.files.items()):
+            try:
+                fin = src.open_read(f"{name}/{rel}")
+            except FileNotFoundError:
+                raise CorruptCheckpointError(where, f"{rel} is missing") from None
+            h = new_hasher()
+            n = 0
+            with fin, txn.open_write(rel) as fout:
+                while True:
+                    # One byte past the listed size is asked for, so a file longer than listed is noticed.
+                    chunk = fin.read(min(HASH_CHUNK, ent.size - n + 1))
+                    if not chunk:
+                        break
+                    n += len(chunk)
+                    if n > ent.size:
+                        break
+                    h.update(chunk)
+                    fout.write(chunk)
+                    bar.update(len(chunk))
+                # Checked inside the block so a bad remote upload is aborted, never completed.
+                if n != ent.size:
+                    raise CorruptCheckpointError(
+                        where, f"{rel} has {'more than ' if n > ent.size else ''}{n} bytes, manifest says "
+                               f"{ent.size}" + (" (truncated?)" if n < ent.size else ""))
+                if h.hexdigest() != ent.xxh3:
+                    raise CorruptCheckpointError(where, f"{rel} checksum mismatch (xxh3 {h.hexdigest()} != "
+                                                        f"{ent.xxh3}): the file was altered or damaged")
+        txn.commit(raw)
+    except BaseException:
+        txn.abort()
+        raise
+    finally:
+        bar.close()
+    return man
+
+
+__all__ = ["copy_step", "read_manifest_bytes", "progress_bar", "PROGRESS_MIN_BYTES"]

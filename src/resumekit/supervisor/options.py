@@ -1,0 +1,136 @@
+"""How ``resumekit run`` supervises a command: :class:`SupervisorOptions`, every field checked on construction."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+from ..errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class SupervisorOptions:
+    """How ``resumekit run`` supervises a command. Every field is checked in ``__post_init__``."""
+
+    command: Sequence[str]
+    """The command to supervise, e.g. ``["python", "train.py", "--lr", "1e-3"]``."""
+
+    directory: Optional[str] = None
+    """Checkpoint root (path or ``s3://bucket/prefix``); default: ``config``'s ``output_dir``. Without either there
+    is no resume hand-off and no storage pre-check; the supervisor still restarts the job."""
+
+    layout: str = "auto"
+    """Checkpoint layout used to find the newest valid checkpoint (``auto`` detects before every start)."""
+
+    config: Optional[str] = None
+    """A LLaMA-Factory / HF YAML whose ``resume_from_checkpoint`` is set before every start (through
+    :func:`resumekit.yamlconfig.resolve_config`: comments and order kept, atomic write)."""
+
+    resume: str = "auto"
+    """``auto``: newest valid checkpoint under ``directory``; ``never``: always start fresh; or a checkpoint path
+    used for the first start (restarts then resume from checkpoints this run wrote)."""
+
+    max_restarts: int = 10
+    """Restarts allowed (failed pre-checks that are retried count too)."""
+
+    hang_timeout: Optional[float] = None
+    """Seconds without a heartbeat after which a job that has beaten at least once counts as hung (None: off)."""
+
+    grace: float = 30.0
+    """Seconds a preempted job gets to save and exit before its process group is SIGKILLed."""
+
+    gpus: int = 0
+    """Accelerators that must be visible and run a tiny kernel before each start (0: no hardware check)."""
+
+    crash_loop: int = 3
+    """Failures in a row without progress after which the checkpoint resumed from is quarantined."""
+
+    backoff: float = 1.0
+    """Delay before the first restart in seconds; doubles with every restart."""
+
+    backoff_max: float = 60.0
+    """The largest backoff delay in seconds."""
+
+    jitter: float = 0.5
+    """Fraction of each backoff delay that may be removed at random (0: none)."""
+
+    min_free: Optional[int] = None
+    """Free bytes required at a local checkpoint root (the floor; 2x the last checkpoint's size also applies)."""
+
+    local_tier: Optional[str] = None
+    """A fast local directory in front of ``directory`` (the job uses ``CheckpointManager(directory,
+    local_tier=...)``). Before every start the newest valid checkpoint of either tier is chosen; a newer remote one
+    is first downloaded into it (verified, tmp dir + rename), so the job resumes from local disk. Exported as
+    ``RESUMEKIT_LOCAL_TIER``; the event log and heartbeat default to it for remote roots."""
+
+    events: Optional[str] = None
+    """Event log path; default ``<directory>/events.jsonl`` for local roots, a local temp dir otherwise."""
+
+    hardware_timeout: float = 180.0
+    """Seconds the ``gpus`` check may take (a stuck driver fails it)."""
+
+    remote_timeout: float = 60.0
+    """Seconds the reachability check of a remote root may take."""
+
+    poll_interval: float = 0.1
+    """How often the job, its heartbeat and signals are looked at, seconds."""
+
+    env: Optional[Mapping[str, str]] = None
+    """Extra environment for the job (on top of the supervisor's own)."""
+
+    seed: Optional[int] = None
+    """Seed of the backoff jitter (None: random)."""
+
+    subreaper: bool = True
+    """Make the supervisor a child subreaper (Linux) so grandchildren that detach are still found and killed."""
+
+    quiet: bool = False
+    """No progress lines on stderr (the summary is still returned)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.command, str) or not self.command or not all(isinstance(c, str) for c in self.command):
+            raise ConfigError("SupervisorOptions.command must be a non-empty list of strings "
+                              "(resumekit run [options] -- CMD ARGS...)")
+        self.command = list(self.command)
+        if self.directory is not None:
+            if not str(self.directory).strip():
+                raise ConfigError("SupervisorOptions.directory must not be empty; leave it unset for no checkpoints")
+            self.directory = str(self.directory)
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ConfigError("SupervisorOptions.resume must be 'auto', 'never' or a checkpoint path")
+        for name in ("max_restarts", "gpus", "crash_loop"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "crash_loop" else 0):
+                low = 1 if name == "crash_loop" else 0
+                raise ConfigError(f"SupervisorOptions.{name} must be an integer >= {low}, got {v!r}")
+        for name in ("grace", "backoff", "backoff_max", "hardware_timeout", "remote_timeout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"SupervisorOptions.{name} must be a number of seconds >= 0, got {v!r}")
+        if self.backoff_max < self.backoff:
+            raise ConfigError(f"SupervisorOptions.backoff_max ({self.backoff_max}) must be >= backoff "
+                              f"({self.backoff})")
+        if self.hang_timeout is not None and not (isinstance(self.hang_timeout, (int, float))
+                                                  and math.isfinite(self.hang_timeout) and self.hang_timeout > 0):
+            raise ConfigError(f"SupervisorOptions.hang_timeout must be a positive number of seconds or None, "
+                              f"got {self.hang_timeout!r}")
+        if not (isinstance(self.jitter, (int, float)) and 0.0 <= self.jitter <= 1.0):
+            raise ConfigError(f"SupervisorOptions.jitter must be a fraction in [0, 1], got {self.jitter!r}")
+        if not (isinstance(self.poll_interval, (int, float)) and 0 < self.poll_interval <= 10):
+            raise ConfigError(f"SupervisorOptions.poll_interval must be in (0, 10] seconds, got {self.poll_interval!r}")
+        if self.min_free is not None and (not isinstance(self.min_free, int) or self.min_free < 0):
+            raise ConfigError(f"SupervisorOptions.min_free must be a number of bytes >= 0, got {self.min_free!r}")
+        if self.local_tier is not None:
+            if not str(self.local_tier).strip() or self.directory is None:
+                raise ConfigError("SupervisorOptions.local_tier needs a directory (the remote root it sits in front "
+                                  "of) and must not be empty")
+            self.local_tier = os.path.abspath(os.path.expanduser(str(self.local_tier)))
+        if self.layout != "auto":
+            from ..layouts import get_layout
+
+            get_layout(self.layout)  # raises ConfigError naming the valid choices
+
+
+__all__ = ["SupervisorOptions"]

@@ -1,0 +1,334 @@
+"""Planning one start of the job (:class:`StartPlanner`): pre-checks, the newest valid checkpoint (pre-downloaded
+into the local tier when there is one), crash-loop handling, tracker repair, the choice of checkpoint, the
+``--config`` rewrite, and the environment that hands it all to the job.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+from ..events import (
+    ENV_DIR,
+    ENV_EVENTS,
+    ENV_HEARTBEAT,
+    ENV_LOCAL_TIER,
+    ENV_RESTART_COUNT,
+    ENV_RESUME_FROM,
+    ENV_RESUME_MODE,
+)
+from ..units import format_bytes, one_line
+from .context import RunContext, StartPlan
+from .crashloop import CrashLoopGuard
+from .prechecks import (
+    PrecheckError,
+    check_directory,
+    check_free_space,
+    check_hardware,
+    check_remote,
+    check_resume,
+)
+from .summary import AttemptRecord
+
+def checkpoint_size(storage: Any, info: Any) -> int:
+    """Bytes of a checkpoint: its listed size, else what is on local disk; 0 when unknown.
+
+    Args:
+        storage: the storage it lives in.
+        info: the checkpoint (None: no checkpoint).
+
+    Returns:
+        Its size in bytes.
+    """
+    if info is None:
+        return 0
+    if info.size:
+        return int(info.size)
+    path = storage.local_path(info.name)
+    if not path:
+        return 0
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+class StartPlanner:
+    """Prepares every start: :meth:`plan` runs before it, :meth:`job_env` builds the job's environment.
+
+    Args:
+        ctx: the run's options, paths, event log and progress output.
+    """
+
+    def __init__(self, ctx: RunContext):
+        self.opts, self.paths, self.log, self.say = ctx.options, ctx.paths, ctx.log, ctx.say
+        self.crash_loop = CrashLoopGuard(ctx, rediscover=self.discover)
+        self._initial_names: Optional[set] = None  # checkpoints there before the first start
+        self._skips_logged: set = set()
+
+    def plan(self, prev: Optional[AttemptRecord], last_plan: StartPlan) -> StartPlan:
+        """Pre-checks, crash-loop handling and the choice of checkpoint for the next start.
+
+        Args:
+            prev: the attempt before (None before the first start).
+            last_plan: what ``prev`` was started with.
+
+        Returns:
+            The plan for the next start (``precheck_s`` is filled in by the caller).
+
+        Raises:
+            PrecheckError: a pre-check failed.
+            GiveUp: a crash loop with nothing left to quarantine.
+        """
+        plan = StartPlan()
+        directory = self.paths.directory
+        storage = None
+        if directory:
+            if self.paths.remote:
+                check_remote(directory, self.opts.remote_timeout)
+            else:
+                check_directory(self.paths.local_dir)  # type: ignore[arg-type]
+            if self.opts.local_tier:
+                check_directory(self.opts.local_tier)
+            storage = self._open_storage()
+        if self.opts.gpus:
+            report = check_hardware(self.opts.gpus, self.opts.hardware_timeout)
+            self.log.emit("hardware_check", **report)
+
+        best = layout = None
+        if storage is not None:
+            layout, best = self.discover(storage)
+            plan.newest_step = best.step if best else None
+            if self._initial_names is None:
+                self._initial_names = {i.name for i in layout.list(storage)}
+            if prev is not None:
+                best = self.crash_loop.after_attempt(storage, layout, best, prev, last_plan)
+                plan.newest_step = best.step if best else None
+            if self.opts.local_tier and layout.name == "native":
+                best = self._predownload(storage, best)
+            free = storage.free_bytes()
+            if free is not None:
+                check_free_space(storage.uri, free, checkpoint_size(storage, best), self.opts.min_free)
+            if self.opts.local_tier:
+                from ..storage.local import LocalStorage
+
+                check_free_space(self.opts.local_tier, LocalStorage(self.opts.local_tier).free_bytes(),
+                                 int(best.size or 0) if best else 0, self.opts.min_free)
+            if layout.tracker_name:
+                self._repair(storage, layout)
+        elif prev is not None:
+            self.crash_loop.after_attempt(None, None, None, prev, last_plan)
+
+        self._choose_resume(plan, layout, best)
+        if self.opts.config:
+            self._resolve_config(plan)
+        return plan
+
+    def job_env(self, plan: StartPlan, index: int) -> Dict[str, str]:
+        """The job's environment: the supervisor's own, ``options.env``, and the resume hand-off.
+
+        Args:
+            plan: what this start resumes from.
+            index: 1 for the first start.
+
+        Returns:
+            The environment for ``Popen``.
+        """
+        env = dict(os.environ)
+        if self.opts.env:
+            env.update(self.opts.env)
+        env[ENV_RESUME_FROM] = plan.resume_path
+        env[ENV_RESTART_COUNT] = str(index - 1)
+        env[ENV_DIR] = self.paths.local_dir or self.paths.directory or ""
+        env[ENV_HEARTBEAT] = self.paths.heartbeat_path
+        env[ENV_EVENTS] = self.paths.events_path
+        env[ENV_RESUME_MODE] = "never" if self.opts.resume == "never" else "auto"
+        if self.opts.local_tier:
+            env[ENV_LOCAL_TIER] = self.opts.local_tier
+        if any(os.path.basename(str(a)) == "torchrun" or str(a) == "torch.distributed.run" for a in self.opts.command):
+            # torch 2.x elastic restarts can reuse the previous attempt's rendezvous store and fail to connect
+            # (pytorch#135712); a fresh store per restart avoids it.
+            env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        return env
+
+    def discover(self, storage: Any) -> Tuple[Any, Any]:
+        """Layout and newest valid checkpoint (checksums verified); newer invalid ones are logged once each.
+
+        Args:
+            storage: the checkpoint root.
+
+        Returns:
+            ``(layout, newest valid checkpoint or None)``.
+
+        Raises:
+            PrecheckError: the checkpoints cannot be listed.
+        """
+        from ..layouts import resolve_layout
+
+        try:
+            layout = resolve_layout(storage, self.opts.layout)
+            # With a local tier the newest remote checkpoint is verified while it is pre-downloaded: hashing it
+            # here as well would read it from the remote twice.
+            full = not (self.opts.local_tier and layout.name == "native")
+            best, skipped = layout.latest(storage, full=full)
+        except OSError as e:
+            raise PrecheckError("checkpoint", f"cannot list checkpoints under {storage.uri}: {one_line(e)}",
+                                retry=self.paths.remote) from None
+        except Exception as e:  # noqa: BLE001 - a broken layout adapter stops the run in one line, not a traceback
+            raise PrecheckError("checkpoint", f"cannot look for checkpoints under {storage.uri} (layout "
+                                              f"{self.opts.layout}): {type(e).__name__}: {one_line(e)}") from None
+        for s in skipped:
+            self._skip_once((s.name, s.reason), s.path, s.reason,
+                            step=s.step, path=s.path, layout=layout.name, reason=s.reason)
+        return layout, best
+
+    def _skip_once(self, key: Tuple[Any, Any], shown_path: Any, shown_reason: Any, /, **fields: Any) -> None:
+        # Every start looks again: an invalid checkpoint is reported the first time it is met, not every start.
+        if key in self._skips_logged:
+            return
+        self._skips_logged.add(key)
+        self.log.emit("skip_invalid", **fields)
+        self.say(f"skipping invalid checkpoint {shown_path}: {shown_reason}")
+
+    def _predownload(self, storage: Any, remote_best: Any) -> Any:
+        """The newest valid checkpoint of either tier, as a local-tier path: a newer remote one is downloaded
+        first (parallel ranged reads, checksums verified, tmp dir + rename), so the job never waits on the remote."""
+        from ..errors import CorruptCheckpointError
+        from ..layouts.base import CheckpointInfo
+        from ..layouts.native import NativeLayout
+        from ..storage.local import LocalStorage
+        from ..storage.tiered import copy_step
+
+        local = LocalStorage(self.opts.local_tier)  # type: ignore[arg-type]
+        layout = NativeLayout()
+        local_best, skipped = layout.latest(local, full=True)
+        for sk in skipped:
+            self._skip_once((local.join(sk.name), sk.reason), sk.path, sk.reason,
+                            step=sk.step, path=sk.path, layout="native", reason=sk.reason, tier="local")
+        if remote_best is None or (local_best is not None and local_best.step >= remote_best.step):
+            return local_best
+        # Newest first; one that fails verification on the way down is skipped like any invalid checkpoint.
+        floor = local_best.step if local_best is not None else -1
+        for cand in sorted((i for i in layout.list(storage) if floor < i.step <= remote_best.step),
+                           key=lambda i: i.step, reverse=True):
+            t0 = time.monotonic()
+            try:
+                man = copy_step(storage, local, cand.name, desc=f"download {cand.name}")
+            except CorruptCheckpointError as e:
+                self._skip_once((cand.path, e.reason), cand.path, e.reason,
+                                step=cand.step, path=cand.path, layout="native", reason=e.reason)
+                continue
+            except OSError as e:
+                raise PrecheckError("remote", f"cannot download {cand.path} to {local.join(cand.name)}: "
+                                              f"{one_line(e)}", retry=True) from None
+            secs = time.monotonic() - t0
+            self.log.emit("download", step=cand.step, path=cand.path, to=local.join(cand.name),
+                          bytes=man.total_bytes, seconds=round(secs, 3))
+            self.say(f"downloaded {cand.path} to {local.join(cand.name)} ({format_bytes(man.total_bytes)} in "
+                     f"{secs:.1f} s)")
+            info = CheckpointInfo(step=cand.step, name=cand.name, path=local.join(cand.name), layout="native")
+            return layout.validate(local, info, full=False)
+        return local_best
+
+    def _open_storage(self) -> Any:
+        from ..storage import open_storage
+
+        directory = self.paths.directory
+        try:
+            return open_storage(directory, create=False)  # type: ignore[arg-type]
+        except ImportError as e:
+            raise PrecheckError("remote", f"cannot open {directory}: {one_line(e)}; install it with "
+                                          "pip install 'resumekit[s3]'") from None
+        except OSError as e:
+            raise PrecheckError("directory", f"cannot open {directory}: {one_line(e)}",
+                                retry=self.paths.remote) from None
+
+    def _repair(self, storage: Any, layout: Any) -> None:
+        try:
+            res = layout.repair(storage)
+        except Exception as e:  # noqa: BLE001 - a broken tracker repair is reported, the start goes on
+            self.log.emit("repair", layout=layout.name, ok=False, error=one_line(e))
+            self.say(f"could not repair the {layout.name} tracker under {storage.uri}: {one_line(e)}")
+            return
+        if res is None:
+            return
+        self.log.emit("repair", layout=layout.name, ok=True, tracker=res.tracker, old=res.old, new=res.new,
+                      changed=res.changed, backup=res.backup, message=res.message)
+        if res.changed:
+            self.say(f"repaired {res.message}")
+
+    def _choose_resume(self, plan: StartPlan, layout: Any, best: Any) -> None:
+        mode = self.opts.resume
+        if mode == "never":
+            return
+        if mode == "auto":
+            if best is not None:
+                plan.resume_path, plan.resume_step, plan.resume_name = best.path, best.step, best.name
+            return
+        # An explicit checkpoint: used until this run writes a newer one of its own.
+        if best is not None and self._initial_names is not None and best.name not in self._initial_names:
+            plan.resume_path, plan.resume_step, plan.resume_name = best.path, best.step, best.name
+            return
+        info = check_resume(mode, self.opts.layout)
+        plan.resume_path, plan.resume_step = info.path, info.step
+
+    def _resolve_config(self, plan: StartPlan) -> None:
+        """Point ``--config``'s ``resume_from_checkpoint`` at the chosen checkpoint (or let it search its own
+        ``output_dir`` when we found none), and hand what it chose to the job as well."""
+        # yamlconfig needs ruamel.yaml, an optional extra: imported here, only when --config is used.
+        try:
+            from ..yamlconfig import resolve_config
+        except ImportError as e:
+            raise PrecheckError("config", f"--config {self.opts.config} needs resumekit.yamlconfig and ruamel.yaml "
+                                          f"({one_line(e)}); pip install 'resumekit[yaml]'") from None
+        kwargs: Dict[str, Any] = {}
+        if self.opts.layout != "auto":
+            kwargs["layout"] = self.opts.layout
+        if plan.resume_path:
+            kwargs["checkpoint"] = plan.resume_path
+        elif self.opts.resume == "never":
+            kwargs["fresh"] = True
+        try:
+            result = resolve_config(self.opts.config, **kwargs)  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001 - any failure to rewrite the YAML stops the start, in one line
+            raise PrecheckError("config", f"cannot update --config {self.opts.config}: {one_line(e)}") from None
+        chosen = getattr(result, "checkpoint", None)
+        if not plan.resume_path and self.opts.resume != "never" and chosen is not None and chosen.path:
+            # Found by the YAML's own search (its output_dir): quarantinable there, if it crash-loops.
+            plan.resume_path, plan.resume_step = chosen.path, chosen.step
+            plan.resume_root, _, plan.resume_name = chosen.path.rstrip("/").rpartition("/")
+        self.log.emit("config_resolved", config=self.opts.config, resume_from=plan.resume_path or None,
+                      result=_jsonable(result))
+        for sk in getattr(result, "skipped", None) or []:
+            reason = getattr(sk, "reason", "")
+            self._skip_once((getattr(sk, "name", ""), reason), getattr(sk, "path", "?"), reason,
+                            step=getattr(sk, "step", None), path=getattr(sk, "path", None), reason=reason,
+                            found_by="config")
+
+
+def _jsonable(value: Any) -> Any:
+    # The YAML resolver's result goes into an event: whatever it is, it must serialise.
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    for attr in ("as_dict", "to_dict", "_asdict"):
+        fn = getattr(value, attr, None)
+        if callable(fn):
+            try:
+                return fn()
+            except Exception:  # noqa: BLE001
+                break
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+__all__ = ["StartPlanner", "checkpoint_size"]
