@@ -101,8 +101,9 @@ def main() -> None:
     shutil.rmtree(a.dir, ignore_errors=True)
     res["slowdown_thread"] = res["step_s_thread"] / res["step_s_idle"] - 1
     res["slowdown_process"] = res["step_s_process"] / res["step_s_idle"] - 1
-    print(json.dumps({"bench": "persist_mode", **{k: round(v, 4) if isinstance(v, float) else v
-                                                  for k, v in res.items()}}))
+    print(
+        json.dumps({"bench": "persist_mode", **{k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}})
+    )
 
 
 if __name__ == "__main__":

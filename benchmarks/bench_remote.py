@@ -42,8 +42,11 @@ def free_port() -> int:
 
 def start_moto() -> "tuple[str, subprocess.Popen]":
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -112,16 +115,22 @@ def run(size_mb: int, reps: int, endpoint: str, bucket: str, work: str, options=
     # -- uploads: raw s3fs put_file (same client config, then s3fs defaults) vs resumekit's verified copy_step
     for label, same in (("raw_put_s", True), ("raw_put_defaults_s", False)):
         fs = raw_fs(endpoint, same)
-        res[label] = min(timed(lambda: fs.put_file(tensors_path, f"{bucket}/raw/{TENSORS_FILE}"), reps,
-                               lambda: fs.rm(f"{bucket}/raw", recursive=True)))
+        res[label] = min(
+            timed(
+                lambda: fs.put_file(tensors_path, f"{bucket}/raw/{TENSORS_FILE}"),
+                reps,
+                lambda: fs.rm(f"{bucket}/raw", recursive=True),
+            )
+        )
     res["rk_upload_s"] = min(timed(lambda: copy_step(src, remote, name), reps, lambda: remote.remove_tree(name)))
     copy_step(src, remote, name)
 
     # -- downloads: raw s3fs get_file vs resumekit (parallel ranged reads, xxh3 verified, tmp dir + rename)
     fs = raw_fs(endpoint, True)
     raw_dst = os.path.join(work, "raw-download.bin")
-    res["raw_get_s"] = min(timed(lambda: fs.get_file(f"{bucket}/rk/{name}/{TENSORS_FILE}", raw_dst), reps,
-                                 lambda: os.unlink(raw_dst)))
+    res["raw_get_s"] = min(
+        timed(lambda: fs.get_file(f"{bucket}/rk/{name}/{TENSORS_FILE}", raw_dst), reps, lambda: os.unlink(raw_dst))
+    )
     dst = LocalStorage(os.path.join(work, "dst"))
     res["rk_download_s"] = min(timed(lambda: copy_step(remote, dst, name), reps, lambda: dst.remove_tree(name)))
     remote.remove_tree(name)
@@ -134,6 +143,7 @@ def run(size_mb: int, reps: int, endpoint: str, bucket: str, work: str, options=
         def save() -> None:
             step[0] += 1
             mgr.save(step[0], state, block=True)
+
         times = timed(save, reps, mgr.wait)  # the upload finishes between saves, outside the measurement
         mgr.close()
         return min(times)
@@ -157,8 +167,11 @@ def main() -> None:
     endpoint = a.endpoint or os.environ.get("AWS_ENDPOINT_URL")
     if not endpoint:
         endpoint, proc = start_moto()
-        for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for k, v in {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             os.environ.setdefault(k, v)
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -214,15 +227,15 @@ def sweep(a, endpoint: str, bucket: str, work: str) -> None:
     from resumekit.format import TENSORS_FILE
 
     path = src.join(f"{name}/{TENSORS_FILE}")
-    raw = statistics.median(timed(lambda: fs.put_file(path, f"{bucket}/raw/x"), a.reps,
-                                  lambda: fs.rm(f"{bucket}/raw", recursive=True)))
+    raw = statistics.median(
+        timed(lambda: fs.put_file(path, f"{bucket}/raw/x"), a.reps, lambda: fs.rm(f"{bucket}/raw", recursive=True))
+    )
     print(f"raw s3fs put_file: {raw:.3f} s")
     for part in (8, 16, 32, 64):
         for conc in (4, 8, 16):
             opts = RemoteOptions.from_env(part_size=part * MiB, concurrency=conc)
             remote = RemoteStorage(f"s3://{bucket}/sweep", options=opts)
-            t = statistics.median(timed(lambda: copy_step(src, remote, name), a.reps,
-                                        lambda: remote.remove_tree(name)))
+            t = statistics.median(timed(lambda: copy_step(src, remote, name), a.reps, lambda: remote.remove_tree(name)))
             print(f"part {part:3d} MiB  concurrency {conc:3d}: {t:.3f} s  efficiency {raw / t:.2f}")
 
 

@@ -104,6 +104,7 @@ def run(size_mb: int, directory: str, reps: int = 3, device: str = "cpu") -> dic
         for k, v in tensors.items():
             bufs[k].copy_(v, non_blocking=pin)
         sync_device(device)
+
     res["copy_s"], _ = best(copy, reps)
     del bufs
 
@@ -115,6 +116,7 @@ def run(size_mb: int, directory: str, reps: int = 3, device: str = "cpu") -> dic
             for t in host.values():
                 f.write(tensor_bytes(t))
             os.fsync(f.fileno())
+
     res["raw_write_s"], _ = best(raw_write, reps)
 
     # 3. torch.save + fsync
@@ -123,6 +125,7 @@ def run(size_mb: int, directory: str, reps: int = 3, device: str = "cpu") -> dic
     def tsave():
         torch.save(tensors, ts_path)
         fsync_path(ts_path)
+
     res["torch_save_s"], _ = best(tsave, reps)
 
     # 4. resumekit synchronous save (fsync + manifest + rename + fsync dir included)
@@ -131,13 +134,15 @@ def run(size_mb: int, directory: str, reps: int = 3, device: str = "cpu") -> dic
     def sync_save():
         step[0] += 1
         mgr.save(step[0], state, block=True)
+
     mgr = CheckpointManager(os.path.join(directory, "sync"), keep_last=1, save_rng=False, handle_sigterm=False)
     res["our_sync_s"], _ = best(sync_save, reps)
     mgr.close()
 
     # 5. resumekit async save: blocking time and time to durable commit; peak extra RSS during it
-    mgr = CheckpointManager(os.path.join(directory, "async"), keep_last=1, save_rng=False, handle_sigterm=False,
-                            async_save=True)
+    mgr = CheckpointManager(
+        os.path.join(directory, "async"), keep_last=1, save_rng=False, handle_sigterm=False, async_save=True
+    )
     gc.collect()
     base_rss = rss()
     blocking, persist, commit = [], [], []
@@ -148,7 +153,7 @@ def run(size_mb: int, directory: str, reps: int = 3, device: str = "cpu") -> dic
             blocking.append(time.perf_counter() - t)
             mgr.wait()
             persist.append(time.perf_counter() - t)  # + retention of the previous step (keep_last=1)
-            commit.append(mgr.cost.last_persist_s)   # write, fsyncs, manifest, rename, fsync dir
+            commit.append(mgr.cost.last_persist_s)  # write, fsyncs, manifest, rename, fsync dir
     res["our_async_blocking_s"] = min(blocking)
     res["our_async_blocking_first_s"] = blocking[0]  # includes allocating the staging buffers once
     res["our_async_durable_s"] = min(persist)
@@ -160,14 +165,18 @@ def run(size_mb: int, directory: str, reps: int = 3, device: str = "cpu") -> dic
 
     # 6. restore: ours (checksums verified while reading, into the existing tensors) vs torch.load vs raw read
     rmgr = CheckpointManager(os.path.join(directory, "async"), handle_sigterm=False)
+
     def our_restore():
         rmgr.restore(state)
         sync_device(device)
+
     res["our_restore_s"], _ = best(our_restore, reps)
+
     # what a torch.save user does to resume: load the file, then copy into the model
     def tload():
         model.load_state_dict(torch.load(ts_path, weights_only=True))
         sync_device(device)
+
     res["torch_load_s"], _ = best(tload, reps)
 
     def raw_read():
@@ -178,6 +187,7 @@ def run(size_mb: int, directory: str, reps: int = 3, device: str = "cpu") -> dic
             got = 0
             while got < nbytes:
                 got += f.readinto(mv[got:])
+
     res["raw_read_s"], _ = best(raw_read, reps)
     warm = torch.empty(nbytes, dtype=torch.uint8)
     warm.fill_(0)
@@ -189,6 +199,7 @@ def run(size_mb: int, directory: str, reps: int = 3, device: str = "cpu") -> dic
             got = 0
             while got < nbytes:
                 got += f.readinto(mv[got:])
+
     res["raw_read_warm_s"], _ = best(raw_read_warm, reps)
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -218,12 +229,31 @@ def main() -> None:
     res = run(a.size_mb, a.dir, a.reps, a.device)
     gib = res["state_bytes"] / (1 << 30)
     print(f"state {gib:.2f} GiB, best of {a.reps}")
-    for k in ("copy_s", "raw_write_s", "torch_save_s", "our_sync_s", "our_async_blocking_s",
-              "our_async_blocking_first_s", "our_async_commit_s", "our_async_durable_s", "raw_read_s",
-              "raw_read_warm_s", "torch_load_s", "our_restore_s"):
+    for k in (
+        "copy_s",
+        "raw_write_s",
+        "torch_save_s",
+        "our_sync_s",
+        "our_async_blocking_s",
+        "our_async_blocking_first_s",
+        "our_async_commit_s",
+        "our_async_durable_s",
+        "raw_read_s",
+        "raw_read_warm_s",
+        "torch_load_s",
+        "our_restore_s",
+    ):
         print(f"  {k:<28} {res[k]:8.3f} s")
-    print(json.dumps({"bench": "save", "size_mb": a.size_mb, "device": a.device,
-                      **{k: round(v, 3) for k, v in res["ratios"].items()}}))
+    print(
+        json.dumps(
+            {
+                "bench": "save",
+                "size_mb": a.size_mb,
+                "device": a.device,
+                **{k: round(v, 3) for k, v in res["ratios"].items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

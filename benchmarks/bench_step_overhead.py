@@ -45,8 +45,9 @@ def run(model_mb: int, steps: int, every: int, directory: str, batch: int, async
     loop(model, opt, 3, batch, width)  # warm-up: allocates Adam state
     base = [loop(model, opt, steps, batch, width) for _ in range(2)]
     shutil.rmtree(directory, ignore_errors=True)
-    mgr = CheckpointManager(directory, every_steps=every, keep_last=2, async_save=async_save, handle_sigterm=False,
-                            metrics_every=0)
+    mgr = CheckpointManager(
+        directory, every_steps=every, keep_last=2, async_save=async_save, handle_sigterm=False, metrics_every=0
+    )
     loop(model, opt, every, batch, width, mgr)  # first save allocates the staging buffers once
     # global step numbers keep growing: every loop saves at its multiples of `every`
     with_ckpt = [loop(model, opt, steps, batch, width, mgr, start=every + i * steps) for i in range(2)]
@@ -54,10 +55,17 @@ def run(model_mb: int, steps: int, every: int, directory: str, batch: int, async
     shutil.rmtree(directory, ignore_errors=True)
     state_bytes = sum(p.numel() * 4 for p in model.parameters()) * 3
     t0, t1 = min(base), min(with_ckpt)
-    return {"model_mb": round(sum(p.numel() * 4 for p in model.parameters()) / 2**20), "state_mb": state_bytes >> 20,
-            "steps": steps, "every": every, "step_s": t0 / steps, "step_s_with_ckpt": t1 / steps,
-            "save_blocking_s": mgr.cost.blocking_s_mean, "save_persist_s": mgr.cost.persist_s_mean,
-            "step_overhead": (t1 - t0) / t0}
+    return {
+        "model_mb": round(sum(p.numel() * 4 for p in model.parameters()) / 2**20),
+        "state_mb": state_bytes >> 20,
+        "steps": steps,
+        "every": every,
+        "step_s": t0 / steps,
+        "step_s_with_ckpt": t1 / steps,
+        "save_blocking_s": mgr.cost.blocking_s_mean,
+        "save_persist_s": mgr.cost.persist_s_mean,
+        "step_overhead": (t1 - t0) / t0,
+    }
 
 
 def main() -> None:
@@ -75,8 +83,11 @@ def main() -> None:
     res = run(a.model_mb, a.steps, a.every, a.dir, a.batch, async_save=not a.sync)
     res["threads"] = torch.get_num_threads()
     res["async"] = not a.sync
-    print(json.dumps({"bench": "step_overhead", **{k: (round(v, 4) if isinstance(v, float) else v)
-                                                    for k, v in res.items()}}))
+    print(
+        json.dumps(
+            {"bench": "step_overhead", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, one final JSON line with the ratios the issues ask for.
 
-    python benchmarks/run_all.py            # ~1 GiB state (and the 256 MiB step-overhead model)
-    python benchmarks/run_all.py --quick    # 256 MiB state
+python benchmarks/run_all.py            # ~1 GiB state (and the 256 MiB step-overhead model)
+python benchmarks/run_all.py --quick    # 256 MiB state
 """
 
 from __future__ import annotations
@@ -31,8 +31,14 @@ def main() -> None:
     save = last_json([py, os.path.join(HERE, "bench_save.py"), "--size-mb", str(size), "--dir", a.dir])
     over = last_json([py, os.path.join(HERE, "bench_step_overhead.py"), "--dir", os.path.join(a.dir, "overhead")])
     final = {"size_mb": size}
-    for k in ("stall_vs_copy", "sync_speedup", "persist_efficiency", "restore_vs_raw", "restore_speedup",
-              "peak_extra_rss"):
+    for k in (
+        "stall_vs_copy",
+        "sync_speedup",
+        "persist_efficiency",
+        "restore_vs_raw",
+        "restore_speedup",
+        "peak_extra_rss",
+    ):
         final[k] = save[k]
     final["step_overhead"] = over["step_overhead"]
     if os.path.exists(os.path.join(HERE, "bench_remote.py")):

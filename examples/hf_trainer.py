@@ -58,13 +58,32 @@ def main() -> None:
     a = p.parse_args()
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    args = TrainingArguments(output_dir=a.out, max_steps=a.steps, save_strategy="steps", save_steps=a.save_steps,
-                             save_total_limit=3, per_device_train_batch_size=8, learning_rate=1e-3,
-                             logging_steps=10, report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0)
-    trainer = Trainer(model=LlamaForCausalLM(config), args=args, train_dataset=RandomTokens(),
-                      callbacks=[ResumekitCallback()])  # manifest after every save; SIGTERM -> save, exit 143
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    args = TrainingArguments(
+        output_dir=a.out,
+        max_steps=a.steps,
+        save_strategy="steps",
+        save_steps=a.save_steps,
+        save_total_limit=3,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=10,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=LlamaForCausalLM(config), args=args, train_dataset=RandomTokens(), callbacks=[ResumekitCallback()]
+    )  # manifest after every save; SIGTERM -> save, exit 143
     resume = resume_point(a.out)
     print(f"resuming from {resume}" if resume else "starting fresh")
     trainer.train(resume_from_checkpoint=resume)

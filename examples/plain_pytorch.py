@@ -24,15 +24,15 @@ args, _ = parser.parse_known_args()
 
 torch.manual_seed(0)
 data = torch.utils.data.TensorDataset(torch.randn(1024, 32), torch.randint(0, 4, (1024,)))
-train_loader = resumekit.ResumableDataLoader(data, batch_size=32, seed=0)       # resumable data order
+train_loader = resumekit.ResumableDataLoader(data, batch_size=32, seed=0)  # resumable data order
 model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
 criterion = torch.nn.CrossEntropyLoss()
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(train_loader))
 
-mgr = resumekit.CheckpointManager(args.train_output, every_steps=20, keep_last=3)   # 1
+mgr = resumekit.CheckpointManager(args.train_output, every_steps=20, keep_last=3)  # 1
 state = {"net": model, "optimizer": optimizer, "scheduler": scheduler, "data": train_loader}
-step = mgr.restore(state)                                                           # 2
+step = mgr.restore(state)  # 2
 steps_per_epoch = len(train_loader.resumable_sampler.order()) // 32
 for epoch in range(step // steps_per_epoch, args.epochs):
     train_loader.set_epoch(epoch)
@@ -43,7 +43,7 @@ for epoch in range(step // steps_per_epoch, args.epochs):
         optimizer.step()
         scheduler.step()
         step += 1
-        mgr.maybe_save(step, state, metrics={"loss": loss.item()})                  # 3
+        mgr.maybe_save(step, state, metrics={"loss": loss.item()})  # 3
     print(f"epoch {epoch} done at step {step}, loss {loss.item():.4f}")
 mgr.save(step, state)
-mgr.close()                                                                         # 4
+mgr.close()  # 4

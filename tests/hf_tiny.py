@@ -47,11 +47,29 @@ class StallingTrainer(Trainer):
 
 def make_trainer(out: str, max_steps: int, callbacks=(), trainer_cls=Trainer) -> Trainer:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=32)
-    args = TrainingArguments(output_dir=out, max_steps=max_steps, save_strategy="steps", save_steps=2,
-                             per_device_train_batch_size=4, learning_rate=1e-3, report_to=[], use_cpu=True,
-                             logging_steps=1000, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    args = TrainingArguments(
+        output_dir=out,
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1000,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     return trainer_cls(model=LlamaForCausalLM(cfg), args=args, train_dataset=TinyData(), callbacks=list(callbacks))
 
 

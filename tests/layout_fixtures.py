@@ -19,6 +19,7 @@ import torch
 
 # --- file primitives --------------------------------------------------------------------------------------------
 
+
 def torch_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -90,9 +91,18 @@ def flip_byte(path: str, offset: int) -> None:
 
 # --- HF Trainer -------------------------------------------------------------------------------------------------
 
-def hf_checkpoint(root: str, step: int, *, weights: str = "single", rng_ranks: Optional[Iterable[int]] = None,
-                  optimizer: bool = True, scheduler: bool = True, state: bool = True,
-                  deepspeed_dp: int = 0) -> str:
+
+def hf_checkpoint(
+    root: str,
+    step: int,
+    *,
+    weights: str = "single",
+    rng_ranks: Optional[Iterable[int]] = None,
+    optimizer: bool = True,
+    scheduler: bool = True,
+    state: bool = True,
+    deepspeed_dp: int = 0,
+) -> str:
     """``root/checkpoint-STEP`` as ``Trainer._save_checkpoint`` leaves it; options drop or swap parts."""
     d = os.path.join(root, f"checkpoint-{step}")
     os.makedirs(d, exist_ok=True)
@@ -103,8 +113,10 @@ def hf_checkpoint(root: str, step: int, *, weights: str = "single", rng_ranks: O
         shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
         for s in shards:
             write_safetensors(os.path.join(d, s))
-        write_json(os.path.join(d, "model.safetensors.index.json"),
-                   {"metadata": {"total_size": 160}, "weight_map": {"a.w": shards[0], "b.w": shards[1]}})
+        write_json(
+            os.path.join(d, "model.safetensors.index.json"),
+            {"metadata": {"total_size": 160}, "weight_map": {"a.w": shards[0], "b.w": shards[1]}},
+        )
     elif weights == "lora":
         write_safetensors(os.path.join(d, "adapter_model.safetensors"))
         write_json(os.path.join(d, "adapter_config.json"), {"peft_type": "LORA", "r": 8})
@@ -131,12 +143,26 @@ def hf_checkpoint(root: str, step: int, *, weights: str = "single", rng_ranks: O
 
 # --- DeepSpeed --------------------------------------------------------------------------------------------------
 
-def deepspeed_tag(root: str, tag: str, *, dp: int = 2, mp: int = 1, zero3: bool = False, bf16: bool = False,
-                  recorded_dp: Optional[int] = None) -> str:
+
+def deepspeed_tag(
+    root: str,
+    tag: str,
+    *,
+    dp: int = 2,
+    mp: int = 1,
+    zero3: bool = False,
+    bf16: bool = False,
+    recorded_dp: Optional[int] = None,
+) -> str:
     """``root/TAG`` as ``DeepSpeedEngine.save_checkpoint`` writes it (without ``latest``)."""
     d = os.path.join(root, tag)
-    states = {"module": {"w": torch.zeros(2)}, "optimizer": None, "param_shapes": [{"w": [2]}],
-              "dp_world_size": dp if recorded_dp is None else recorded_dp, "mp_world_size": mp}
+    states = {
+        "module": {"w": torch.zeros(2)},
+        "optimizer": None,
+        "param_shapes": [{"w": [2]}],
+        "dp_world_size": dp if recorded_dp is None else recorded_dp,
+        "mp_world_size": mp,
+    }
     for m in range(mp):
         if zero3:
             for r in range(dp):
@@ -151,9 +177,17 @@ def deepspeed_tag(root: str, tag: str, *, dp: int = 2, mp: int = 1, zero3: bool 
 
 # --- Megatron ---------------------------------------------------------------------------------------------------
 
-def megatron_iter(root: str, iteration: int, *, fmt: str = "torch_dist", grid: Tuple[int, ...] = (2,),
-                  distrib_optim: bool = False, args_grid: Optional[Tuple[int, int, int]] = None,
-                  name: Optional[str] = None) -> str:
+
+def megatron_iter(
+    root: str,
+    iteration: int,
+    *,
+    fmt: str = "torch_dist",
+    grid: Tuple[int, ...] = (2,),
+    distrib_optim: bool = False,
+    args_grid: Optional[Tuple[int, int, int]] = None,
+    name: Optional[str] = None,
+) -> str:
     """``root/iter_%07d`` in the torch_dist, torch_dcp or legacy (torch) format."""
     d = os.path.join(root, name or f"iter_{iteration:07d}")
     os.makedirs(d, exist_ok=True)
@@ -165,12 +199,14 @@ def megatron_iter(root: str, iteration: int, *, fmt: str = "torch_dist", grid: T
         write(os.path.join(d, ".metadata"), b"\x80\x02pickled-metadata")
         if fmt == "torch_dist":
             write_torch(os.path.join(d, "common.pt"))
-            write_json(os.path.join(d, "metadata.json"), {"sharded_backend": "torch_dist",
-                                                          "sharded_backend_version": 1})
+            write_json(
+                os.path.join(d, "metadata.json"), {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+            )
         return d
     tp, pp, ep = args_grid or (grid + (1, 1, 1))[:3]
-    args = argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              expert_model_parallel_size=ep)
+    args = argparse.Namespace(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+    )
     dims = [range(n) for n in grid]
     import itertools
 
@@ -185,15 +221,19 @@ def megatron_iter(root: str, iteration: int, *, fmt: str = "torch_dist", grid: T
 
 # --- VeRL -------------------------------------------------------------------------------------------------------
 
-def verl_step(root: str, step: int, *, world: int = 2, critic: bool = False, data: bool = True,
-              fsdp_world: Optional[int] = None) -> str:
+
+def verl_step(
+    root: str, step: int, *, world: int = 2, critic: bool = False, data: bool = True, fsdp_world: Optional[int] = None
+) -> str:
     d = os.path.join(root, f"global_step_{step}")
     for role in ["actor"] + (["critic"] if critic else []):
         for kind in ("model", "optim", "extra_state"):
             for r in range(world):
                 write_torch(os.path.join(d, role, f"{kind}_world_size_{world}_rank_{r}.pt"))
-        write_json(os.path.join(d, role, "fsdp_config.json"),
-                   {"FSDP_version": 1, "world_size": world if fsdp_world is None else fsdp_world})
+        write_json(
+            os.path.join(d, role, "fsdp_config.json"),
+            {"FSDP_version": 1, "world_size": world if fsdp_world is None else fsdp_world},
+        )
         write_json(os.path.join(d, role, "huggingface", "config.json"), {"model_type": "qwen2"})
     if data:
         write_torch(os.path.join(d, "data.pt"))
@@ -202,10 +242,18 @@ def verl_step(root: str, step: int, *, world: int = 2, critic: bool = False, dat
 
 # --- Lightning --------------------------------------------------------------------------------------------------
 
+
 def lightning_ckpt(path: str, global_step: int, *, epoch: int = 0, drop: Sequence[str] = ()) -> str:
-    ckpt = {"epoch": epoch, "global_step": global_step, "pytorch-lightning_version": "2.4.0",
-            "state_dict": {"layer.weight": torch.zeros(2, 2)}, "loops": {"fit_loop": {"state_dict": {}}},
-            "callbacks": {}, "optimizer_states": [{"state": {}, "param_groups": []}], "lr_schedulers": []}
+    ckpt = {
+        "epoch": epoch,
+        "global_step": global_step,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": {"layer.weight": torch.zeros(2, 2)},
+        "loops": {"fit_loop": {"state_dict": {}}},
+        "callbacks": {},
+        "optimizer_states": [{"state": {}, "param_groups": []}],
+        "lr_schedulers": [],
+    }
     for k in drop:
         ckpt.pop(k)
     return write(path, torch_bytes(ckpt))
@@ -216,6 +264,7 @@ def set_mtime(path: str, t: float) -> None:
 
 
 # --- resumekit manifests (what integrations/hf.py writes, without importing transformers) ------------------------
+
 
 def foreign_manifest(ckpt_dir: str, step: int) -> str:
     from resumekit.format import FileEntry, Manifest

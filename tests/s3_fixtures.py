@@ -22,8 +22,12 @@ from typing import Callable, List, Optional, Tuple
 import pytest
 
 #: Retry fast in tests: the behaviour is the same, the waiting is not.
-FAST_RETRY_ENV = {"RESUMEKIT_S3_BACKOFF": "0.02", "RESUMEKIT_S3_BACKOFF_MAX": "0.2",
-                  "RESUMEKIT_S3_PART_SIZE": str(5 << 20), "RESUMEKIT_S3_READ_CHUNK": str(1 << 20)}
+FAST_RETRY_ENV = {
+    "RESUMEKIT_S3_BACKOFF": "0.02",
+    "RESUMEKIT_S3_BACKOFF_MAX": "0.2",
+    "RESUMEKIT_S3_PART_SIZE": str(5 << 20),
+    "RESUMEKIT_S3_READ_CHUNK": str(1 << 20),
+}
 
 
 def free_port() -> int:
@@ -41,16 +45,26 @@ class MotoServer:
 
     def env(self, endpoint: Optional[str] = None) -> dict:
         """The AWS environment pointing at this server (or at ``endpoint``, e.g. a proxy in front of it)."""
-        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint or self.endpoint, **FAST_RETRY_ENV}
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint or self.endpoint,
+            **FAST_RETRY_ENV,
+        }
 
     def client(self):
         """A boto3 client for setting up and inspecting (created once: clients are slow to build)."""
         if getattr(self, "_client", None) is None:
             import boto3
 
-            self._client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                                        aws_access_key_id="testing", aws_secret_access_key="testing")
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint,
+                region_name="us-east-1",
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+            )
         return self._client
 
 
@@ -60,8 +74,11 @@ def moto_server():
     pytest.importorskip("moto")
     pytest.importorskip("s3fs")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -197,7 +214,7 @@ class FaultProxy:
                         return
                     dst, direction = peers[s]
                     if len(data) >= budget[direction]:
-                        dst.sendall(data[:int(budget[direction])])
+                        dst.sendall(data[: int(budget[direction])])
                         with self._lock:
                             self.cuts += 1
                         return

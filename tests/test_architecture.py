@@ -29,8 +29,20 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
 ]
 
 #: must import no torch at module level, not even through other modules
-TORCH_FREE = ("supervisor", "cli", "layouts", "storage", "verify", "format", "events", "units", "gc", "yamlconfig",
-              "report", "")
+TORCH_FREE = (
+    "supervisor",
+    "cli",
+    "layouts",
+    "storage",
+    "verify",
+    "format",
+    "events",
+    "units",
+    "gc",
+    "yamlconfig",
+    "report",
+    "",
+)
 
 
 def _modules() -> Dict[str, str]:
@@ -83,14 +95,14 @@ def _imports(name: str) -> List[Tuple[str, bool]]:
                     if a.name.split(".")[0] == "torch":
                         found.append(("<torch>", at_top))
                     elif a.name.startswith("resumekit"):
-                        found.append((a.name[len("resumekit."):] if "." in a.name else "", at_top))
+                        found.append((a.name[len("resumekit.") :] if "." in a.name else "", at_top))
             elif isinstance(child, ast.ImportFrom):
                 if child.level == 0:
                     mod = child.module or ""
                     if mod.split(".")[0] == "torch":
                         found.append(("<torch>", at_top))
                     elif mod.startswith("resumekit"):
-                        base = mod[len("resumekit."):] if "." in mod else ""
+                        base = mod[len("resumekit.") :] if "." in mod else ""
                         found.extend((t, at_top) for t in _targets(base, child))
                 else:
                     base = _resolve(name, child.level, child.module)
@@ -148,7 +160,7 @@ def _cycle() -> Optional[List[str]]:
         stack.append(m)
         for d in edges[m]:
             if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
+                return stack[stack.index(d) :] + [d]
             if d not in state:
                 found = visit(d)
                 if found:

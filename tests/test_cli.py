@@ -76,9 +76,15 @@ def test_gc(run_dir):
     fresh.mkdir()
     r = cli("gc", str(run_dir), "--keep-last", "2", "--dry-run", "--json")
     out = json.loads(r.output)
-    assert sorted(os.path.basename(p) for p in out["removed"]) == [".tmp-step_000000015-abc", step_dirname(3),
-                                                                   step_dirname(6)]
+    assert sorted(os.path.basename(p) for p in out["removed"]) == [
+        ".tmp-step_000000015-abc",
+        step_dirname(3),
+        step_dirname(6),
+    ]
     assert tmp.exists()
     cli("gc", str(run_dir), "--keep-last", "2")
-    assert sorted(p for p in os.listdir(run_dir) if "step_" in p) == [".tmp-step_000000018-def", step_dirname(9),
-                                                                        step_dirname(12)]
+    assert sorted(p for p in os.listdir(run_dir) if "step_" in p) == [
+        ".tmp-step_000000018-def",
+        step_dirname(9),
+        step_dirname(12),
+    ]

@@ -32,10 +32,19 @@ def roundtrip(tree):
 def test_types_survive():
     tree = {
         "t": torch.arange(6, dtype=torch.float32).reshape(2, 3).t(),  # non-contiguous
-        "bf": torch.ones(3, dtype=torch.bfloat16), "b": torch.tensor([True, False]), "scalar": torch.tensor(3.5),
-        "empty": torch.empty(0, 4), "tuple": (0.9, 0.999), "intkeys": {0: {"x": 1}, 5: None},
-        "inf": float("inf"), "nan": float("nan"), "bytes": b"\x00\x01", "np": np.arange(5, dtype=np.uint32),
-        "npscalar": np.float64(2.5), "dtype": torch.float16, "nested": [[1, "a"], {"k": (1, 2)}],
+        "bf": torch.ones(3, dtype=torch.bfloat16),
+        "b": torch.tensor([True, False]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+        "tuple": (0.9, 0.999),
+        "intkeys": {0: {"x": 1}, 5: None},
+        "inf": float("inf"),
+        "nan": float("nan"),
+        "bytes": b"\x00\x01",
+        "np": np.arange(5, dtype=np.uint32),
+        "npscalar": np.float64(2.5),
+        "dtype": torch.float16,
+        "nested": [[1, "a"], {"k": (1, 2)}],
     }
     back = roundtrip(tree)
     assert torch.equal(back["t"], tree["t"]) and back["t"].is_contiguous()
@@ -100,13 +109,16 @@ def _file(tensors):
     return bytearray(buf.getvalue())
 
 
-@pytest.mark.parametrize("mutate,msg", [
-    (lambda b: b[:-3], "header describes"),
-    (lambda b: b[:5], "shorter than the 8-byte"),
-    (lambda b: b"\xff" * 8 + b[8:], "header length"),
-    (lambda b: b[:8] + b"x" + b[9:], "not valid JSON"),
-    (lambda b: (8).to_bytes(8, "little") + b"[1]     ", "not an object"),
-])
+@pytest.mark.parametrize(
+    "mutate,msg",
+    [
+        (lambda b: b[:-3], "header describes"),
+        (lambda b: b[:5], "shorter than the 8-byte"),
+        (lambda b: b"\xff" * 8 + b[8:], "header length"),
+        (lambda b: b[:8] + b"x" + b[9:], "not valid JSON"),
+        (lambda b: (8).to_bytes(8, "little") + b"[1]     ", "not an object"),
+    ],
+)
 def test_lying_or_truncated_files(mutate, msg):
     data = bytes(mutate(_file({"w": torch.randn(10)})))
     with pytest.raises(CorruptCheckpointError, match=msg):

@@ -26,14 +26,18 @@ def test_every_codec_dtype_has_the_byte_width_the_parser_checks():
 
 
 def test_entries_in_file_order_with_torch_dtypes_and_the_data_start():
-    header = {"__metadata__": {"writer": "x"},
-              "b": {"dtype": "BF16", "shape": [2, 1], "data_offsets": [8, 12]},
-              "a": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}
+    header = {
+        "__metadata__": {"writer": "x"},
+        "b": {"dtype": "BF16", "shape": [2, 1], "data_offsets": [8, 12]},
+        "a": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]},
+    }
     data = _file(header, 12)
     h = new_hasher()
     entries, start = read_header(io.BytesIO(data), len(data), "ck/t.safetensors", h)
-    assert entries == [("a", {"dtype": torch.int32, "shape": [2], "begin": 0, "end": 8}),
-                       ("b", {"dtype": torch.bfloat16, "shape": [2, 1], "begin": 8, "end": 12})]
+    assert entries == [
+        ("a", {"dtype": torch.int32, "shape": [2], "begin": 0, "end": 8}),
+        ("b", {"dtype": torch.bfloat16, "shape": [2, 1], "begin": 8, "end": 12}),
+    ]
     assert start == len(data) - 12
     ref = new_hasher()
     ref.update(data[:start])
@@ -50,6 +54,9 @@ def test_unknown_dtype_names_the_tensor_and_the_file():
 
 def test_bad_shape_is_corrupt_not_a_crash():
     data = _file({"w": {"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}}, 16)
-    with pytest.raises(CorruptCheckpointError, match=r"t\.safetensors has a damaged safetensors header \(bad shape "
-                                                     r"for 'w'\)"):
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=r"t\.safetensors has a damaged safetensors header \(bad shape "
+        r"for 'w'\)",
+    ):
         read_header(io.BytesIO(data), len(data), "t.safetensors")

@@ -62,7 +62,7 @@ def test_global_order_survives_world_size_change(n, w1, w2, cut):
     rest = [list(r) for r in ranks2]
     for k in range(max(map(len, rest), default=0)):
         seen.extend(r[k] for r in rest if k < len(r))
-    assert seen == ref_order[:len(seen)]
+    assert seen == ref_order[: len(seen)]
     assert len(set(seen)) == len(seen)  # nothing repeated
 
 

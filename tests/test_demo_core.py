@@ -14,20 +14,34 @@ import pytest
 import torch
 
 from resumekit.demo import run_demo
-from resumekit.demo.core import (CrashStats, ProgressTail, count_events, fresh_run_dirs, parse_worker_args,
-                                 print_table, saving, stop_tree, tree_diff, worker_args)
+from resumekit.demo.core import (
+    CrashStats,
+    ProgressTail,
+    count_events,
+    fresh_run_dirs,
+    parse_worker_args,
+    print_table,
+    saving,
+    stop_tree,
+    tree_diff,
+    worker_args,
+)
 from resumekit.demo.distributed import job_args
 from resumekit.demo.single import job_cmd
 
 
 # ---------------------------------------------------------------------------------------------- tree_diff
 def test_tree_diff_nested_dicts_name_the_differing_tensor():
-    a = {"model": {"0.weight": torch.ones(2, 3), "0.bias": torch.zeros(3)},
-         "optim": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.arange(6.0)}}, "lr": [3e-3, 1e-3]},
-         "rng": (np.arange(4, dtype=np.uint8), 7)}
-    b = {"model": {"0.weight": torch.ones(2, 3), "0.bias": torch.zeros(3)},
-         "optim": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.arange(6.0)}}, "lr": [3e-3, 1e-3]},
-         "rng": (np.arange(4, dtype=np.uint8), 7)}
+    a = {
+        "model": {"0.weight": torch.ones(2, 3), "0.bias": torch.zeros(3)},
+        "optim": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.arange(6.0)}}, "lr": [3e-3, 1e-3]},
+        "rng": (np.arange(4, dtype=np.uint8), 7),
+    }
+    b = {
+        "model": {"0.weight": torch.ones(2, 3), "0.bias": torch.zeros(3)},
+        "optim": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.arange(6.0)}}, "lr": [3e-3, 1e-3]},
+        "rng": (np.arange(4, dtype=np.uint8), 7),
+    }
     assert tree_diff(a, b) == []
     b["optim"]["state"][0]["exp_avg"] = torch.tensor([0.0, 1, 2, 3, 4, 6])
     b["optim"]["lr"][1] = 2e-3
@@ -94,8 +108,11 @@ def test_saving_sees_the_tmp_directory_of_a_checkpoint_being_written(tmp_path):
 
 def test_count_events_counts_one_kind_and_tolerates_a_missing_log(tmp_path):
     assert count_events(str(tmp_path), "skip_invalid") == 0
-    lines = [{"event": "skip_invalid", "step": 20}, {"event": "restore", "step": 10},
-             {"event": "skip_invalid", "step": 30}]
+    lines = [
+        {"event": "skip_invalid", "step": 20},
+        {"event": "restore", "step": 10},
+        {"event": "skip_invalid", "step": 30},
+    ]
     (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"event": "skip_inv')
     assert count_events(str(tmp_path), "skip_invalid") == 2
     assert count_events(str(tmp_path), "restore") == 1
@@ -118,12 +135,13 @@ def test_crash_stats_do_not_share_their_lists():
 
 @pytest.mark.timeout(60)
 def test_stop_tree_kills_a_session_and_its_children_and_keeps_the_exit_status():
-    code = ("import subprocess, sys, time\n"
-            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
-            "print(c.pid, flush=True)\n"
-            "time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    code = (
+        "import subprocess, sys, time\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+        "print(c.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     child = int(proc.stdout.readline())
     stop_tree(proc)
     assert proc.returncode == -9
@@ -150,20 +168,27 @@ def test_stop_tree_leaves_a_finished_process_alone():
 
 # ----------------------------------------------------------------------------------------- the table
 def test_print_table_layout_is_the_demo_output(capsys):
-    print_table("title here", [("kills (SIGKILL)", 2), ("  of which during a save", 1)], [],
-                ("same batch at every step", True), True)
+    print_table(
+        "title here",
+        [("kills (SIGKILL)", 2), ("  of which during a save", 1)],
+        [],
+        ("same batch at every step", True),
+        True,
+    )
     assert capsys.readouterr().out == (
         "\nresumekit demo: title here\n"
         "  kills (SIGKILL)                  2\n"
         "    of which during a save         1\n"
         "  final state bitwise identical    yes\n"
         "  same batch at every step         yes\n"
-        "PASS\n")
+        "PASS\n"
+    )
     print_table("t", [], [f"/k{i}" for i in range(7)], ("same batch at every step/rank", False), False)
     assert capsys.readouterr().out.splitlines()[2:] == [
         "  final state bitwise identical    NO: /k0, /k1, /k2, /k3, /k4",
         "  same batch at every step/rank    NO",
-        "FAIL"]
+        "FAIL",
+    ]
 
 
 # ------------------------------------------------------------------------------------ package shape
@@ -174,17 +199,31 @@ def test_worker_args_round_trip_through_parse_worker_args():
     assert (a.dir, a.steps, a.save_every, a.seed, a.async_save) == ("/d", 120, 10, 3, True)
     a = parse_worker_args("prog", ["--worker", "--dir", "/e"], steps=300, save_every=20)
     assert (a.steps, a.save_every, a.seed, a.async_save) == (300, 20, 0, False)
-    assert job_cmd("/d", 120, 10, 0, False) == [sys.executable, "-m", "resumekit.demo.single", "--worker", "--dir",
-                                                 "/d", "--steps", "120", "--save-every", "10", "--seed", "0"]
+    assert job_cmd("/d", 120, 10, 0, False) == [
+        sys.executable,
+        "-m",
+        "resumekit.demo.single",
+        "--worker",
+        "--dir",
+        "/d",
+        "--steps",
+        "120",
+        "--save-every",
+        "10",
+        "--seed",
+        "0",
+    ]
     assert job_args("/d", 30, 5, 0, True)[:2] == ["-m", "resumekit.demo.distributed"]
     assert job_args("/d", 30, 5, 0, True)[-1] == "--async"
 
 
 def test_the_package_facade_imports_no_worker_module():
     """``python -m resumekit.demo.single`` would warn on stderr if importing the package had loaded it already."""
-    code = ("import sys, resumekit.demo as d; "
-            "print(callable(d.run_demo), 'resumekit.demo.single' in sys.modules, "
-            "'resumekit.demo.distributed' in sys.modules, 'torch' in sys.modules)")
+    code = (
+        "import sys, resumekit.demo as d; "
+        "print(callable(d.run_demo), 'resumekit.demo.single' in sys.modules, "
+        "'resumekit.demo.distributed' in sys.modules, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "False", "False", "False"]
     assert run_demo.__module__ == "resumekit.demo"
@@ -192,7 +231,8 @@ def test_the_package_facade_imports_no_worker_module():
 
 @pytest.mark.parametrize("module", ["resumekit.demo.single", "resumekit.demo.distributed"])
 def test_worker_modules_run_with_dash_m_and_print_nothing_unexpected(module):
-    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert r.stderr == "" and "--worker" in r.stdout and "--save-every" in r.stdout and module in r.stdout

@@ -33,13 +33,20 @@ import torch
 from conftest import REPO, assert_same, make_training, state_tensors, train_steps
 from resumekit import CheckpointManager, CorruptCheckpointError
 from resumekit.data import ResumableSampler
-from resumekit.demo.distributed import (batch_sequences, compare_final, run_torchrun_with_kills, torchrun_cmd,
-                                         torchrun_env)
+from resumekit.demo.distributed import (
+    batch_sequences,
+    compare_final,
+    run_torchrun_with_kills,
+    torchrun_cmd,
+    torchrun_env,
+)
 from resumekit.distributed import DCP_METADATA, MetadataUnpickler, read_sharded
 from resumekit.format import MANIFEST, Manifest, new_hasher, step_dirname
 
-pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with gloo",
+)
 
 JOB = os.path.join(REPO, "tests", "jobs", "dist_train.py")
 TAG = "RESUMEKIT_DIST_TEST_TAG"
@@ -114,8 +121,13 @@ def test_single_process_roundtrip_is_bitwise_and_cli_accepts_it(tmp_path):
     train_steps(a, 10, mgr)
     mgr.close()
     man = json.loads((tmp_path / step_dirname(7) / MANIFEST).read_text())
-    assert {DCP_METADATA, "__0_0.distcp", "distributed.json", "rank_00000/state.json",
-            "rank_00000/tensors.safetensors"} <= set(man["files"])
+    assert {
+        DCP_METADATA,
+        "__0_0.distcp",
+        "distributed.json",
+        "rank_00000/state.json",
+        "rank_00000/tensors.safetensors",
+    } <= set(man["files"])
     b = make_training()
     torch.manual_seed(1234)  # a restarted process has its RNG and weights elsewhere; restore must put them back
     with torch.no_grad():
@@ -153,8 +165,9 @@ def test_single_process_init_from_only_and_strict(tmp_path):
     train_steps(base, 6)
     CheckpointManager(str(tmp_path / "base"), distributed=True).save(6, base)
     ft = make_training(seed=3)
-    mgr = CheckpointManager(str(tmp_path / "ft"), distributed=True, init_from=str(tmp_path / "base"),
-                            init_keys=["model"])
+    mgr = CheckpointManager(
+        str(tmp_path / "ft"), distributed=True, init_from=str(tmp_path / "base"), init_keys=["model"]
+    )
     assert mgr.restore(ft) == 0
     assert_same(base["model"].state_dict(), ft["model"].state_dict())
     assert ft["optim"].state_dict()["state"] == {}  # only the model came from the base run
@@ -267,11 +280,20 @@ def straight_runs(tmp_path_factory):
 def test_killed_workers_resume_bitwise(straight_runs, tmp_path, tagged_env, parallel, extra, kill_seed):
     straight = straight_runs(parallel, *extra)
     d = str(tmp_path)
-    job = torchrun_cmd(2, [JOB, "--dir", d, "--parallel", parallel, "--steps", 30, "--every", 4, *extra],
-                       max_restarts=3)
-    stats = run_torchrun_with_kills([str(c) for c in job], d, nproc=2, crashes=3, rng=random.Random(kill_seed),
-                                    env=dict(tagged_env, RESUMEKIT_TEST_SAVE_PAUSE="0.05"),
-                                    log_path=os.path.join(d, "torchrun.log"), timeout=180, last_step=30)
+    job = torchrun_cmd(
+        2, [JOB, "--dir", d, "--parallel", parallel, "--steps", 30, "--every", 4, *extra], max_restarts=3
+    )
+    stats = run_torchrun_with_kills(
+        [str(c) for c in job],
+        d,
+        nproc=2,
+        crashes=3,
+        rng=random.Random(kill_seed),
+        env=dict(tagged_env, RESUMEKIT_TEST_SAVE_PAUSE="0.05"),
+        log_path=os.path.join(d, "torchrun.log"),
+        timeout=180,
+        last_step=30,
+    )
     log = open(os.path.join(d, "torchrun.log"), errors="replace").read()
     assert stats.exit_code == 0, log[-6000:]
     assert stats.kills == 3 and stats.kills_mid_save >= 1, stats.attempts
@@ -290,8 +312,18 @@ def test_fsdp_checkpoint_of_2_ranks_restores_on_1_and_2(straight_runs, tmp_path,
     d.mkdir()
     shutil.copytree(src, d / step_dirname(28))
     for n in (1, 2):
-        torchrun(tagged_env, d, "--parallel", "fsdp", "--restore-only", "--peek", 2 if n == 2 else 4,
-                 "--tag", f"w{n}", nproc=n)
+        torchrun(
+            tagged_env,
+            d,
+            "--parallel",
+            "fsdp",
+            "--restore-only",
+            "--peek",
+            2 if n == 2 else 4,
+            "--tag",
+            f"w{n}",
+            nproc=n,
+        )
     one = json.load(open(d / "restored_w1_rank0.json"))
     two = [json.load(open(d / f"restored_w2_rank{r}.json")) for r in range(2)]
     assert one["step"] == two[0]["step"] == two[1]["step"] == 28 and one["world"] == 1
@@ -319,8 +351,27 @@ def faulty_run(tmp_path_factory):
     token = uuid.uuid4().hex
     env = dict(torchrun_env(), **{TAG: token})
     try:
-        r = torchrun(env, d, "--parallel", "fsdp", "--steps", 40, "--every", 4, "--fail-rank", 1,
-                     "--fail", "4:dcp", "--fail", "8:files", "--term-rank", 1, "--term-step", 10, check=False)
+        r = torchrun(
+            env,
+            d,
+            "--parallel",
+            "fsdp",
+            "--steps",
+            40,
+            "--every",
+            4,
+            "--fail-rank",
+            1,
+            "--fail",
+            "4:dcp",
+            "--fail",
+            "8:files",
+            "--term-rank",
+            1,
+            "--term-step",
+            10,
+            check=False,
+        )
     finally:
         survivors = _tagged_pids(token)
         for pid in survivors:
@@ -358,9 +409,29 @@ def _committed(d):
 
 @pytest.mark.timeout(240)
 def test_demo_nproc_2_passes(tmp_path, tagged_env):
-    r = subprocess.run([sys.executable, "-m", "resumekit", "demo", "--nproc", "2", "--dir", str(tmp_path),
-                        "--crashes", "1", "--steps", "30", "--seed", "5", "--json"], capture_output=True,
-                       text=True, env=tagged_env, timeout=220)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resumekit",
+            "demo",
+            "--nproc",
+            "2",
+            "--dir",
+            str(tmp_path),
+            "--crashes",
+            "1",
+            "--steps",
+            "30",
+            "--seed",
+            "5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=tagged_env,
+        timeout=220,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["identical"] and out["nproc"] == 2 and out["kills"] == 1 and out["kills_mid_save"] == 1

@@ -33,15 +33,18 @@ def _doc(**over):
     return json.dumps(d).encode()
 
 
-@pytest.mark.parametrize("data,msg", [
-    (b"{not json", "not valid JSON"),
-    (_doc(format="other"), "not a resumekit manifest"),
-    (_doc(version=99), "newer than this resumekit supports"),
-    (_doc(step="7"), "integer 'step'"),
-    (_doc(files={"../../etc/passwd": {"size": 1, "xxh3": "0"}}), "unsafe path"),
-    (_doc(files={"/abs": {"size": 1, "xxh3": "0"}}), "absolute path"),
-    (_doc(files={"a": {"size": -1, "xxh3": "0"}}), "lacks size"),
-])
+@pytest.mark.parametrize(
+    "data,msg",
+    [
+        (b"{not json", "not valid JSON"),
+        (_doc(format="other"), "not a resumekit manifest"),
+        (_doc(version=99), "newer than this resumekit supports"),
+        (_doc(step="7"), "integer 'step'"),
+        (_doc(files={"../../etc/passwd": {"size": 1, "xxh3": "0"}}), "unsafe path"),
+        (_doc(files={"/abs": {"size": 1, "xxh3": "0"}}), "absolute path"),
+        (_doc(files={"a": {"size": -1, "xxh3": "0"}}), "lacks size"),
+    ],
+)
 def test_bad_manifests(data, msg):
     with pytest.raises(CorruptCheckpointError, match=msg):
         Manifest.from_json(data, "ckpt")

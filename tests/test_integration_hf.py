@@ -45,8 +45,13 @@ def killed_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("hf") / "out")
     marker = out + ".stalled"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([HERE] + sys.path))
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "hf_tiny.py"), out, "10", "6", marker], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "hf_tiny.py"), out, "10", "6", marker],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     kill_when(proc, lambda: os.path.exists(marker))
     assert proc.returncode == -signal.SIGKILL
     return out
@@ -67,7 +72,8 @@ def test_kill_mid_save_latest_resume_and_resolve(killed_run, tmp_path):
     doc = json.loads(r.stdout)
     assert doc["latest"]["path"] == ck["checkpoint-4"] and doc["latest"]["layout"] == "hf"
     assert [(s["name"], s["reason"]) for s in doc["skipped"]] == [
-        ("checkpoint-6", "trainer_state.json is missing (the Trainer writes it last: the save never finished)")]
+        ("checkpoint-6", "trainer_state.json is missing (the Trainer writes it last: the save never finished)")
+    ]
     for name in ("checkpoint-2", "checkpoint-4"):  # the callback's manifests verify, by checksum
         r = CliRunner().invoke(main, ["verify", ck[name], "--json"])
         assert r.exit_code == 0 and json.loads(r.stdout)["metadata"]["verified_by"] == MANIFEST_NAME
@@ -84,7 +90,11 @@ def test_kill_mid_save_latest_resume_and_resolve(killed_run, tmp_path):
     assert trainer.state.global_step == 8
     r = CliRunner().invoke(main, ["ls", out, "--json", "--full"])
     assert [(i["name"], i["valid"]) for i in json.loads(r.stdout)] == [
-        ("checkpoint-2", True), ("checkpoint-4", True), ("checkpoint-6", True), ("checkpoint-8", True)]
+        ("checkpoint-2", True),
+        ("checkpoint-4", True),
+        ("checkpoint-6", True),
+        ("checkpoint-8", True),
+    ]
 
     # The hard case: a file damaged after the fact, in a checkpoint that looks complete.
     weights = os.path.join(ck["checkpoint-8"], "model.safetensors")
@@ -95,7 +105,8 @@ def test_kill_mid_save_latest_resume_and_resolve(killed_run, tmp_path):
     doc = json.loads(r.stdout)
     assert doc["latest"]["name"] == "checkpoint-6"
     assert doc["skipped"][0]["reason"] == (
-        f"model.safetensors has {size - 100} bytes, {MANIFEST_NAME} says {size} (truncated?)")
+        f"model.safetensors has {size - 100} bytes, {MANIFEST_NAME} says {size} (truncated?)"
+    )
     os.remove(os.path.join(ck["checkpoint-8"], MANIFEST_NAME))  # without the callback: the header check sees it
     r = CliRunner().invoke(main, ["latest", out, "--json"])
     assert json.loads(r.stdout)["skipped"][0]["reason"].startswith("model.safetensors is truncated: its header")

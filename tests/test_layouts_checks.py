@@ -14,9 +14,21 @@ import pytest
 from resumekit.errors import CorruptCheckpointError
 from resumekit.format import FileEntry, Manifest
 from resumekit.layouts.base import CheckpointInfo, Layout, match_step, run_check, step_entries
-from resumekit.layouts.checks import (FOREIGN_MANIFEST, check_dcp_dir, check_file_nonempty, check_foreign_manifest,
-                                      check_safetensors, describe_ranks, files_of, grid_missing, join,
-                                      missing_ranks, newest_mtime, read_json, sum_sizes)
+from resumekit.layouts.checks import (
+    FOREIGN_MANIFEST,
+    check_dcp_dir,
+    check_file_nonempty,
+    check_foreign_manifest,
+    check_safetensors,
+    describe_ranks,
+    files_of,
+    grid_missing,
+    join,
+    missing_ranks,
+    newest_mtime,
+    read_json,
+    sum_sizes,
+)
 from resumekit.storage import Entry, LocalStorage
 from resumekit.verify import hash_file
 
@@ -33,6 +45,7 @@ def _safetensors(header: dict, data_size: int) -> bytes:
 
 
 # --- ranks ------------------------------------------------------------------------------------------------------
+
 
 def test_missing_ranks_against_max_or_expected():
     assert missing_ranks({0, 1, 3}) == [2]
@@ -56,11 +69,11 @@ def test_grid_missing_finds_holes_in_row_major_order():
     assert grid_missing(full) == []
     assert grid_missing(full - {(1, 0), (0, 2)}) == [(0, 2), (1, 0)]
     # the grid is spanned by the largest index on each axis: a lone far corner implies every point before it
-    assert grid_missing({(1, 1, 1)}) == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1),
-                                         (1, 1, 0)]
+    assert grid_missing({(1, 1, 1)}) == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0)]
 
 
 # --- common -----------------------------------------------------------------------------------------------------
+
 
 def test_join_sum_sizes_and_newest_mtime():
     assert join("a", "", "b") == "a/b" and join("", "x") == "x" and join() == ""
@@ -81,29 +94,37 @@ def test_files_of_lists_children_or_nothing(tmp_path):
 
 # --- safetensors ------------------------------------------------------------------------------------------------
 
+
 def test_check_safetensors_returns_the_tensors_in_file_order(tmp_path):
-    header = {"__metadata__": {"format": "pt"},
-              "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]},
-              "a": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}
+    header = {
+        "__metadata__": {"format": "pt"},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]},
+        "a": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]},
+    }
     _write(str(tmp_path / "m.safetensors"), _safetensors(header, 24))
     st = LocalStorage(str(tmp_path), create=False)
     spans = check_safetensors(st, "m.safetensors", "ck", full=True)
     assert [(s.name, s.dtype, s.shape, s.begin, s.end) for s in spans] == [
-        ("a", "I64", (2,), 0, 16), ("b", "F32", (2,), 16, 24)]
+        ("a", "I64", (2,), 0, 16),
+        ("b", "F32", (2,), 16, 24),
+    ]
 
 
 def test_check_safetensors_quick_passes_overlapping_ranges_that_full_rejects(tmp_path):
     # Both tensors claim bytes 0..8 of 8: the data ends where the file ends, so only the full check sees it.
-    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    header = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    }
     _write(str(tmp_path / "m.safetensors"), _safetensors(header, 8))
     st = LocalStorage(str(tmp_path), create=False)
     assert len(check_safetensors(st, "m.safetensors", "ck", full=False)) == 2
     with pytest.raises(CorruptCheckpointError) as e:
         check_safetensors(st, "m.safetensors", "ck", full=True)
     assert e.value.path == "ck"
-    assert e.value.reason == ("m.safetensors: tensor 'b' starts at byte 0, expected 8 (overlapping or missing "
-                              "tensor data)")
+    assert e.value.reason == (
+        "m.safetensors: tensor 'b' starts at byte 0, expected 8 (overlapping or missing tensor data)"
+    )
 
 
 def test_check_safetensors_full_compares_bytes_with_dtype_and_shape(tmp_path):
@@ -111,8 +132,11 @@ def test_check_safetensors_full_compares_bytes_with_dtype_and_shape(tmp_path):
     _write(str(tmp_path / "m.safetensors"), _safetensors(header, 8))
     st = LocalStorage(str(tmp_path), create=False)
     check_safetensors(st, "m.safetensors", "ck", full=False)
-    with pytest.raises(CorruptCheckpointError, match=r"^ck: shown\.st: tensor 'w' has 8 bytes, its dtype and "
-                                                     r"shape need 12$"):
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=r"^ck: shown\.st: tensor 'w' has 8 bytes, its dtype and "
+        r"shape need 12$",
+    ):
         check_safetensors(st, "m.safetensors", "ck", full=True, shown="shown.st")
 
 
@@ -130,13 +154,17 @@ def test_check_safetensors_missing_file_and_given_size(tmp_path):
 
 # --- JSON, marker files, DCP directories ---------------------------------------------------------------------
 
+
 def test_read_json_and_check_file_nonempty(tmp_path):
     _write(str(tmp_path / "ok.json"), b'{"a": 1}')
     _write(str(tmp_path / "bad.json"), b'{"a": ')
     st = LocalStorage(str(tmp_path), create=False)
     assert read_json(st, "ok.json", "ck") == {"a": 1}
-    with pytest.raises(CorruptCheckpointError, match=r"^ck: bad\.json is not valid JSON \(truncated or still being "
-                                                     r"written\)$"):
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=r"^ck: bad\.json is not valid JSON \(truncated or still being "
+        r"written\)$",
+    ):
         read_json(st, "bad.json", "ck")
     with pytest.raises(CorruptCheckpointError, match=r"^ck: S\.json is missing \(written last\)$"):
         read_json(st, "none.json", "ck", "(written last)", shown="S.json")
@@ -166,14 +194,18 @@ def test_check_dcp_dir(tmp_path):
 
 # --- resumekit manifests in foreign checkpoints -----------------------------------------------------------------
 
+
 def test_check_foreign_manifest_reports_for_the_checkpoint(tmp_path):
     _write(str(tmp_path / "checkpoint-3" / "w.bin"), b"weights")
     st = LocalStorage(str(tmp_path), create=False)
     files = {"w.bin": FileEntry(*hash_file(st, "checkpoint-3/w.bin"))}
     _write(str(tmp_path / "checkpoint-3" / FOREIGN_MANIFEST), Manifest(step=3, files=files).to_json())
     assert check_foreign_manifest(st, "checkpoint-3", "CK", full=True, step=3).step == 3
-    with pytest.raises(CorruptCheckpointError, match=r"^CK: resumekit\.manifest\.json says step 3 but the "
-                                                     r"directory is step 4$"):
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=r"^CK: resumekit\.manifest\.json says step 3 but the "
+        r"directory is step 4$",
+    ):
         check_foreign_manifest(st, "checkpoint-3", "CK", full=False, step=4)
     _write(str(tmp_path / "checkpoint-3" / "w.bin"), b"weightz")
     check_foreign_manifest(st, "checkpoint-3", "CK", full=False, step=3)  # sizes still agree
@@ -182,6 +214,7 @@ def test_check_foreign_manifest_reports_for_the_checkpoint(tmp_path):
 
 
 # --- layouts.base: listing and validate plumbing ---------------------------------------------------------------
+
 
 def _step(name):
     return int(name[4:]) if name.startswith("run-") and name[4:].isdigit() else None
@@ -211,7 +244,9 @@ def test_step_entries_and_list_matching(tmp_path):
     assert lay.detect(st)
     infos = sorted(lay.list(st), key=lambda i: i.step)
     assert [(i.step, i.name, i.layout, i.valid, i.size, i.time) for i in infos] == [
-        (9, "run-9", "toy", None, 0, None), (10, "run-10", "toy", None, 0, None)]
+        (9, "run-9", "toy", None, 0, None),
+        (10, "run-10", "toy", None, 0, None),
+    ]
     assert infos[0].path == st.join("run-9")
     (f,) = lay.list_matching(st, _step, dirs=False)
     assert (f.step, f.size) == (12, 3) and f.time == os.path.getmtime(tmp_path / "run-12")

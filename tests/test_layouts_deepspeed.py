@@ -43,26 +43,53 @@ def test_valid(tmp_path, kwargs):
     assert detect_layout(st(tmp_path)).name == "deepspeed"
 
 
-@pytest.mark.parametrize("kwargs,damage,reason", [
-    ({"dp": 4}, lambda d: os.remove(os.path.join(d, "zero_pp_rank_2_mp_rank_00_optim_states.pt")),
-     "zero_pp_rank_2_mp_rank_00_optim_states.pt is missing (data-parallel ranks 0-3 expected; also missing: 2)"),
-    ({"dp": 2, "mp": 2}, lambda d: os.remove(os.path.join(d, "mp_rank_00_model_states.pt")),
-     "mp_rank_00_model_states.pt is missing (model-parallel ranks 0-1 expected)"),
-    ({"dp": 2}, lambda d: os.remove(os.path.join(d, "mp_rank_00_model_states.pt")),
-     "mp_rank_00_model_states.pt is missing (no *model_states.pt: the save never finished)"),
-    ({"dp": 2}, lambda d: os.remove(os.path.join(d, "zero_pp_rank_1_mp_rank_00_optim_states.pt")),
-     "mp_rank_00_model_states.pt records dp_world_size=2 but there are 1 *optim_states.pt files (missing ranks 1)"),
-    ({"dp": 2}, lambda d: [os.remove(os.path.join(d, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")) for r in (0, 1)],
-     "mp_rank_00_model_states.pt holds no optimizer state and no *zero_pp_rank_*_optim_states.pt files exist (a ZeRO "
-     "save that never finished)"),
-    ({"dp": 2, "recorded_dp": 3}, None,
-     "mp_rank_00_model_states.pt records dp_world_size=3 but there are 2 *optim_states.pt files (missing ranks 2)"),
-    ({"zero3": True, "dp": 3}, lambda d: os.remove(os.path.join(d, "zero_pp_rank_1_mp_rank_00_model_states.pt")),
-     "zero_pp_rank_1_mp_rank_00_model_states.pt is missing (data-parallel ranks 0-2 expected)"),
-    ({}, lambda d: F.truncate(os.path.join(d, "zero_pp_rank_1_mp_rank_00_optim_states.pt"), -30),
-     "zero_pp_rank_1_mp_rank_00_optim_states.pt is not a complete torch file: its zip central directory is missing "
-     "(truncated or still being written)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,damage,reason",
+    [
+        (
+            {"dp": 4},
+            lambda d: os.remove(os.path.join(d, "zero_pp_rank_2_mp_rank_00_optim_states.pt")),
+            "zero_pp_rank_2_mp_rank_00_optim_states.pt is missing (data-parallel ranks 0-3 expected; also missing: 2)",
+        ),
+        (
+            {"dp": 2, "mp": 2},
+            lambda d: os.remove(os.path.join(d, "mp_rank_00_model_states.pt")),
+            "mp_rank_00_model_states.pt is missing (model-parallel ranks 0-1 expected)",
+        ),
+        (
+            {"dp": 2},
+            lambda d: os.remove(os.path.join(d, "mp_rank_00_model_states.pt")),
+            "mp_rank_00_model_states.pt is missing (no *model_states.pt: the save never finished)",
+        ),
+        (
+            {"dp": 2},
+            lambda d: os.remove(os.path.join(d, "zero_pp_rank_1_mp_rank_00_optim_states.pt")),
+            "mp_rank_00_model_states.pt records dp_world_size=2 but there are 1 *optim_states.pt files (missing ranks 1)",
+        ),
+        (
+            {"dp": 2},
+            lambda d: [os.remove(os.path.join(d, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")) for r in (0, 1)],
+            "mp_rank_00_model_states.pt holds no optimizer state and no *zero_pp_rank_*_optim_states.pt files exist (a ZeRO "
+            "save that never finished)",
+        ),
+        (
+            {"dp": 2, "recorded_dp": 3},
+            None,
+            "mp_rank_00_model_states.pt records dp_world_size=3 but there are 2 *optim_states.pt files (missing ranks 2)",
+        ),
+        (
+            {"zero3": True, "dp": 3},
+            lambda d: os.remove(os.path.join(d, "zero_pp_rank_1_mp_rank_00_model_states.pt")),
+            "zero_pp_rank_1_mp_rank_00_model_states.pt is missing (data-parallel ranks 0-2 expected)",
+        ),
+        (
+            {},
+            lambda d: F.truncate(os.path.join(d, "zero_pp_rank_1_mp_rank_00_optim_states.pt"), -30),
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt is not a complete torch file: its zip central directory is missing "
+            "(truncated or still being written)",
+        ),
+    ],
+)
 def test_invalid(tmp_path, kwargs, damage, reason):
     d = F.deepspeed_tag(str(tmp_path), "global_step40", **kwargs)
     if damage:
@@ -73,8 +100,9 @@ def test_invalid(tmp_path, kwargs, damage, reason):
 
 def test_scan_reads_scalars_without_unpickling(tmp_path):
     d = F.deepspeed_tag(str(tmp_path), "global_step1", dp=5)
-    found = scan_pickle_scalars(st(d), "mp_rank_00_model_states.pt",
-                                ["dp_world_size", "optimizer", "param_shapes", "absent"])
+    found = scan_pickle_scalars(
+        st(d), "mp_rank_00_model_states.pt", ["dp_world_size", "optimizer", "param_shapes", "absent"]
+    )
     assert found == {"dp_world_size": 5, "optimizer": None, "param_shapes": NOT_SCALAR}
 
 
@@ -94,7 +122,8 @@ def test_latest_written_before_other_ranks_finished(tmp_path):
     assert doc["message"] == (
         "latest points at global_step200, which is invalid: zero_pp_rank_1_mp_rank_00_optim_states.pt is missing "
         "(data-parallel ranks 0-3 expected; also missing: 1); set it to 'global_step100' (old content kept in "
-        "latest.bak)")
+        "latest.bak)"
+    )
     assert open(os.path.join(root, "latest")).read().strip() == "global_step100"  # DeepSpeed strips it too
 
 

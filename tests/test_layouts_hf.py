@@ -23,10 +23,17 @@ def check(root: str, name: str, full: bool = True) -> CheckpointInfo:
     return hf.validate(st, info, full=full)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {}, {"weights": "sharded"}, {"weights": "lora"}, {"weights": "bin"}, {"rng_ranks": [0, 1, 2]},
-    {"deepspeed_dp": 2},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"weights": "sharded"},
+        {"weights": "lora"},
+        {"weights": "bin"},
+        {"rng_ranks": [0, 1, 2]},
+        {"deepspeed_dp": 2},
+    ],
+)
 def test_valid_variants(tmp_path, kwargs):
     F.hf_checkpoint(str(tmp_path), 4, **kwargs)
     got = check(str(tmp_path), "checkpoint-4")
@@ -44,49 +51,99 @@ def _del(name):
     return lambda d: os.remove(os.path.join(d, name))
 
 
-@pytest.mark.parametrize("build,damage,reason", [
-    ({"state": False}, None, "trainer_state.json is missing (the Trainer writes it last: the save never finished)"),
-    ({}, lambda d: F.truncate(os.path.join(d, "trainer_state.json"), 10),
-     "trainer_state.json is not valid JSON (truncated or still being written)"),
-    ({}, lambda d: F.write(os.path.join(d, "checkpoint-is-incomplete.txt"), b"in progress"),
-     "checkpoint-is-incomplete.txt is present: the Trainer's save was interrupted"),
-    ({}, lambda d: F.write_json(os.path.join(d, "trainer_state.json"), {"global_step": 3}),
-     "trainer_state.json says global_step 3 but the directory is checkpoint-4"),
-    ({"weights": "sharded"}, _del("model-00002-of-00002.safetensors"),
-     "model-00002-of-00002.safetensors is missing (named in model.safetensors.index.json)"),
-    ({}, lambda d: F.truncate(os.path.join(d, "model.safetensors"), -40),
-     "model.safetensors is truncated: its header describes 80 bytes of tensor data but only 40 follow it"),
-    ({}, lambda d: F.truncate(os.path.join(d, "model.safetensors"), 50),
-     "model.safetensors is truncated or not safetensors: header length 168 does not fit in its 50 bytes"),
-    ({}, lambda d: F.truncate(os.path.join(d, "model.safetensors"), 5),
-     "model.safetensors is truncated: 5 bytes, shorter than the 8-byte safetensors header"),
-    ({"weights": "lora"}, _del("adapter_config.json"),
-     "adapter_config.json is missing (it must sit next to adapter_model.safetensors)"),
-    ({"weights": "none"}, None,
-     "no model weights (model.safetensors, model-*.safetensors + model.safetensors.index.json, pytorch_model.bin, "
-     "or adapter_model.safetensors + adapter_config.json)"),
-    ({"optimizer": False}, None,
-     "optimizer.pt is missing (saved with save_only_model=True? the Trainer would silently start a fresh optimizer)"),
-    ({}, lambda d: F.cut_central_directory(os.path.join(d, "optimizer.pt")),
-     "optimizer.pt is not a complete torch file: its zip central directory is missing (truncated or still being "
-     "written)"),
-    ({}, lambda d: F.truncate(os.path.join(d, "rng_state.pth"), -3),
-     "rng_state.pth is not a complete torch file: its zip central directory is missing (truncated or still being "
-     "written)"),
-    ({"scheduler": False}, None,
-     "scheduler.pt is missing (the Trainer would silently restart the learning-rate schedule)"),
-    ({}, _del("rng_state.pth"),
-     "rng_state.pth is missing (nor rng_state_<rank>.pth: the Trainer would resume with fresh random state, not an "
-     "exact resume)"),
-    ({"rng_ranks": [0, 2]}, None, "rng_state_1.pth is missing (process ranks 0-2 expected)"),
-    ({"deepspeed_dp": 3}, lambda d: os.remove(os.path.join(d, "global_step4",
-                                                           "zero_pp_rank_1_mp_rank_00_optim_states.pt")),
-     "global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt is missing (data-parallel ranks 0-2 expected; also "
-     "missing: 1)"),
-    ({"deepspeed_dp": 2}, _del("latest"),
-     "latest is missing next to the DeepSpeed global_step* directory (DeepSpeed writes it after its files: the save "
-     "never finished)"),
-])
+@pytest.mark.parametrize(
+    "build,damage,reason",
+    [
+        ({"state": False}, None, "trainer_state.json is missing (the Trainer writes it last: the save never finished)"),
+        (
+            {},
+            lambda d: F.truncate(os.path.join(d, "trainer_state.json"), 10),
+            "trainer_state.json is not valid JSON (truncated or still being written)",
+        ),
+        (
+            {},
+            lambda d: F.write(os.path.join(d, "checkpoint-is-incomplete.txt"), b"in progress"),
+            "checkpoint-is-incomplete.txt is present: the Trainer's save was interrupted",
+        ),
+        (
+            {},
+            lambda d: F.write_json(os.path.join(d, "trainer_state.json"), {"global_step": 3}),
+            "trainer_state.json says global_step 3 but the directory is checkpoint-4",
+        ),
+        (
+            {"weights": "sharded"},
+            _del("model-00002-of-00002.safetensors"),
+            "model-00002-of-00002.safetensors is missing (named in model.safetensors.index.json)",
+        ),
+        (
+            {},
+            lambda d: F.truncate(os.path.join(d, "model.safetensors"), -40),
+            "model.safetensors is truncated: its header describes 80 bytes of tensor data but only 40 follow it",
+        ),
+        (
+            {},
+            lambda d: F.truncate(os.path.join(d, "model.safetensors"), 50),
+            "model.safetensors is truncated or not safetensors: header length 168 does not fit in its 50 bytes",
+        ),
+        (
+            {},
+            lambda d: F.truncate(os.path.join(d, "model.safetensors"), 5),
+            "model.safetensors is truncated: 5 bytes, shorter than the 8-byte safetensors header",
+        ),
+        (
+            {"weights": "lora"},
+            _del("adapter_config.json"),
+            "adapter_config.json is missing (it must sit next to adapter_model.safetensors)",
+        ),
+        (
+            {"weights": "none"},
+            None,
+            "no model weights (model.safetensors, model-*.safetensors + model.safetensors.index.json, pytorch_model.bin, "
+            "or adapter_model.safetensors + adapter_config.json)",
+        ),
+        (
+            {"optimizer": False},
+            None,
+            "optimizer.pt is missing (saved with save_only_model=True? the Trainer would silently start a fresh optimizer)",
+        ),
+        (
+            {},
+            lambda d: F.cut_central_directory(os.path.join(d, "optimizer.pt")),
+            "optimizer.pt is not a complete torch file: its zip central directory is missing (truncated or still being "
+            "written)",
+        ),
+        (
+            {},
+            lambda d: F.truncate(os.path.join(d, "rng_state.pth"), -3),
+            "rng_state.pth is not a complete torch file: its zip central directory is missing (truncated or still being "
+            "written)",
+        ),
+        (
+            {"scheduler": False},
+            None,
+            "scheduler.pt is missing (the Trainer would silently restart the learning-rate schedule)",
+        ),
+        (
+            {},
+            _del("rng_state.pth"),
+            "rng_state.pth is missing (nor rng_state_<rank>.pth: the Trainer would resume with fresh random state, not an "
+            "exact resume)",
+        ),
+        ({"rng_ranks": [0, 2]}, None, "rng_state_1.pth is missing (process ranks 0-2 expected)"),
+        (
+            {"deepspeed_dp": 3},
+            lambda d: os.remove(os.path.join(d, "global_step4", "zero_pp_rank_1_mp_rank_00_optim_states.pt")),
+            "global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt is missing (data-parallel ranks 0-2 expected; also "
+            "missing: 1)",
+        ),
+        (
+            {"deepspeed_dp": 2},
+            _del("latest"),
+            "latest is missing next to the DeepSpeed global_step* directory (DeepSpeed writes it after its files: the save "
+            "never finished)",
+        ),
+    ],
+)
 def test_invalid_variants(tmp_path, build, damage, reason):
     d = F.hf_checkpoint(str(tmp_path), 4, **build)
     if damage:
@@ -111,7 +168,8 @@ def test_deepspeed_missing_highest_rank_needs_full(tmp_path):
     assert check(str(tmp_path), "checkpoint-4", full=False).valid
     assert check(str(tmp_path), "checkpoint-4").reason == (
         "global_step4/mp_rank_00_model_states.pt records dp_world_size=2 but there are 1 *optim_states.pt files "
-        "(missing ranks 1)")
+        "(missing ranks 1)"
+    )
 
 
 def test_manifest_decides_when_present(tmp_path):
@@ -122,19 +180,20 @@ def test_manifest_decides_when_present(tmp_path):
     # Same size, one byte changed: only the checksum can see it.
     F.flip_byte(os.path.join(d, "model.safetensors"), 200)
     assert check(str(tmp_path), "checkpoint-4", full=False).valid
-    assert check(str(tmp_path), "checkpoint-4").reason.startswith(
-        "model.safetensors checksum mismatch (xxh3 ")
+    assert check(str(tmp_path), "checkpoint-4").reason.startswith("model.safetensors checksum mismatch (xxh3 ")
     F.truncate(os.path.join(d, "scheduler.pt"), -1)
     size = os.path.getsize(os.path.join(d, "scheduler.pt"))
     assert check(str(tmp_path), "checkpoint-4", full=False).reason == (
-        f"scheduler.pt has {size} bytes, resumekit.manifest.json says {size + 1} (truncated?)")
+        f"scheduler.pt has {size} bytes, resumekit.manifest.json says {size + 1} (truncated?)"
+    )
 
 
 def test_manifest_of_another_step_is_refused(tmp_path):
     d = F.hf_checkpoint(str(tmp_path), 4)
     F.foreign_manifest(d, 2)
     assert check(str(tmp_path), "checkpoint-4").reason == (
-        "resumekit.manifest.json says step 2 but the directory is step 4")
+        "resumekit.manifest.json says step 2 but the directory is step 4"
+    )
 
 
 def test_latest_orders_numerically_and_skips_broken(tmp_path):
@@ -149,7 +208,8 @@ def test_latest_orders_numerically_and_skips_broken(tmp_path):
     assert best.name == "checkpoint-9"
     assert [(s.name, s.reason.split(" (")[0]) for s in skipped] == [
         ("checkpoint-100", "trainer_state.json is missing"),
-        ("checkpoint-10", "optimizer.pt is not a complete torch file: its zip central directory is missing")]
+        ("checkpoint-10", "optimizer.pt is not a complete torch file: its zip central directory is missing"),
+    ]
     assert hf.repair(st) is None  # the Trainer keeps no tracker
 
 

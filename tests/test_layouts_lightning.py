@@ -77,17 +77,26 @@ def test_last_ckpt_symlink(tmp_path):
     assert r.exit_code == 1 and r.stdout.strip().endswith("INVALID: the file is missing (a dangling symlink?)")
 
 
-@pytest.mark.parametrize("damage,reason", [
-    (lambda p: F.truncate(p, 200),
-     "epoch=1-step=100.ckpt is not a complete torch file: its zip central directory is missing (truncated or still "
-     "being written)"),
-    (lambda p: F.lightning_ckpt(p, 100, drop=("optimizer_states", "lr_schedulers")),
-     "keys missing: optimizer_states, lr_schedulers (saved with save_weights_only=True? it cannot resume training)"),
-    (lambda p: F.write(p, F.torch_bytes({"global_step": 1, "hparams": __import__("argparse").Namespace(lr=1)})),
-     "epoch=1-step=100.ckpt cannot be loaded with weights_only=True (argparse.Namespace is not allowed): it holds "
-     "Python objects beyond tensors and plain containers; re-save plain state_dicts, or allow the types with "
-     "torch.serialization.add_safe_globals"),
-])
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        (
+            lambda p: F.truncate(p, 200),
+            "epoch=1-step=100.ckpt is not a complete torch file: its zip central directory is missing (truncated or still "
+            "being written)",
+        ),
+        (
+            lambda p: F.lightning_ckpt(p, 100, drop=("optimizer_states", "lr_schedulers")),
+            "keys missing: optimizer_states, lr_schedulers (saved with save_weights_only=True? it cannot resume training)",
+        ),
+        (
+            lambda p: F.write(p, F.torch_bytes({"global_step": 1, "hparams": __import__("argparse").Namespace(lr=1)})),
+            "epoch=1-step=100.ckpt cannot be loaded with weights_only=True (argparse.Namespace is not allowed): it holds "
+            "Python objects beyond tensors and plain containers; re-save plain state_dicts, or allow the types with "
+            "torch.serialization.add_safe_globals",
+        ),
+    ],
+)
 def test_invalid(tmp_path, damage, reason):
     p = str(tmp_path / "epoch=1-step=100.ckpt")
     F.lightning_ckpt(p, 100)

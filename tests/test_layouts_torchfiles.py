@@ -24,10 +24,20 @@ def st(root):
     return open_storage(str(root), create=False)
 
 
-@pytest.mark.parametrize("name,step", [
-    ("ckpt_9.pth", 9), ("ckpt_10.pth", 10), ("ckpt_best_12.pth", 12), ("model_0012.pt", 12), ("epoch-7.pth.tar", 7),
-    ("42.pt", 42), ("best.pth", None), ("ckpt_9.pth.bak", None), ("ckpt_9.ckpt", None),
-])
+@pytest.mark.parametrize(
+    "name,step",
+    [
+        ("ckpt_9.pth", 9),
+        ("ckpt_10.pth", 10),
+        ("ckpt_best_12.pth", 12),
+        ("model_0012.pt", 12),
+        ("epoch-7.pth.tar", 7),
+        ("42.pt", 42),
+        ("best.pth", None),
+        ("ckpt_9.pth.bak", None),
+        ("ckpt_9.ckpt", None),
+    ],
+)
 def test_parse_step(name, step):
     assert parse_step(name) == step
 
@@ -53,11 +63,18 @@ def test_latest_skips_truncated_and_unsafe(tmp_path):
     best, skipped = tf.latest(st(root))
     assert best.name == "ckpt_8.pth"
     assert [(s.name, s.reason) for s in skipped] == [
-        ("ckpt_10.pth", "ckpt_10.pth is not a complete torch file: its zip central directory is missing (truncated "
-                        "or still being written)"),
-        ("ckpt_9.pth", "ckpt_9.pth cannot be loaded with weights_only=True (argparse.Namespace is not allowed): it "
-                       "holds Python objects beyond tensors and plain containers; re-save plain state_dicts, or allow "
-                       "the types with torch.serialization.add_safe_globals")]
+        (
+            "ckpt_10.pth",
+            "ckpt_10.pth is not a complete torch file: its zip central directory is missing (truncated "
+            "or still being written)",
+        ),
+        (
+            "ckpt_9.pth",
+            "ckpt_9.pth cannot be loaded with weights_only=True (argparse.Namespace is not allowed): it "
+            "holds Python objects beyond tensors and plain containers; re-save plain state_dicts, or allow "
+            "the types with torch.serialization.add_safe_globals",
+        ),
+    ]
     quick, _ = tf.latest(st(root), full=False)  # quick never loads: the unsafe file passes the zip check
     assert quick.name == "ckpt_9.pth"
 
@@ -69,7 +86,8 @@ def test_empty_and_legacy_files(tmp_path):
     assert got == {
         "ckpt_1.pth": "ckpt_1.pth is empty (truncated or still being written)",
         "ckpt_2.pth": "ckpt_2.pth is not a zip archive: a torch file in the legacy format (re-save it with torch>=1.6) "
-                      "or not a torch.save file at all"}
+        "or not a torch.save file at all",
+    }
 
 
 def test_crc_damage_needs_full(tmp_path):
@@ -92,15 +110,17 @@ def test_cli_verify_file_and_ls(tmp_path):
     r = CliRunner().invoke(main, ["verify", os.path.join(root, "ckpt_7.pth")])
     assert r.exit_code == 1 and "INVALID: ckpt_7.pth is not a complete torch file" in r.stdout
     r = CliRunner().invoke(main, ["ls", root, "--json", "--full"])
-    assert [(i["name"], i["valid"]) for i in json.loads(r.stdout)] == [("ckpt_best_5.pth", True),
-                                                                      ("ckpt_7.pth", False)]
+    assert [(i["name"], i["valid"]) for i in json.loads(r.stdout)] == [("ckpt_best_5.pth", True), ("ckpt_7.pth", False)]
     r = CliRunner().invoke(main, ["repair", root])
     assert (r.exit_code, r.stdout.strip()) == (0, "layout torchfiles keeps no tracker: nothing to repair")
 
 
 @settings(max_examples=60, deadline=None)
-@given(steps=hs.lists(hs.integers(min_value=0, max_value=10**12), min_size=1, max_size=12, unique=True),
-       pad=hs.integers(min_value=0, max_value=12), valid=hs.data())
+@given(
+    steps=hs.lists(hs.integers(min_value=0, max_value=10**12), min_size=1, max_size=12, unique=True),
+    pad=hs.integers(min_value=0, max_value=12),
+    valid=hs.data(),
+)
 def test_ordering_property(steps, pad, valid):
     # Whatever the padding, names order by their integer step, and latest is the highest *valid* step.
     names = {f"ckpt_{s:0{pad}d}.pth": s for s in steps}

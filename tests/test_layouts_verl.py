@@ -40,25 +40,46 @@ def _rm(*parts):
     return lambda d: os.remove(os.path.join(d, *parts))
 
 
-@pytest.mark.parametrize("kwargs,damage,reason", [
-    ({"data": False}, None,
-     "data.pt is missing (VeRL writes the dataloader state after the model: the save never finished)"),
-    ({}, _rm("actor", "optim_world_size_2_rank_1.pt"), "actor/optim_world_size_2_rank_1.pt is missing"),
-    ({"world": 4}, _rm("actor", "model_world_size_4_rank_0.pt"), "actor/model_world_size_4_rank_0.pt is missing"),
-    ({}, lambda d: [os.remove(os.path.join(d, "actor", f"optim_world_size_2_rank_{r}.pt")) for r in (0, 1)],
-     "actor/optim_world_size_2_rank_0.pt is missing (checkpoint.save_contents without it cannot resume)"),
-    ({"critic": True}, _rm("critic", "extra_state_world_size_2_rank_1.pt"),
-     "critic/extra_state_world_size_2_rank_1.pt is missing"),
-    ({}, lambda d: shutil.rmtree(os.path.join(d, "actor")), "actor/ is missing"),
-    ({"fsdp_world": 4}, None, "actor/fsdp_config.json says world_size 4 but the rank files say 2"),
-    ({}, lambda d: F.write_torch(os.path.join(d, "actor", "model_world_size_4_rank_3.pt")),
-     "actor/ mixes world sizes [2, 4]: leftovers of a run with another world size?"),
-    ({}, lambda d: F.truncate(os.path.join(d, "actor", "extra_state_world_size_2_rank_0.pt"), -1),
-     "actor/extra_state_world_size_2_rank_0.pt is not a complete torch file: its zip central directory is missing "
-     "(truncated or still being written)"),
-    ({}, lambda d: F.cut_central_directory(os.path.join(d, "data.pt")),
-     "data.pt is not a complete torch file: its zip central directory is missing (truncated or still being written)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,damage,reason",
+    [
+        (
+            {"data": False},
+            None,
+            "data.pt is missing (VeRL writes the dataloader state after the model: the save never finished)",
+        ),
+        ({}, _rm("actor", "optim_world_size_2_rank_1.pt"), "actor/optim_world_size_2_rank_1.pt is missing"),
+        ({"world": 4}, _rm("actor", "model_world_size_4_rank_0.pt"), "actor/model_world_size_4_rank_0.pt is missing"),
+        (
+            {},
+            lambda d: [os.remove(os.path.join(d, "actor", f"optim_world_size_2_rank_{r}.pt")) for r in (0, 1)],
+            "actor/optim_world_size_2_rank_0.pt is missing (checkpoint.save_contents without it cannot resume)",
+        ),
+        (
+            {"critic": True},
+            _rm("critic", "extra_state_world_size_2_rank_1.pt"),
+            "critic/extra_state_world_size_2_rank_1.pt is missing",
+        ),
+        ({}, lambda d: shutil.rmtree(os.path.join(d, "actor")), "actor/ is missing"),
+        ({"fsdp_world": 4}, None, "actor/fsdp_config.json says world_size 4 but the rank files say 2"),
+        (
+            {},
+            lambda d: F.write_torch(os.path.join(d, "actor", "model_world_size_4_rank_3.pt")),
+            "actor/ mixes world sizes [2, 4]: leftovers of a run with another world size?",
+        ),
+        (
+            {},
+            lambda d: F.truncate(os.path.join(d, "actor", "extra_state_world_size_2_rank_0.pt"), -1),
+            "actor/extra_state_world_size_2_rank_0.pt is not a complete torch file: its zip central directory is missing "
+            "(truncated or still being written)",
+        ),
+        (
+            {},
+            lambda d: F.cut_central_directory(os.path.join(d, "data.pt")),
+            "data.pt is not a complete torch file: its zip central directory is missing (truncated or still being written)",
+        ),
+    ],
+)
 def test_invalid(tmp_path, kwargs, damage, reason):
     d = F.verl_step(str(tmp_path), 20, **kwargs)
     if damage:
@@ -78,8 +99,10 @@ def test_latest_and_repair(tmp_path):
     assert best.name == "global_step_10" and [s.name for s in skipped] == ["global_step_15"]
     res = verl.repair(st(root))
     assert (res.old, res.new, res.changed) == ("", "10", True)
-    assert res.message == ("latest_checkpointed_iteration.txt is empty; set it to '10' (old content kept in "
-                           "latest_checkpointed_iteration.txt.bak)")
+    assert res.message == (
+        "latest_checkpointed_iteration.txt is empty; set it to '10' (old content kept in "
+        "latest_checkpointed_iteration.txt.bak)"
+    )
     assert open(os.path.join(root, TRACKER)).read() == "10\n"
     assert int(open(os.path.join(root, TRACKER), "rb").read().decode()) == 10  # how VeRL reads it back
     assert [i.name for i in verl.list(st(root)) if i.metadata.get("tracked")] == ["global_step_10"]

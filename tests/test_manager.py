@@ -81,14 +81,17 @@ def _flip(p):
         f.write(bytes([b[0] ^ 0x40]))
 
 
-@pytest.mark.parametrize("fault,fname,reason", [
-    ("truncate", TENSORS_FILE, "truncated"),
-    ("flip", TENSORS_FILE, "checksum mismatch"),
-    ("flip", TREE_FILE, "checksum mismatch"),
-    ("delete", TENSORS_FILE, "is missing"),
-    ("delete", "manifest.json", "manifest.json is missing"),
-    ("garbage_manifest", "manifest.json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "fault,fname,reason",
+    [
+        ("truncate", TENSORS_FILE, "truncated"),
+        ("flip", TENSORS_FILE, "checksum mismatch"),
+        ("flip", TREE_FILE, "checksum mismatch"),
+        ("delete", TENSORS_FILE, "is missing"),
+        ("delete", "manifest.json", "manifest.json is missing"),
+        ("garbage_manifest", "manifest.json", "not valid JSON"),
+    ],
+)
 def test_corrupt_newest_falls_back_and_says_why(tmp_path, caplog, fault, fname, reason):
     saved_run(tmp_path, steps=12, every=4)
     bad = tmp_path / step_dirname(12) / fname
@@ -455,8 +458,8 @@ def test_torchdata_stateful_dataloader_resumes_mid_epoch(tmp_path):
 def test_saving_the_same_step_twice_async_writes_once(tmp_path):
     st = make_training()
     mgr = CheckpointManager(str(tmp_path), async_save=True, every_steps=5)
-    train_steps(st, 5, mgr)          # maybe_save(5) starts a background save
-    assert mgr.save(5, st) is None   # the usual final save after the loop: waits, sees step 5 committed
+    train_steps(st, 5, mgr)  # maybe_save(5) starts a background save
+    assert mgr.save(5, st) is None  # the usual final save after the loop: waits, sees step 5 committed
     mgr.close()
     ev = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
     assert [e["step"] for e in ev if e["event"] == "save"] == [5]

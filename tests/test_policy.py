@@ -18,8 +18,9 @@ def test_every_seconds_and_never_twice():
     assert not p.due(3, now=50.0, last_save_time=0.0, last_saved_step=3)
 
 
-@pytest.mark.parametrize("kw", [{"every_steps": 0}, {"every_steps": 1.5}, {"every_seconds": -1},
-                                {"every_seconds": float("inf")}])
+@pytest.mark.parametrize(
+    "kw", [{"every_steps": 0}, {"every_steps": 1.5}, {"every_seconds": -1}, {"every_seconds": float("inf")}]
+)
 def test_save_policy_validation_names_field(kw):
     with pytest.raises(ConfigError, match=list(kw)[0]):
         SavePolicy(**kw)
@@ -47,10 +48,12 @@ def test_inactive_policy_keeps_everything():
     assert RetentionPolicy().to_delete([1, 2, 3]) == []
 
 
-@given(steps=st.sets(st.integers(0, 10**9), min_size=1, max_size=40),
-       keep_last=st.one_of(st.none(), st.integers(1, 5)),
-       keep_every=st.one_of(st.none(), st.integers(1, 1000)),
-       protected=st.sets(st.integers(0, 10**9), max_size=3))
+@given(
+    steps=st.sets(st.integers(0, 10**9), min_size=1, max_size=40),
+    keep_last=st.one_of(st.none(), st.integers(1, 5)),
+    keep_every=st.one_of(st.none(), st.integers(1, 1000)),
+    protected=st.sets(st.integers(0, 10**9), max_size=3),
+)
 def test_never_deletes_newest_or_protected(steps, keep_last, keep_every, protected):
     p = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
     doomed = p.to_delete(sorted(steps), protected=protected)

@@ -34,20 +34,33 @@ from resumekit.storage.remote.writer import part_size_for
 def client_error(code: str, status: int):
     from botocore.exceptions import ClientError
 
-    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                       "PutObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
 
 
 # -- pure ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code,status,kind", [
-    ("NoSuchBucket", 404, PERMANENT), ("AccessDenied", 403, PERMANENT), ("InvalidAccessKeyId", 403, PERMANENT),
-    ("SignatureDoesNotMatch", 403, PERMANENT), ("403", 403, PERMANENT), ("NoSuchKey", 404, MISSING),
-    ("404", 404, MISSING), ("InternalError", 500, TRANSIENT), ("ServiceUnavailable", 503, TRANSIENT),
-    ("SlowDown", 503, TRANSIENT), ("RequestTimeout", 400, TRANSIENT), ("502", 502, TRANSIENT),
-    ("InvalidArgument", 400, OTHER), ("PreconditionFailed", 412, OTHER),
-])
+@pytest.mark.parametrize(
+    "code,status,kind",
+    [
+        ("NoSuchBucket", 404, PERMANENT),
+        ("AccessDenied", 403, PERMANENT),
+        ("InvalidAccessKeyId", 403, PERMANENT),
+        ("SignatureDoesNotMatch", 403, PERMANENT),
+        ("403", 403, PERMANENT),
+        ("NoSuchKey", 404, MISSING),
+        ("404", 404, MISSING),
+        ("InternalError", 500, TRANSIENT),
+        ("ServiceUnavailable", 503, TRANSIENT),
+        ("SlowDown", 503, TRANSIENT),
+        ("RequestTimeout", 400, TRANSIENT),
+        ("502", 502, TRANSIENT),
+        ("InvalidArgument", 400, OTHER),
+        ("PreconditionFailed", 412, OTHER),
+    ],
+)
 def test_client_errors_are_classified(code, status, kind):
     assert classify(client_error(code, status)) == kind
 
@@ -56,10 +69,16 @@ def test_network_errors_are_transient():
     import aiohttp
     from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 
-    for e in (ConnectionResetError(104, "reset"), asyncio.TimeoutError(), TimeoutError(),
-              EndpointConnectionError(endpoint_url="http://x"), ReadTimeoutError(endpoint_url="http://x"),
-              ConnectTimeoutError(endpoint_url="http://x"), aiohttp.ServerDisconnectedError(),
-              aiohttp.ClientPayloadError("cut")):
+    for e in (
+        ConnectionResetError(104, "reset"),
+        asyncio.TimeoutError(),
+        TimeoutError(),
+        EndpointConnectionError(endpoint_url="http://x"),
+        ReadTimeoutError(endpoint_url="http://x"),
+        ConnectTimeoutError(endpoint_url="http://x"),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientPayloadError("cut"),
+    ):
         assert classify(e) == TRANSIENT, e
     assert classify(NoCredentialsError()) == PERMANENT
     assert classify(ValueError("bug")) == OTHER
@@ -100,10 +119,12 @@ def test_permanent_errors_name_the_bucket_the_endpoint_and_the_fix():
     e = permanent_error("list s3://b/x/", client_error("NoSuchBucket", 404), "b", "http://h:9000")
     assert isinstance(e, StorageError) and str(e) == (
         "list s3://b/x/: bucket 'b' does not exist at http://h:9000; create it (e.g. aws s3 mb s3://b) or fix the "
-        "bucket name / AWS_ENDPOINT_URL")
+        "bucket name / AWS_ENDPOINT_URL"
+    )
     assert str(permanent_error("read k", NoCredentialsError(), "b", "ep")) == (
         "read k: no usable AWS credentials (NoCredentialsError); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-        "(or AWS_PROFILE) for bucket 'b'")
+        "(or AWS_PROFILE) for bucket 'b'"
+    )
     assert "refresh AWS_SESSION_TOKEN" in str(permanent_error("w", client_error("ExpiredToken", 400), "b", "ep"))
 
 
@@ -161,12 +182,15 @@ def test_transient_errors_are_retried_then_reported(s3_bucket):
     assert "ConnectionResetError" in str(ei.value) and "AWS_ENDPOINT_URL" in str(ei.value)
 
 
-@pytest.mark.parametrize("code,expect", [
-    ("NoSuchBucket", "bucket 'b' does not exist at http://127.0.0.1:"),
-    ("InvalidAccessKeyId", "the access key is not known to http://127.0.0.1:"),
-    ("SignatureDoesNotMatch", "the secret key is wrong; check AWS_SECRET_ACCESS_KEY"),
-    ("AccessDenied", "access to bucket 'b' at http://127.0.0.1:"),
-])
+@pytest.mark.parametrize(
+    "code,expect",
+    [
+        ("NoSuchBucket", "bucket 'b' does not exist at http://127.0.0.1:"),
+        ("InvalidAccessKeyId", "the access key is not known to http://127.0.0.1:"),
+        ("SignatureDoesNotMatch", "the secret key is wrong; check AWS_SECRET_ACCESS_KEY"),
+        ("AccessDenied", "access to bucket 'b' at http://127.0.0.1:"),
+    ],
+)
 def test_permanent_errors_are_not_retried_and_say_the_fix(s3_bucket, code, expect):
     st = _storage(retries=5)
     calls = []
@@ -185,9 +209,11 @@ def test_permanent_errors_are_not_retried_and_say_the_fix(s3_bucket, code, expec
 def test_missing_bucket_end_to_end(s3_bucket):
     with pytest.raises(StorageError) as ei:
         RemoteStorage("s3://no-such-bucket-rk/run")
-    assert str(ei.value) == (f"list s3://no-such-bucket-rk/run/: bucket 'no-such-bucket-rk' does not exist at "
-                             f"{s3_bucket.server.endpoint}; create it (e.g. aws s3 mb s3://no-such-bucket-rk) or fix "
-                             "the bucket name / AWS_ENDPOINT_URL")
+    assert str(ei.value) == (
+        f"list s3://no-such-bucket-rk/run/: bucket 'no-such-bucket-rk' does not exist at "
+        f"{s3_bucket.server.endpoint}; create it (e.g. aws s3 mb s3://no-such-bucket-rk) or fix "
+        "the bucket name / AWS_ENDPOINT_URL"
+    )
     r = CliRunner().invoke(__import__("resumekit.cli", fromlist=["main"]).main, ["ls", "s3://no-such-bucket-rk/r"])
     assert r.exit_code == 1 and "bucket 'no-such-bucket-rk' does not exist" in r.output
 
@@ -235,8 +261,11 @@ def test_multipart_upload_and_manifest_last(s3_bucket):
     # the manifest is the very last PUT, after every data object was confirmed
     puts = [k for m, k in log if m == "put_object"]
     assert puts[-1].endswith(f"step_000000001/{MANIFEST}")
-    last_data = max(i for i, (m, k) in enumerate(log) if m in ("complete_multipart_upload", "put_object")
-                    and not k.endswith(MANIFEST))
+    last_data = max(
+        i
+        for i, (m, k) in enumerate(log)
+        if m in ("complete_multipart_upload", "put_object") and not k.endswith(MANIFEST)
+    )
     assert log.index(("put_object", f"run/step_000000001/{MANIFEST}")) > last_data
     head = s3_bucket.client.head_object(Bucket=s3_bucket.name, Key="run/step_000000001/big.bin")
     assert head["ContentLength"] == 12 << 20 and head["ETag"].strip('"').endswith("-3")
@@ -294,8 +323,11 @@ def test_replacing_an_invalid_step_drops_its_manifest_before_writing(s3_bucket):
     log: list = []
     _record_calls(st, log)
     st.begin("step_000000001")
-    first_write = next(i for i, (m, _) in enumerate(log) if m in ("put_object", "create_multipart_upload")) \
-        if any(m in ("put_object", "create_multipart_upload") for m, _ in log) else len(log)
+    first_write = (
+        next(i for i, (m, _) in enumerate(log) if m in ("put_object", "create_multipart_upload"))
+        if any(m in ("put_object", "create_multipart_upload") for m, _ in log)
+        else len(log)
+    )
     assert log.index(("delete_object", f"run/step_000000001/{MANIFEST}")) < first_write
     assert s3_bucket.keys() == []
 

@@ -56,8 +56,9 @@ def test_sigkill_at_random_instants_never_leaves_a_partial_step(mode, s3_bucket,
     newest, interrupted, saved = None, 0, 0
     for seed in range(6):  # 6 seeds per mode, 12 kill instants in all; each run resumes after the previous kill
         rng = random.Random(1000 * seed + (mode == "tiered"))
-        proc = subprocess.Popen([PYTHON, JOB, mode, uri, local, str(SIZE)], stdout=subprocess.PIPE, text=True,
-                                env=dict(os.environ))
+        proc = subprocess.Popen(
+            [PYTHON, JOB, mode, uri, local, str(SIZE)], stdout=subprocess.PIPE, text=True, env=dict(os.environ)
+        )
         ready = proc.stdout.readline()
         assert ready.startswith("ready "), ready
         time.sleep(rng.uniform(0.05, 1.0))
@@ -131,8 +132,7 @@ def test_a_dead_link_fails_clearly_and_commits_nothing(s3_bucket, fault_proxy, m
     assert not remote.exists(f"{step_dirname(2)}/{MANIFEST}")
 
 
-def test_tiered_upload_errors_surface_and_the_next_start_uploads_again(s3_bucket, fault_proxy, monkeypatch,
-                                                                      tmp_path):
+def test_tiered_upload_errors_surface_and_the_next_start_uploads_again(s3_bucket, fault_proxy, monkeypatch, tmp_path):
     local = str(tmp_path / "fast")
     proxy = fault_proxy(lambda n: ("up", 100_000))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
@@ -141,8 +141,11 @@ def test_tiered_upload_errors_surface_and_the_next_start_uploads_again(s3_bucket
     mgr = CheckpointManager(s3_bucket.uri("run"), local_tier=local)
     assert mgr.restore(st) == 0
     mgr.save(1, st)  # commits locally: training goes on
-    with pytest.raises(CheckpointWriteError, match=r"uploading .*step_000000001 to s3://.*failed: .*failed after "
-                                                   r"2 attempts.*The local checkpoint is kept"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"uploading .*step_000000001 to s3://.*failed: .*failed after "
+        r"2 attempts.*The local checkpoint is kept",
+    ):
         mgr.wait()
     mgr.save(2, st)
     with pytest.raises(CheckpointWriteError, match=r"uploading"):

@@ -47,8 +47,16 @@ def test_load_run_groups_metrics_by_start_and_collects_markers(tmp_path):
     assert all(v >= 0 for v in run.segments[1].step_time[1:])
     assert {(m.kind, m.step) for m in run.markers} == {("failure", 30), ("restart", 30), ("hang", 40)}
     assert len(run.down) == 2 and len(run.hung) == 1 and len(run.saves) == 3
-    assert run.stats() == {"segments": 3, "metrics": 40, "restarts": 2, "hangs": 1, "failures": 1,
-                           "preemptions": 0, "quarantines": 0, "saves": 3}
+    assert run.stats() == {
+        "segments": 3,
+        "metrics": 40,
+        "restarts": 2,
+        "hangs": 1,
+        "failures": 1,
+        "preemptions": 0,
+        "quarantines": 0,
+        "saves": 3,
+    }
 
 
 def test_plot_report_writes_a_png(tmp_path):
@@ -81,8 +89,13 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
 def test_log_metrics_follows_the_supervisors_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("RESUMEKIT_EVENTS", str(tmp_path / "ev.jsonl"))
     rec = log_metrics(7, loss=0.5, step_time=0.25, lr=1e-3)
-    assert {k: rec[k] for k in ("event", "step", "loss", "step_time", "lr")} == \
-        {"event": "metrics", "step": 7, "loss": 0.5, "step_time": 0.25, "lr": 1e-3}
+    assert {k: rec[k] for k in ("event", "step", "loss", "step_time", "lr")} == {
+        "event": "metrics",
+        "step": 7,
+        "loss": 0.5,
+        "step_time": 0.25,
+        "lr": 1e-3,
+    }
     assert json.loads((tmp_path / "ev.jsonl").read_text())["step"] == 7
 
 
@@ -90,13 +103,21 @@ def test_log_metrics_follows_the_supervisors_environment(tmp_path, monkeypatch):
 def test_report_cli(tmp_path):
     pytest.importorskip("matplotlib")
     _write_run(str(tmp_path / "events.jsonl"))
-    r = subprocess.run([sys.executable, "-m", "resumekit", "report", str(tmp_path), "--json"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "resumekit", "report", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["output"] == os.path.join(str(tmp_path), "report.png") and doc["hangs"] == 1
     assert (tmp_path / "report.png").is_file()
-    r = subprocess.run([sys.executable, "-m", "resumekit", "report", str(tmp_path / "nothing")], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "resumekit", "report", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1
     assert f"resumekit: no event log at {tmp_path / 'nothing' / 'events.jsonl'}; pass --events PATH" in r.stderr

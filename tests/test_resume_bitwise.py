@@ -22,8 +22,9 @@ def straight(tmp_path_factory):
 
 @pytest.mark.parametrize("kill_seed,async_save", [(1, False), (2, False), (3, True)])
 def test_killed_and_resumed_equals_straight(straight, tmp_path, kill_seed, async_save):
-    stats = run_with_kills(str(tmp_path), STEPS, EVERY, 0, crashes=3, rng=random.Random(kill_seed),
-                           async_save=async_save)
+    stats = run_with_kills(
+        str(tmp_path), STEPS, EVERY, 0, crashes=3, rng=random.Random(kill_seed), async_save=async_save
+    )
     assert stats.kills == 3 and stats.kills_mid_save >= 1, stats.attempts
     assert any(0 < a["reached"] % 64 for a in stats.attempts[:-1])  # at least one kill mid-epoch
     assert compare_final(straight, str(tmp_path), STEPS) == []
@@ -32,8 +33,25 @@ def test_killed_and_resumed_equals_straight(straight, tmp_path, kill_seed, async
 
 
 def test_demo_command_passes(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "resumekit", "demo", "--dir", str(tmp_path), "--crashes", "2",
-                        "--steps", "80", "--seed", "7", "--json"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resumekit",
+            "demo",
+            "--dir",
+            str(tmp_path),
+            "--crashes",
+            "2",
+            "--steps",
+            "80",
+            "--seed",
+            "7",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     import json
 

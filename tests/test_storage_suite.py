@@ -152,14 +152,17 @@ def test_newest_is_chosen_by_integer_step(backend):
     mgr.close()
 
 
-@pytest.mark.parametrize("fault,fname,reason", [
-    ("truncate", TENSORS_FILE, "truncated"),
-    ("flip", TENSORS_FILE, "checksum mismatch"),
-    ("flip", TREE_FILE, "checksum mismatch"),
-    ("delete", TENSORS_FILE, "is missing"),
-    ("delete", MANIFEST, "manifest.json is missing"),
-    ("garbage", MANIFEST, "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "fault,fname,reason",
+    [
+        ("truncate", TENSORS_FILE, "truncated"),
+        ("flip", TENSORS_FILE, "checksum mismatch"),
+        ("flip", TREE_FILE, "checksum mismatch"),
+        ("delete", TENSORS_FILE, "is missing"),
+        ("delete", MANIFEST, "manifest.json is missing"),
+        ("garbage", MANIFEST, "not valid JSON"),
+    ],
+)
 def test_corrupt_newest_is_skipped_with_reason(backend, caplog, fault, fname, reason):
     saved_run(backend)
     backend.damage(12, fname, fault)

@@ -31,15 +31,18 @@ from resumekit.storage.transfer import copy_step, read_manifest_bytes
 def test_plan_uploads_skips_what_remote_retention_would_delete():
     keep2 = RetentionPolicy(keep_last=2)
     assert plan_uploads([10, 20, 30, 40], [5], keep2) == ([30, 40], [10, 20])
-    assert plan_uploads([10, 20, 30, 40], [5], RetentionPolicy(keep_last=1, keep_every=20)) == ([20, 40],
-                                                                                                 [10, 30])
+    assert plan_uploads([10, 20, 30, 40], [5], RetentionPolicy(keep_last=1, keep_every=20)) == ([20, 40], [10, 30])
     assert plan_uploads([10, 20], [5], None) == ([10, 20], [])
     assert plan_uploads([], [5], keep2) == ([], [])
 
 
 @settings(max_examples=200, deadline=None)
-@given(pending=hs.sets(hs.integers(0, 60), max_size=8), remote=hs.sets(hs.integers(0, 60), max_size=8),
-       last=hs.integers(1, 4), every=hs.one_of(hs.none(), hs.integers(1, 10)))
+@given(
+    pending=hs.sets(hs.integers(0, 60), max_size=8),
+    remote=hs.sets(hs.integers(0, 60), max_size=8),
+    last=hs.integers(1, 4),
+    every=hs.one_of(hs.none(), hs.integers(1, 10)),
+)
 def test_plan_uploads_always_uploads_the_newest_and_loses_nothing_kept(pending, remote, last, every):
     policy = RetentionPolicy(keep_last=last, keep_every=every)
     up, skip = plan_uploads(sorted(pending), sorted(remote), policy)
@@ -67,8 +70,11 @@ def _commit_step(storage, step, payload=b"payload", manifest_step=None):
     txn = storage.begin(step_dirname(step))
     with txn.open_write("data.bin") as f:
         f.write(payload)
-    man = Manifest(step=step if manifest_step is None else manifest_step,
-                   files={"data.bin": FileEntry(len(payload), h.hexdigest())}, metadata={"loss": 1.0})
+    man = Manifest(
+        step=step if manifest_step is None else manifest_step,
+        files={"data.bin": FileEntry(len(payload), h.hexdigest())},
+        metadata={"loss": 1.0},
+    )
     raw = man.to_json()
     txn.commit(raw)
     return raw
@@ -82,8 +88,12 @@ def test_steps_of_a_tier_and_the_newest_valid_one(tmp_path):
     (tmp_path / "tier" / "step_000000016").mkdir()  # a save that never finished
     (tmp_path / "tier" / ".tmp-step_000000020-x").mkdir()
     (tmp_path / "tier" / "events.jsonl").write_text("")
-    assert sorted(step_dirs(st)) == [(4, step_dirname(4)), (8, step_dirname(8)), (12, step_dirname(12)),
-                                     (16, step_dirname(16))]
+    assert sorted(step_dirs(st)) == [
+        (4, step_dirname(4)),
+        (8, step_dirname(8)),
+        (12, step_dirname(12)),
+        (16, step_dirname(16)),
+    ]
     assert newest_valid(st) == (12, step_dirname(12))
     assert valid_manifest(st, step_dirname(16)) is None
     assert valid_manifest(st, step_dirname(8)).metadata == {"loss": 1.0}
@@ -192,10 +202,14 @@ def test_local_retention_waits_for_the_upload_and_skips_superseded_steps(s3_buck
     assert valid_steps(open_storage(s3_bucket.uri("run"))) == [3]
     events = read_events(str(fast / "events.jsonl"))
     assert [e["step"] for e in events if e["event"] == "upload"] == [1, 3]
-    assert [(e["step"], e["reason"].split(":")[0]) for e in events if e["event"] == "upload_skipped"] == \
-        [(2, "superseded")]
-    assert ({(e["step"], e.get("tier")) for e in events if e["event"] == "retention_delete"}
-            >= {(1, "remote"), (1, "local"), (2, "local")})
+    assert [(e["step"], e["reason"].split(":")[0]) for e in events if e["event"] == "upload_skipped"] == [
+        (2, "superseded")
+    ]
+    assert {(e["step"], e.get("tier")) for e in events if e["event"] == "retention_delete"} >= {
+        (1, "remote"),
+        (1, "local"),
+        (2, "local"),
+    }
 
 
 def test_resumekit_run_predownloads_before_the_job_starts(s3_bucket, tmp_path):
@@ -206,14 +220,27 @@ def test_resumekit_run_predownloads_before_the_job_starts(s3_bucket, tmp_path):
     train_steps(st, 12, mgr)
     mgr.close()
     fast, out = tmp_path / "fast", tmp_path / "env.json"
-    code = ("import json, os; json.dump({k: os.environ.get(k) for k in ('RESUMEKIT_RESUME_FROM', "
-            f"'RESUMEKIT_LOCAL_TIER', 'RESUMEKIT_DIR', 'RESUMEKIT_EVENTS')}}, open({str(out)!r}, 'w'))")
-    sup = Supervisor(SupervisorOptions(command=[PYTHON, "-c", code], directory=s3_bucket.uri("run"),
-                                       local_tier=str(fast), max_restarts=0, quiet=True))
+    code = (
+        "import json, os; json.dump({k: os.environ.get(k) for k in ('RESUMEKIT_RESUME_FROM', "
+        f"'RESUMEKIT_LOCAL_TIER', 'RESUMEKIT_DIR', 'RESUMEKIT_EVENTS')}}, open({str(out)!r}, 'w'))"
+    )
+    sup = Supervisor(
+        SupervisorOptions(
+            command=[PYTHON, "-c", code],
+            directory=s3_bucket.uri("run"),
+            local_tier=str(fast),
+            max_restarts=0,
+            quiet=True,
+        )
+    )
     assert sup.run() == 0
     env = json.loads(out.read_text())
-    assert env == {"RESUMEKIT_RESUME_FROM": str(fast / step_dirname(12)), "RESUMEKIT_LOCAL_TIER": str(fast),
-                   "RESUMEKIT_DIR": s3_bucket.uri("run"), "RESUMEKIT_EVENTS": str(fast / "events.jsonl")}
+    assert env == {
+        "RESUMEKIT_RESUME_FROM": str(fast / step_dirname(12)),
+        "RESUMEKIT_LOCAL_TIER": str(fast),
+        "RESUMEKIT_DIR": s3_bucket.uri("run"),
+        "RESUMEKIT_EVENTS": str(fast / "events.jsonl"),
+    }
     assert valid_steps(open_storage(str(fast))) == [12]
     (dl,) = [e for e in read_events(str(fast / "events.jsonl")) if e["event"] == "download"]
     assert dl["step"] == 12 and dl["source"] == "supervisor"
@@ -233,8 +260,15 @@ def test_resumekit_run_predownloads_before_the_job_starts(s3_bucket, tmp_path):
     data[len(data) // 2] ^= 1
     s3_bucket.put(key, bytes(data))
     shutil.rmtree(fast)
-    sup = Supervisor(SupervisorOptions(command=[PYTHON, "-c", code], directory=s3_bucket.uri("run"),
-                                       local_tier=str(fast), max_restarts=0, quiet=True))
+    sup = Supervisor(
+        SupervisorOptions(
+            command=[PYTHON, "-c", code],
+            directory=s3_bucket.uri("run"),
+            local_tier=str(fast),
+            max_restarts=0,
+            quiet=True,
+        )
+    )
     assert sup.run() == 0
     assert json.loads(out.read_text())["RESUMEKIT_RESUME_FROM"] == str(fast / step_dirname(8))
     (skip,) = [e for e in read_events(str(fast / "events.jsonl")) if e["event"] == "skip_invalid"]

@@ -18,10 +18,16 @@ from resumekit.verify import check_checkpoint, hash_file, read_safetensors_heade
 
 
 # ----------------------------------------------------------------------------------------------------- units
-@pytest.mark.parametrize("n,sep,missing,want", [
-    (None, " ", "?", "?"), (0, " ", "?", "0 B"), (1536, " ", "?", "1.5 KiB"), (3 << 30, "", "-", "3.0GiB"),
-    (5 << 50, " ", "?", "5120.0 TiB"),
-])
+@pytest.mark.parametrize(
+    "n,sep,missing,want",
+    [
+        (None, " ", "?", "?"),
+        (0, " ", "?", "0 B"),
+        (1536, " ", "?", "1.5 KiB"),
+        (3 << 30, "", "-", "3.0GiB"),
+        (5 << 50, " ", "?", "5120.0 TiB"),
+    ],
+)
 def test_format_bytes(n, sep, missing, want):
     assert format_bytes(n, sep=sep, missing=missing) == want
 
@@ -113,8 +119,13 @@ def test_safetensors_header_quick_and_full():
     spans, start = read_safetensors_header(io.BytesIO(good), len(good), "ckpt", "m.safetensors")
     assert [(s.name, s.shape, s.begin, s.end) for s in spans] == [("w", (2,), 0, 8)] and start == len(good) - 8
     # Overlapping ranges whose end still matches the file: quick accepts, full refuses.
-    overlap = _safetensors({"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
-                            "b": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}}, bytes(8))
+    overlap = _safetensors(
+        {
+            "a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
+            "b": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]},
+        },
+        bytes(8),
+    )
     read_safetensors_header(io.BytesIO(overlap), len(overlap), "ckpt", "m.safetensors", full=False)
     with pytest.raises(CorruptCheckpointError, match="overlapping or missing tensor data"):
         read_safetensors_header(io.BytesIO(overlap), len(overlap), "ckpt", "m.safetensors", full=True)

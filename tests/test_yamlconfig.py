@@ -65,25 +65,38 @@ def write_yaml(tmp_path, text, name="sft.yaml"):
 def test_seed_recipe_points_at_newest_valid(tmp_path, run_dir):
     p = write_yaml(tmp_path, SEED)
     res = resolve_config(p)
-    assert (res.old, res.new, res.changed, res.written) == ("${train_output}", "${train_output}/checkpoint-4", True,
-                                                            True)
+    assert (res.old, res.new, res.changed, res.written) == (
+        "${train_output}",
+        "${train_output}/checkpoint-4",
+        True,
+        True,
+    )
     assert res.checkpoint.name == "checkpoint-4" and [s.name for s in res.skipped] == ["checkpoint-6"]
-    assert open(p).read() == SEED.replace("resume_from_checkpoint: ${train_output}",
-                                          "resume_from_checkpoint: ${train_output}/checkpoint-4")
+    assert open(p).read() == SEED.replace(
+        "resume_from_checkpoint: ${train_output}", "resume_from_checkpoint: ${train_output}/checkpoint-4"
+    )
     again = resolve_config(p)  # idempotent: nothing to change, nothing written
     assert (again.changed, again.written, again.new) == (False, False, "${train_output}/checkpoint-4")
 
 
-@pytest.mark.parametrize("before,after", [
-    ("resume_from_checkpoint: 'out'  # parent dir\n", "resume_from_checkpoint: 'out/checkpoint-4'  # parent dir\n"),
-    ('resume_from_checkpoint: "out"\n', 'resume_from_checkpoint: "out/checkpoint-4"\n'),
-    ("resume_from_checkpoint: null   # set by resumekit\n",
-     "resume_from_checkpoint: out/checkpoint-4   # set by resumekit\n"),
-    ("resume_from_checkpoint:  # set by resumekit\n", "resume_from_checkpoint:  out/checkpoint-4 # set by resumekit\n"),
-    ("resume_from_checkpoint:\n", "resume_from_checkpoint: out/checkpoint-4\n"),
-    ("resume_from_checkpoint: true\n", "resume_from_checkpoint: out/checkpoint-4\n"),
-    ("resume_from_checkpoint: out/checkpoint-6\n", "resume_from_checkpoint: out/checkpoint-4\n"),
-])
+@pytest.mark.parametrize(
+    "before,after",
+    [
+        ("resume_from_checkpoint: 'out'  # parent dir\n", "resume_from_checkpoint: 'out/checkpoint-4'  # parent dir\n"),
+        ('resume_from_checkpoint: "out"\n', 'resume_from_checkpoint: "out/checkpoint-4"\n'),
+        (
+            "resume_from_checkpoint: null   # set by resumekit\n",
+            "resume_from_checkpoint: out/checkpoint-4   # set by resumekit\n",
+        ),
+        (
+            "resume_from_checkpoint:  # set by resumekit\n",
+            "resume_from_checkpoint:  out/checkpoint-4 # set by resumekit\n",
+        ),
+        ("resume_from_checkpoint:\n", "resume_from_checkpoint: out/checkpoint-4\n"),
+        ("resume_from_checkpoint: true\n", "resume_from_checkpoint: out/checkpoint-4\n"),
+        ("resume_from_checkpoint: out/checkpoint-6\n", "resume_from_checkpoint: out/checkpoint-4\n"),
+    ],
+)
 def test_value_forms_and_quoting(tmp_path, run_dir, monkeypatch, before, after):
     monkeypatch.chdir(tmp_path)
     head = "# LLaMA-Factory\noutput_dir: out   # where checkpoint-N go\n"
@@ -98,9 +111,11 @@ def test_key_absent_is_added_after_output_dir(tmp_path, run_dir):
     p = write_yaml(tmp_path, text)
     res = resolve_config(p)
     assert (res.old, res.key_added, res.key_present) == (None, True, False)
-    assert open(p).read() == ("stage: sft\noutput_dir: ${train_output}  # out\n"
-                              "resume_from_checkpoint: ${train_output}/checkpoint-4\n"
-                              "\n### train\nlearning_rate: 1.0e-4\n")
+    assert open(p).read() == (
+        "stage: sft\noutput_dir: ${train_output}  # out\n"
+        "resume_from_checkpoint: ${train_output}/checkpoint-4\n"
+        "\n### train\nlearning_rate: 1.0e-4\n"
+    )
 
 
 def test_nothing_valid_gives_null_and_absent_stays_absent(tmp_path, monkeypatch):
@@ -205,19 +220,25 @@ def test_cli(tmp_path, run_dir):
     r = CliRunner().invoke(main, ["resolve", p, "--dry-run", "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert (doc["new"], doc["changed"], doc["written"], doc["dry_run"]) == ("${train_output}/checkpoint-4", True,
-                                                                          False, True)
+    assert (doc["new"], doc["changed"], doc["written"], doc["dry_run"]) == (
+        "${train_output}/checkpoint-4",
+        True,
+        False,
+        True,
+    )
     assert open(p).read() == SEED
     r = CliRunner().invoke(main, ["resolve", p])
     assert r.exit_code == 0
-    assert r.stdout.strip() == (f"{p}: set resume_from_checkpoint: ${{train_output}}/checkpoint-4 "
-                                "(was ${train_output})")
+    assert r.stdout.strip() == (
+        f"{p}: set resume_from_checkpoint: ${{train_output}}/checkpoint-4 (was ${{train_output}})"
+    )
     assert "skipped" in r.stderr and "checkpoint-6" in r.stderr
     q = write_yaml(tmp_path, "output_dir: nowhere\n", "empty.yaml")
     r = CliRunner().invoke(main, ["resolve", q, "--key", "ckpt", "--layout", "auto"])
     assert r.exit_code == 1
     assert r.stdout.strip().startswith(f"{q}: no valid checkpoint under ") and r.stdout.strip().endswith(
-        "nowhere; ckpt left unset")
+        "nowhere; ckpt left unset"
+    )
     r = CliRunner().invoke(main, ["resolve", str(tmp_path / "missing.yaml")])
     assert r.exit_code == 2
 

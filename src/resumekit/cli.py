@@ -46,9 +46,13 @@ def _layout(storage, name: str):
         raise click.UsageError(str(e)) from None
 
 
-layout_option = click.option("--layout", default="auto", show_default=True,
-                             help="checkpoint layout: auto, native, hf, llamafactory, megatron, mindspeed, verl, "
-                                  "deepspeed, lightning, torchfiles")
+layout_option = click.option(
+    "--layout",
+    default="auto",
+    show_default=True,
+    help="checkpoint layout: auto, native, hf, llamafactory, megatron, mindspeed, verl, "
+    "deepspeed, lightning, torchfiles",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 
 
@@ -147,8 +151,11 @@ def verify_cmd(path: str, layout: str, quick: bool, as_json: bool) -> None:
     if as_json:
         _out(checked.as_dict(), True, "")
     else:
-        click.echo(f"{checked.path}: valid (step {checked.step})" if checked.valid
-                   else f"{checked.path}: INVALID: {checked.reason}")
+        click.echo(
+            f"{checked.path}: valid (step {checked.step})"
+            if checked.valid
+            else f"{checked.path}: INVALID: {checked.reason}"
+        )
     if not checked.valid:
         raise SystemExit(EXIT_NOT_FOUND)
 
@@ -172,12 +179,22 @@ def repair_cmd(uri: str, layout: str, quick: bool, dry_run: bool, as_json: bool)
     except ResumekitError as e:
         raise _fail(str(e)) from None
     if res is None:
-        _out({"layout": lay.name, "tracker": None, "changed": False, "dry_run": dry_run}, as_json,
-             f"layout {lay.name} keeps no tracker: nothing to repair")
+        _out(
+            {"layout": lay.name, "tracker": None, "changed": False, "dry_run": dry_run},
+            as_json,
+            f"layout {lay.name} keeps no tracker: nothing to repair",
+        )
         return
-    data = {"layout": lay.name, "tracker": st.join(res.tracker), "old": res.old, "new": res.new,
-            "changed": res.changed, "backup": st.join(res.backup) if res.backup else None, "dry_run": dry_run,
-            "message": res.message}
+    data = {
+        "layout": lay.name,
+        "tracker": st.join(res.tracker),
+        "old": res.old,
+        "new": res.new,
+        "changed": res.changed,
+        "backup": st.join(res.backup) if res.backup else None,
+        "dry_run": dry_run,
+        "message": res.message,
+    }
     _out(data, as_json, res.message)
     if res.new is None:
         raise SystemExit(EXIT_NOT_FOUND)
@@ -191,8 +208,7 @@ def repair_cmd(uri: str, layout: str, quick: bool, dry_run: bool, as_json: bool)
 @click.option("--quick", is_flag=True, help="check sizes only, not checksums")
 @click.option("--dry-run", is_flag=True, help="say what would change, write nothing")
 @json_option
-def resolve_cmd(yaml_path: str, key: str, dir_key: str, layout: str, quick: bool, dry_run: bool,
-                as_json: bool) -> None:
+def resolve_cmd(yaml_path: str, key: str, dir_key: str, layout: str, quick: bool, dry_run: bool, as_json: bool) -> None:
     """Set KEY in a LLaMA-Factory / HF YAML to the newest valid checkpoint (or null); comments kept, atomic write.
 
     Exit 0 when a valid checkpoint was found, 1 when there is none (KEY is then null), 2 on a bad file or option.
@@ -224,12 +240,18 @@ def resolve_cmd(yaml_path: str, key: str, dir_key: str, layout: str, quick: bool
 @click.argument("uri")
 @click.option("--keep-last", type=click.IntRange(min=1), default=None, help="keep the newest N valid checkpoints")
 @click.option("--keep-every", type=click.IntRange(min=1), default=None, help="also keep every step divisible by K")
-@click.option("--tmp-age", type=float, default=600.0, show_default=True,
-              help="remove in-progress (.tmp-) directories older than this many seconds")
+@click.option(
+    "--tmp-age",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="remove in-progress (.tmp-) directories older than this many seconds",
+)
 @click.option("--dry-run", is_flag=True, help="print what would be removed")
 @json_option
-def gc_cmd(uri: str, keep_last: Optional[int], keep_every: Optional[int], tmp_age: float, dry_run: bool,
-           as_json: bool) -> None:
+def gc_cmd(
+    uri: str, keep_last: Optional[int], keep_every: Optional[int], tmp_age: float, dry_run: bool, as_json: bool
+) -> None:
     """Apply retention and remove stale tmp directories; never removes the newest valid checkpoint."""
     from .gc import collect_garbage
     from .policy import RetentionPolicy
@@ -272,41 +294,122 @@ class _SizeType(click.ParamType):
 
 
 @main.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--dir", "directory", default=None, metavar="URI",
-              help="checkpoint root (path or s3://bucket/prefix; default: --config's output_dir); needed for "
-                   "resume and storage checks")
+@click.option(
+    "--dir",
+    "directory",
+    default=None,
+    metavar="URI",
+    help="checkpoint root (path or s3://bucket/prefix; default: --config's output_dir); needed for "
+    "resume and storage checks",
+)
 @layout_option
-@click.option("--config", type=click.Path(dir_okay=False), default=None,
-              help="LLaMA-Factory/HF YAML whose resume_from_checkpoint is set before every start")
-@click.option("--resume", default="auto", show_default=True, metavar="auto|never|PATH",
-              help="newest valid checkpoint, always fresh, or this checkpoint for the first start")
-@click.option("--max-restarts", type=click.IntRange(min=0), default=10, show_default=True, metavar="N",
-              help="restarts allowed (retried pre-checks count too)")
-@click.option("--hang-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
-              help="kill and restart a job whose heartbeat is older than S seconds (default: off)")
-@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="S",
-              help="seconds a preempted job gets to save and exit before SIGKILL")
-@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
-              help="require N visible accelerators that run a test kernel before each start")
-@click.option("--crash-loop", type=click.IntRange(min=1), default=3, show_default=True, metavar="K",
-              help="quarantine the checkpoint after K failures in a row without progress")
-@click.option("--backoff", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="S",
-              help="delay before the first restart; doubles each restart, with jitter")
-@click.option("--backoff-max", type=click.FloatRange(min=0), default=60.0, show_default=True, metavar="S",
-              help="largest restart delay")
-@click.option("--min-free", type=_SizeType(), default=None,
-              help="free space required at the checkpoint root (bytes, or 500M, 10GiB, ...)")
-@click.option("--events", default=None, metavar="PATH",
-              help="event log (default: URI/events.jsonl for local roots, the --local-tier for remote ones)")
-@click.option("--local-tier", default=None, metavar="PATH",
-              help="fast local directory in front of --dir: the newest checkpoint of either tier is chosen and a "
-                   "newer remote one downloaded into it before each start (exported as RESUMEKIT_LOCAL_TIER)")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="LLaMA-Factory/HF YAML whose resume_from_checkpoint is set before every start",
+)
+@click.option(
+    "--resume",
+    default="auto",
+    show_default=True,
+    metavar="auto|never|PATH",
+    help="newest valid checkpoint, always fresh, or this checkpoint for the first start",
+)
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    metavar="N",
+    help="restarts allowed (retried pre-checks count too)",
+)
+@click.option(
+    "--hang-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="S",
+    help="kill and restart a job whose heartbeat is older than S seconds (default: off)",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="S",
+    help="seconds a preempted job gets to save and exit before SIGKILL",
+)
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="require N visible accelerators that run a test kernel before each start",
+)
+@click.option(
+    "--crash-loop",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    metavar="K",
+    help="quarantine the checkpoint after K failures in a row without progress",
+)
+@click.option(
+    "--backoff",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    metavar="S",
+    help="delay before the first restart; doubles each restart, with jitter",
+)
+@click.option(
+    "--backoff-max",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="S",
+    help="largest restart delay",
+)
+@click.option(
+    "--min-free",
+    type=_SizeType(),
+    default=None,
+    help="free space required at the checkpoint root (bytes, or 500M, 10GiB, ...)",
+)
+@click.option(
+    "--events",
+    default=None,
+    metavar="PATH",
+    help="event log (default: URI/events.jsonl for local roots, the --local-tier for remote ones)",
+)
+@click.option(
+    "--local-tier",
+    default=None,
+    metavar="PATH",
+    help="fast local directory in front of --dir: the newest checkpoint of either tier is chosen and a "
+    "newer remote one downloaded into it before each start (exported as RESUMEKIT_LOCAL_TIER)",
+)
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run_cmd(directory: Optional[str], layout: str, config: Optional[str], resume: str, max_restarts: int,
-            hang_timeout: Optional[float], grace: float, gpus: int, crash_loop: int, backoff: float,
-            backoff_max: float, min_free: Optional[int], events: Optional[str], local_tier: Optional[str],
-            as_json: bool, command: tuple) -> None:
+def run_cmd(
+    directory: Optional[str],
+    layout: str,
+    config: Optional[str],
+    resume: str,
+    max_restarts: int,
+    hang_timeout: Optional[float],
+    grace: float,
+    gpus: int,
+    crash_loop: int,
+    backoff: float,
+    backoff_max: float,
+    min_free: Optional[int],
+    events: Optional[str],
+    local_tier: Optional[str],
+    as_json: bool,
+    command: tuple,
+) -> None:
     """Run COMMAND and bring it back by itself: resume hand-off, restarts, hang and crash-loop handling.
 
     Example: resumekit run --dir ckpt --hang-timeout 600 -- python train.py --lr 3e-4
@@ -314,11 +417,23 @@ def run_cmd(directory: Optional[str], layout: str, config: Optional[str], resume
     from .supervisor import Supervisor, SupervisorOptions
 
     try:
-        opts = SupervisorOptions(command=list(command), directory=directory, layout=layout, config=config,
-                                 resume=resume, max_restarts=max_restarts, hang_timeout=hang_timeout, grace=grace,
-                                 gpus=gpus, crash_loop=crash_loop, backoff=backoff,
-                                 backoff_max=max(backoff_max, backoff), min_free=min_free, events=events,
-                                 local_tier=local_tier)
+        opts = SupervisorOptions(
+            command=list(command),
+            directory=directory,
+            layout=layout,
+            config=config,
+            resume=resume,
+            max_restarts=max_restarts,
+            hang_timeout=hang_timeout,
+            grace=grace,
+            gpus=gpus,
+            crash_loop=crash_loop,
+            backoff=backoff,
+            backoff_max=max(backoff_max, backoff),
+            min_free=min_free,
+            events=events,
+            local_tier=local_tier,
+        )
     except ResumekitError as e:
         raise click.UsageError(str(e)) from None
     sup = Supervisor(opts)
@@ -330,8 +445,13 @@ def run_cmd(directory: Optional[str], layout: str, config: Optional[str], resume
 
 @main.command("report")
 @click.argument("uri")
-@click.option("-o", "--output", default=None, metavar="FILE.png",
-              help="where to write the plot (default: URI/report.png for local roots, else ./report.png)")
+@click.option(
+    "-o",
+    "--output",
+    default=None,
+    metavar="FILE.png",
+    help="where to write the plot (default: URI/report.png for local roots, else ./report.png)",
+)
 @click.option("--events", default=None, metavar="PATH", help="event log (default: URI/events.jsonl)")
 @json_option
 def report_cmd(uri: str, output: Optional[str], events: Optional[str], as_json: bool) -> None:
@@ -342,7 +462,7 @@ def report_cmd(uri: str, output: Optional[str], events: Optional[str], as_json: 
     from .report import load_run, plot_report
     from .storage import is_remote
 
-    local = None if is_remote(uri) else (uri[len("file://"):] if uri.startswith("file://") else uri)
+    local = None if is_remote(uri) else (uri[len("file://") :] if uri.startswith("file://") else uri)
     if events is None:
         if local is None:
             raise click.UsageError(f"{uri} is remote: pass --events PATH (the log resumekit run wrote)")

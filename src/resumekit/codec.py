@@ -26,12 +26,25 @@ from .errors import CorruptCheckpointError, UnsupportedStateError
 from .verify import read_safetensors_header
 
 _DTYPES: Dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.complex64: "C64",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
 }
-for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
-                     ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+for _name, _code in (
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+):
     if hasattr(torch, _name):
         _DTYPES[getattr(torch, _name)] = _code
 _CODES = {v: k for k, v in _DTYPES.items()}
@@ -92,7 +105,8 @@ class TreeEncoder:
             for k, v in obj.items():
                 if not isinstance(k, (str, int, float, bool, type(None), tuple)):
                     raise UnsupportedStateError(
-                        f"state{_fmt(path)}: dict key {k!r} of type {type(k).__name__} cannot be stored")
+                        f"state{_fmt(path)}: dict key {k!r} of type {type(k).__name__} cannot be stored"
+                    )
                 items.append([self.encode(k, path), self.encode(v, path + (str(k),))])
             return {TAG: "dict", "items": items}
         if isinstance(obj, tuple):
@@ -112,7 +126,8 @@ class TreeEncoder:
         raise UnsupportedStateError(
             f"state{_fmt(path)}: cannot store an object of type {type(obj).__module__}.{type(obj).__qualname__} "
             "without pickle; give it state_dict()/load_state_dict() returning tensors and plain values, or leave "
-            "it out of the checkpoint state")
+            "it out of the checkpoint state"
+        )
 
 
 def _fmt(path: Tuple[str, ...]) -> str:
@@ -208,7 +223,7 @@ def write_tensors(f: BinaryIO, tensors: Dict[str, torch.Tensor], hasher) -> int:
         for _, t in items:
             mv = tensor_bytes(t)
             for i in range(0, len(mv), _WRITE_CHUNK):
-                chunk = mv[i:i + _WRITE_CHUNK]
+                chunk = mv[i : i + _WRITE_CHUNK]
                 update(chunk)
                 f.write(chunk)
     finally:
@@ -285,14 +300,16 @@ def read_header(f: BinaryIO, size: int, where: str, hasher=None) -> Tuple[List[T
     for s in spans:
         dtype = _CODES.get(s.dtype)
         if dtype is None:
-            raise CorruptCheckpointError(where, f"{shown}: tensor {s.name!r} has an unknown dtype {s.dtype!r} "
-                                                "(no torch dtype for it)")
+            raise CorruptCheckpointError(
+                where, f"{shown}: tensor {s.name!r} has an unknown dtype {s.dtype!r} (no torch dtype for it)"
+            )
         entries.append((s.name, {"dtype": dtype, "shape": list(s.shape), "begin": s.begin, "end": s.end}))
     return entries, data_start
 
 
-def read_tensors(f: BinaryIO, size: int, where: str, hasher,
-                 out: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+def read_tensors(
+    f: BinaryIO, size: int, where: str, hasher, out: Optional[Dict[str, torch.Tensor]] = None
+) -> Dict[str, torch.Tensor]:
     """Read every tensor into its own freshly allocated (or caller-provided) CPU tensor, hashing on the fly.
 
     Reading straight into the destination with ``readinto`` means one copy from the page cache and no
@@ -306,7 +323,7 @@ def read_tensors(f: BinaryIO, size: int, where: str, hasher,
             dst = torch.empty(ent["shape"], dtype=ent["dtype"])
         mv = tensor_bytes(dst)
         for i in range(0, len(mv), _IO_CHUNK):
-            chunk = mv[i:i + _IO_CHUNK]
+            chunk = mv[i : i + _IO_CHUNK]
             _readinto_exact(f, chunk, where)
             hasher.update(chunk)
         result[name] = dst

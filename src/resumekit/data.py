@@ -43,8 +43,16 @@ class ResumableSampler(Sampler[int]):
     corrects for prefetching. Call :meth:`set_epoch` at the start of every epoch, as with DistributedSampler.
     """
 
-    def __init__(self, data: Union[Sized, int], *, seed: int = 0, shuffle: bool = True,
-                 num_replicas: Optional[int] = None, rank: Optional[int] = None, drop_last: bool = False):
+    def __init__(
+        self,
+        data: Union[Sized, int],
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: Optional[int] = None,
+        rank: Optional[int] = None,
+        drop_last: bool = False,
+    ):
         n = data if isinstance(data, int) else len(data)
         if n < 0:
             raise ValueError("dataset length must be >= 0")
@@ -102,15 +110,21 @@ class ResumableSampler(Sampler[int]):
         return max(0, math.ceil(remaining / self.num_replicas))
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position,
-                "num_samples": self.num_samples_total, "shuffle": self.shuffle}
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_samples": self.num_samples_total,
+            "shuffle": self.shuffle,
+        }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         if sd.get("num_samples") != self.num_samples_total:
             raise StateMismatchError(
                 f"sampler was saved for a dataset of {sd.get('num_samples')} samples, this one has "
                 f"{self.num_samples_total}: the data changed; resume with resume='never' or init_from= to restart "
-                "the data order")
+                "the data order"
+            )
         self.seed = int(sd["seed"])
         self.epoch = int(sd["epoch"])
         self.position = int(sd["position"])
@@ -128,17 +142,33 @@ class ResumableDataLoader(DataLoader):
             ``shuffle`` and ``generator`` are managed here.
     """
 
-    def __init__(self, dataset: Any, batch_size: int = 1, *, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False, num_replicas: Optional[int] = None, rank: Optional[int] = None,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int = 1,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        num_replicas: Optional[int] = None,
+        rank: Optional[int] = None,
+        **kwargs: Any,
+    ):
         for k in ("sampler", "batch_sampler", "generator"):
             if k in kwargs:
                 raise TypeError(f"ResumableDataLoader manages {k!r} itself")
-        self.resumable_sampler = ResumableSampler(dataset, seed=seed, shuffle=shuffle, num_replicas=num_replicas,
-                                                  rank=rank, drop_last=drop_last)
+        self.resumable_sampler = ResumableSampler(
+            dataset, seed=seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank, drop_last=drop_last
+        )
         self._worker_generator = torch.Generator()
-        super().__init__(dataset, batch_size=batch_size, sampler=self.resumable_sampler, drop_last=drop_last,
-                         generator=self._worker_generator, **kwargs)
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.resumable_sampler,
+            drop_last=drop_last,
+            generator=self._worker_generator,
+            **kwargs,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.resumable_sampler.set_epoch(epoch)

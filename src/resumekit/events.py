@@ -41,8 +41,13 @@ class EventLog:
         return cls(path, source)
 
     def emit(self, event: str, **fields: Any) -> Dict[str, Any]:
-        rec: Dict[str, Any] = {"time": round(time.time(), 6), "event": event, "source": self.source,
-                               "pid": os.getpid(), "host": socket.gethostname()}
+        rec: Dict[str, Any] = {
+            "time": round(time.time(), 6),
+            "event": event,
+            "source": self.source,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
         rec.update(fields)
         if not self.path:
             return rec

@@ -124,8 +124,10 @@ class Manifest:
         version = doc.get("version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise CorruptCheckpointError(
-                where, f"manifest format version {version!r} is newer than this resumekit supports "
-                f"({FORMAT_VERSION}); upgrade resumekit")
+                where,
+                f"manifest format version {version!r} is newer than this resumekit supports "
+                f"({FORMAT_VERSION}); upgrade resumekit",
+            )
         step = doc.get("step")
         files = doc.get("files")
         if not isinstance(step, int) or step < 0 or not isinstance(files, dict):
@@ -135,17 +137,26 @@ class Manifest:
             validate_relpath(rel, where)
             if rel == MANIFEST:
                 raise CorruptCheckpointError(where, "manifest.json lists itself")
-            if (not isinstance(ent, dict) or not isinstance(ent.get("size"), int) or ent["size"] < 0
-                    or not isinstance(ent.get("xxh3"), str)):
+            if (
+                not isinstance(ent, dict)
+                or not isinstance(ent.get("size"), int)
+                or ent["size"] < 0
+                or not isinstance(ent.get("xxh3"), str)
+            ):
                 raise CorruptCheckpointError(where, f"manifest entry for {rel!r} lacks size/xxh3")
             entries[rel] = FileEntry(ent["size"], ent["xxh3"])
         meta = doc.get("metadata") or {}
         t = doc.get("time") or 0.0
         if not isinstance(t, (int, float)) or isinstance(t, bool):
             raise CorruptCheckpointError(where, f"manifest.json has a non-numeric time {t!r}")
-        return cls(step=step, files=entries, time=float(t),
-                   metadata=meta if isinstance(meta, dict) else {},
-                   entries=list(doc.get("entries") or []), version=version)
+        return cls(
+            step=step,
+            files=entries,
+            time=float(t),
+            metadata=meta if isinstance(meta, dict) else {},
+            entries=list(doc.get("entries") or []),
+            version=version,
+        )
 
 
 def metadata_jsonable(metadata: Optional[Mapping[str, Any]]) -> Dict[str, Any]:

@@ -17,8 +17,9 @@ from .storage import Storage
 log = logging.getLogger("resumekit")
 
 
-def apply_retention(storage: Storage, policy: RetentionPolicy, *, protect: Set[int],
-                    events: Optional[EventLog] = None) -> List[int]:
+def apply_retention(
+    storage: Storage, policy: RetentionPolicy, *, protect: Set[int], events: Optional[EventLog] = None
+) -> List[int]:
     """Delete the valid checkpoints ``policy`` no longer keeps (never a step in ``protect``); returns their steps.
 
     Validity is the quick check (manifest and sizes): retention runs after every save and must not re-hash the
@@ -40,8 +41,14 @@ def apply_retention(storage: Storage, policy: RetentionPolicy, *, protect: Set[i
     return removed
 
 
-def collect_garbage(storage: Storage, policy: RetentionPolicy, *, tmp_age: float = 600.0, dry_run: bool = False,
-                    now: Optional[float] = None) -> Dict[str, Any]:
+def collect_garbage(
+    storage: Storage,
+    policy: RetentionPolicy,
+    *,
+    tmp_age: float = 600.0,
+    dry_run: bool = False,
+    now: Optional[float] = None,
+) -> Dict[str, Any]:
     """Apply ``policy`` to the valid checkpoints and remove ``.tmp-`` dirs older than ``tmp_age`` seconds (on object
     stores: step dirs without a manifest, and multipart uploads, older than that).
 

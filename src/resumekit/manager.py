@@ -110,9 +110,13 @@ class CheckpointOptions:
 
     def __post_init__(self) -> None:
         self.save_policy = SavePolicy(every_steps=self.every_steps, every_seconds=self.every_seconds)
-        self.retention = RetentionPolicy(keep_last=self.keep_last, keep_every=self.keep_every,
-                                         keep_best=self.keep_best, best_metric=self.best_metric,
-                                         best_mode=self.best_mode)
+        self.retention = RetentionPolicy(
+            keep_last=self.keep_last,
+            keep_every=self.keep_every,
+            keep_best=self.keep_best,
+            best_metric=self.best_metric,
+            best_mode=self.best_mode,
+        )
         if not isinstance(self.resume, str) or not self.resume:
             raise ConfigError(f"CheckpointOptions.resume must be 'auto', 'never' or a path, got {self.resume!r}")
         if self.init_keys is not None and isinstance(self.init_keys, str):
@@ -221,15 +225,23 @@ class CheckpointManager:
         if not wants_distributed(self.options.distributed):
             return LocalCheckpointer(self.storage)
         if self.tier is not None:
-            raise ConfigError("CheckpointOptions.local_tier is not supported with distributed checkpoints yet: "
-                              "save to a shared file system path (or pass distributed=False for a single process)")
+            raise ConfigError(
+                "CheckpointOptions.local_tier is not supported with distributed checkpoints yet: "
+                "save to a shared file system path (or pass distributed=False for a single process)"
+            )
         from .checkpointers.dcp import DcpCheckpointer
 
         return DcpCheckpointer(self.storage)
 
     # ------------------------------------------------------------------------------------------------ restore
-    def restore(self, state: MutableMapping[str, Any], *, resume: Optional[str] = None,
-                only: Optional[Sequence[str]] = None, strict: Optional[bool] = None) -> int:
+    def restore(
+        self,
+        state: MutableMapping[str, Any],
+        *,
+        resume: Optional[str] = None,
+        only: Optional[Sequence[str]] = None,
+        strict: Optional[bool] = None,
+    ) -> int:
         """Load the newest valid checkpoint into ``state``; returns the step to continue from (0 if none).
 
         Corrupt or incomplete checkpoints are skipped with a logged reason and the previous one is used.
@@ -261,8 +273,14 @@ class CheckpointManager:
         if chosen is None:
             if self.options.init_from:
                 return self._init_from(state, t0)
-            self.events.emit("restore", step=0, path=None, skipped=[s.as_dict() for s in self.skipped],
-                             seconds=time.perf_counter() - t0, **cp.event_fields())
+            self.events.emit(
+                "restore",
+                step=0,
+                path=None,
+                skipped=[s.as_dict() for s in self.skipped],
+                seconds=time.perf_counter() - t0,
+                **cp.event_fields(),
+            )
             return 0
         cp.load(chosen, state, only=only, strict=strict, rng=only is None and self.options.save_rng)
         info = chosen.info
@@ -270,8 +288,14 @@ class CheckpointManager:
         self.last_saved_step = info.step
         self._last_save_time = time.monotonic()
         secs = time.perf_counter() - t0
-        self.events.emit("restore", step=info.step, path=info.path, seconds=secs, **cp.event_fields(),
-                         skipped=[{"path": s.path, "reason": s.reason} for s in self.skipped])
+        self.events.emit(
+            "restore",
+            step=info.step,
+            path=info.path,
+            seconds=secs,
+            **cp.event_fields(),
+            skipped=[{"path": s.path, "reason": s.reason} for s in self.skipped],
+        )
         log.info("resumed from %s (step %d) in %.2fs", info.path, info.step, secs)
         return info.step
 
@@ -285,8 +309,9 @@ class CheckpointManager:
             try:
                 return first_valid_at(cp, env_path, self._skip)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                log.warning("%s=%s is not usable (%s); searching %s instead", ENV_RESUME_FROM, env_path, e,
-                            self.storage.uri)
+                log.warning(
+                    "%s=%s is not usable (%s); searching %s instead", ENV_RESUME_FROM, env_path, e, self.storage.uri
+                )
         return first_valid(cp, cp.candidates(), self._skip)
 
     def _skip(self, info: CheckpointInfo, reason: str) -> None:
@@ -305,8 +330,9 @@ class CheckpointManager:
         return 0
 
     # --------------------------------------------------------------------------------------------------- save
-    def maybe_save(self, step: int, state: Mapping[str, Any], *, metrics: Optional[Mapping[str, Any]] = None,
-                   force: bool = False) -> bool:
+    def maybe_save(
+        self, step: int, state: Mapping[str, Any], *, metrics: Optional[Mapping[str, Any]] = None, force: bool = False
+    ) -> bool:
         """Call once per step with the number of steps completed; saves when the policy (or a SIGTERM) says so.
 
         Also beats the heartbeat and surfaces errors from a background save. After a preemption save the process
@@ -325,8 +351,7 @@ class CheckpointManager:
             fields = {(f"metric_{k}" if k in _EVENT_FIELDS else k): v for k, v in metadata_jsonable(metrics).items()}
             self.events.emit("metrics", step=step, **fields)
         preempt = self._sigterm.is_set()
-        due = force or self.options.save_policy.due(step, time.monotonic(), self._last_save_time,
-                                                    self.last_saved_step)
+        due = force or self.options.save_policy.due(step, time.monotonic(), self._last_save_time, self.last_saved_step)
         if cp.needs_agreement(self.options.handle_sigterm, self.options.every_seconds is not None):
             # A signal or a clock seen by one rank must make every rank save at this same step.
             preempt, due = cp.agree(preempt, due)
@@ -336,8 +361,14 @@ class CheckpointManager:
             self.save(step, state, metrics=metrics)
         return due
 
-    def save(self, step: int, state: Mapping[str, Any], *, metrics: Optional[Mapping[str, Any]] = None,
-             block: Optional[bool] = None) -> Optional[str]:
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Optional[Mapping[str, Any]] = None,
+        block: Optional[bool] = None,
+    ) -> Optional[str]:
         """Save now. Returns the checkpoint path (sync) or the path it will have (async); None if already saved.
 
         Args:
@@ -368,8 +399,14 @@ class CheckpointManager:
         # directory of the same step that this run did not produce (an invalid one, or a left-over of a run started
         # with resume="never") is replaced by the new save: this run's state is the one to keep.
         mine = step == self.last_saved_step or (self.restored_from is not None and self.restored_from.step == step)
-        snap = cp.snapshot(step, state, metadata=metadata_jsonable(metrics), stage=use_async,
-                           rng=self.options.save_rng, skip_if_committed=mine)
+        snap = cp.snapshot(
+            step,
+            state,
+            metadata=metadata_jsonable(metrics),
+            stage=use_async,
+            rng=self.options.save_rng,
+            skip_if_committed=mine,
+        )
         name = step_dirname(step)
         if snap is None:
             log.info("step %d is already committed at %s; not saving it again", step, self.storage.join(name))
@@ -384,8 +421,9 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         return self.storage.join(name)
 
-    def _persist(self, snap: Snapshot, blocking: Optional[float], waited: float, t0: float, *,
-                 background: bool) -> Committed:
+    def _persist(
+        self, snap: Snapshot, blocking: Optional[float], waited: float, t0: float, *, background: bool
+    ) -> Committed:
         res = self.checkpointer.persist(snap, background=background)
         if blocking is None:  # synchronous: the whole write blocked training
             blocking = time.perf_counter() - t0
@@ -395,9 +433,17 @@ class CheckpointManager:
         c.persist_s_total += res.seconds
         c.last_blocking_s, c.last_persist_s = blocking, res.seconds
         c.bytes_last = res.nbytes
-        self.events.emit("save", step=snap.step, path=res.path, bytes=res.nbytes, blocking_s=blocking,
-                         persist_s=res.seconds, waited_s=waited, metrics=snap.metadata,
-                         **self.checkpointer.event_fields())
+        self.events.emit(
+            "save",
+            step=snap.step,
+            path=res.path,
+            bytes=res.nbytes,
+            blocking_s=blocking,
+            persist_s=res.seconds,
+            waited_s=waited,
+            metrics=snap.metadata,
+            **self.checkpointer.event_fields(),
+        )
         if self.checkpointer.leads_job and self.options.retention.active:
             apply_retention(self.storage, self.options.retention, protect={snap.step}, events=self.events)
         return res
@@ -468,8 +514,7 @@ class CheckpointManager:
     # -------------------------------------------------------------------------------------------- inspection
     def checkpoints(self, full: bool = False) -> List[CheckpointInfo]:
         """Every checkpoint with its validity (sizes only unless ``full``)."""
-        return [self.layout.validate(self.storage, i, full=full)
-                for i in order_by_step(self.layout.list(self.storage))]
+        return [self.layout.validate(self.storage, i, full=full) for i in order_by_step(self.layout.list(self.storage))]
 
     def latest(self, full: bool = True) -> Optional[CheckpointInfo]:
         best, _ = self.layout.latest(self.storage, full=full)

@@ -98,7 +98,7 @@ class RetentionPolicy:
         keep: Set[int] = set(protected)
         keep.add(steps[-1])
         if self.keep_last is not None:
-            keep.update(steps[-self.keep_last:])
+            keep.update(steps[-self.keep_last :])
         if self.keep_every is not None:
             keep.update(s for s in steps if s % self.keep_every == 0)
         if self.keep_best is not None and self.best_metric:

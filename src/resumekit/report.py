@@ -26,8 +26,13 @@ from .events import ENV_DIR, EventLog, read_events
 METRICS_EVENT = "metrics"
 
 
-def log_metrics(step: int, loss: Optional[float] = None, step_time: Optional[float] = None,
-                log: Optional[EventLog] = None, **extra: Any) -> Dict[str, Any]:
+def log_metrics(
+    step: int,
+    loss: Optional[float] = None,
+    step_time: Optional[float] = None,
+    log: Optional[EventLog] = None,
+    **extra: Any,
+) -> Dict[str, Any]:
     """Append one ``metrics`` event for a job that does not use :class:`~resumekit.CheckpointManager`.
 
     Args:
@@ -86,9 +91,16 @@ class RunData:
     def stats(self) -> Dict[str, Any]:
         """Counts for ``resumekit report --json``."""
         count = lambda k: sum(1 for m in self.markers if m.kind == k)  # noqa: E731
-        return {"segments": len(self.segments), "metrics": sum(len(s.steps) for s in self.segments),
-                "restarts": count("restart"), "hangs": count("hang"), "failures": count("failure"),
-                "preemptions": count("preempt"), "quarantines": count("quarantine"), "saves": len(self.saves)}
+        return {
+            "segments": len(self.segments),
+            "metrics": sum(len(s.steps) for s in self.segments),
+            "restarts": count("restart"),
+            "hangs": count("hang"),
+            "failures": count("failure"),
+            "preemptions": count("preempt"),
+            "quarantines": count("quarantine"),
+            "saves": len(self.saves),
+        }
 
 
 def _num(v: Any) -> Optional[float]:
@@ -117,8 +129,9 @@ def load_run(events_path: str) -> RunData:
                 data.down.append((down_since, t))
                 down_since = None
             if ev.get("restart_count"):
-                data.markers.append(Marker("restart", t, rs if rs is not None else 0,
-                                           f"restart {ev.get('restart_count')}"))
+                data.markers.append(
+                    Marker("restart", t, rs if rs is not None else 0, f"restart {ev.get('restart_count')}")
+                )
             seg = Segment(index=len(data.segments) + 1, resume_step=rs, start_time=t)
             data.segments.append(seg)
         elif sup and name == "exit":
@@ -129,8 +142,9 @@ def load_run(events_path: str) -> RunData:
             if ev.get("failure") and not ev.get("hung"):
                 ls = ev.get("last_step") if isinstance(ev.get("last_step"), int) else last_step
                 sig = ev.get("signal")
-                data.markers.append(Marker("failure", t, ls,
-                                           f"killed ({sig})" if sig else f"exit {ev.get('exit_code')}"))
+                data.markers.append(
+                    Marker("failure", t, ls, f"killed ({sig})" if sig else f"exit {ev.get('exit_code')}")
+                )
         elif sup and name == "hang":
             td = _num(ev.get("detected_time")) or t  # the event itself comes after the stack dump
             data.markers.append(Marker("hang", td, step if step is not None else last_step, "hang"))
@@ -162,8 +176,7 @@ def load_run(events_path: str) -> RunData:
     return data
 
 
-_COLORS = {"restart": "#d62728", "failure": "#d62728", "hang": "#ff7f0e", "preempt": "#9467bd",
-           "quarantine": "#111111"}
+_COLORS = {"restart": "#d62728", "failure": "#d62728", "hang": "#ff7f0e", "preempt": "#9467bd", "quarantine": "#111111"}
 
 
 def plot_report(events_path: str, output: str, title: Optional[str] = None, dpi: int = 110) -> str:
@@ -184,8 +197,9 @@ def plot_report(events_path: str, output: str, title: Optional[str] = None, dpi:
         from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
     except ImportError as e:
-        raise ImportError(f"resumekit report needs matplotlib ({e}); install it with "
-                          "pip install 'resumekit[report]'") from None
+        raise ImportError(
+            f"resumekit report needs matplotlib ({e}); install it with pip install 'resumekit[report]'"
+        ) from None
 
     run = load_run(events_path)
     t0 = run.t0 or 0.0
@@ -216,11 +230,19 @@ def plot_report(events_path: str, output: str, title: Optional[str] = None, dpi:
     for a, b in run.hung:
         ax_wall.axvspan(a - t0, b - t0, color=_COLORS["hang"], alpha=0.18, lw=0)
     if run.saves:
-        ax_wall.plot([s["time"] - t0 for s in run.saves], [s["step"] for s in run.saves], "|", color="#555555",
-                     ms=6, alpha=0.6)
+        ax_wall.plot(
+            [s["time"] - t0 for s in run.saves], [s["step"] for s in run.saves], "|", color="#555555", ms=6, alpha=0.6
+        )
     if not have_metrics:
-        ax_loss.text(0.5, 0.5, "no 'metrics' events in the log", ha="center", va="center",
-                     transform=ax_loss.transAxes, color="#777777")
+        ax_loss.text(
+            0.5,
+            0.5,
+            "no 'metrics' events in the log",
+            ha="center",
+            va="center",
+            transform=ax_loss.transAxes,
+            color="#777777",
+        )
     losses = [v for seg in run.segments for v in seg.loss if v == v]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 30:
         ax_loss.set_yscale("log")  # training curves span decades; a linear axis flattens everything after warm-up
@@ -232,13 +254,17 @@ def plot_report(events_path: str, output: str, title: Optional[str] = None, dpi:
     ax_wall.set_xlabel("wall time since the first event (s)")
     for ax in (ax_loss, ax_time, ax_wall):
         ax.grid(True, alpha=0.25)
-    step_legend = [Line2D([], [], color=_COLORS["restart"], ls="--", label="restart: resumed from this step"),
-                   Line2D([], [], color=_COLORS["hang"], ls=":", label="hang detected at this step")]
-    wall_legend = [Line2D([], [], color=_COLORS["failure"], ls="", marker="x", label="job killed / failed"),
-                   Line2D([], [], color=_COLORS["hang"], ls="", marker="x", label="hung job killed"),
-                   Patch(color=_COLORS["hang"], alpha=0.3, label="hung (no heartbeat)"),
-                   Patch(color=_COLORS["restart"], alpha=0.2, label="down (backoff + restart)"),
-                   Line2D([], [], color="#555555", ls="", marker="|", label="checkpoint saved")]
+    step_legend = [
+        Line2D([], [], color=_COLORS["restart"], ls="--", label="restart: resumed from this step"),
+        Line2D([], [], color=_COLORS["hang"], ls=":", label="hang detected at this step"),
+    ]
+    wall_legend = [
+        Line2D([], [], color=_COLORS["failure"], ls="", marker="x", label="job killed / failed"),
+        Line2D([], [], color=_COLORS["hang"], ls="", marker="x", label="hung job killed"),
+        Patch(color=_COLORS["hang"], alpha=0.3, label="hung (no heartbeat)"),
+        Patch(color=_COLORS["restart"], alpha=0.2, label="down (backoff + restart)"),
+        Line2D([], [], color="#555555", ls="", marker="|", label="checkpoint saved"),
+    ]
     if any(m.kind == "preempt" for m in run.markers):
         wall_legend.append(Line2D([], [], color=_COLORS["preempt"], ls="-.", label="preemption signal"))
     if any(m.kind == "quarantine" for m in run.markers):
@@ -258,9 +284,11 @@ def _title(run: RunData) -> str:
     st = run.stats()
     if run.summaries:
         s = run.summaries[-1]
-        return (f"resumekit run: {s.get('starts')} starts, {s.get('failures')} failures (hangs: {s.get('hangs')}), "
-                f"{s.get('lost_steps')} steps redone, {100 * float(s.get('effective_ratio') or 0):.0f}% effective "
-                "training time")
+        return (
+            f"resumekit run: {s.get('starts')} starts, {s.get('failures')} failures (hangs: {s.get('hangs')}), "
+            f"{s.get('lost_steps')} steps redone, {100 * float(s.get('effective_ratio') or 0):.0f}% effective "
+            "training time"
+        )
     return f"resumekit run: {st['segments']} starts, {st['restarts']} restarts (hangs: {st['hangs']})"
 
 

@@ -86,12 +86,15 @@ def apply_state(
     if only is not None:
         unknown = [k for k in keys if k not in state]
         if unknown:
-            raise StateMismatchError(f"cannot load {unknown} from {where}: no such entries in the state passed "
-                                     f"to restore() (it has {sorted(state)})")
+            raise StateMismatchError(
+                f"cannot load {unknown} from {where}: no such entries in the state passed "
+                f"to restore() (it has {sorted(state)})"
+            )
     if missing and (strict or only is not None):
         raise StateMismatchError(
             f"{where} has no entry for {missing} (it has {sorted(saved)}); pass only=[...] to load a subset or "
-            "strict=False to start those entries fresh")
+            "strict=False to start those entries fresh"
+        )
     loaded = []
     for key in keys:
         if key not in saved:
@@ -128,8 +131,11 @@ def _module_mismatch(module: torch.nn.Module, sd: Any) -> str:
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and isinstance(sd[k], torch.Tensor) and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and isinstance(sd[k], torch.Tensor) and sd[k].shape != own[k].shape
+    ]
     parts = []
     if missing:
         parts.append(f"missing keys {missing}")

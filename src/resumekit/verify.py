@@ -20,8 +20,22 @@ HASH_CHUNK = 8 << 20
 
 #: safetensors dtype code -> bytes per element: the one table (the codec maps the codes to torch dtypes)
 SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
     "C64": 8,
 }
 #: a safetensors header larger than this is certainly garbage (the format itself caps it at 100 MB)
@@ -80,8 +94,9 @@ def hash_file(storage: Readable, rel: str, hasher: Optional[Callable[[], Any]] =
     return n, h.hexdigest()
 
 
-def check_checkpoint(storage: Readable, name: str, full: bool = True, manifest: str = MANIFEST,
-                     step: Optional[int] = None) -> Manifest:
+def check_checkpoint(
+    storage: Readable, name: str, full: bool = True, manifest: str = MANIFEST, step: Optional[int] = None
+) -> Manifest:
     """Verify a checkpoint against its resumekit manifest; raises CorruptCheckpointError with the reason.
 
     Quick (``full=False``): the manifest parses, its step matches the directory, every listed file exists with
@@ -107,8 +122,9 @@ def check_checkpoint(storage: Readable, name: str, full: bool = True, manifest: 
         for rel, ent in man.files.items():
             _, digest = hash_file(storage, f"{name}/{rel}")
             if digest != ent.xxh3:
-                raise CorruptCheckpointError(where, f"{rel} checksum mismatch (xxh3 {digest} != {ent.xxh3}): "
-                                                    "the file was altered or damaged")
+                raise CorruptCheckpointError(
+                    where, f"{rel} checksum mismatch (xxh3 {digest} != {ent.xxh3}): the file was altered or damaged"
+                )
     return man
 
 
@@ -125,8 +141,9 @@ def read_verified(storage: Readable, name: str, rel: str, man: Manifest) -> byte
     h = new_hasher()
     h.update(data)
     if len(data) != ent.size or h.hexdigest() != ent.xxh3:
-        raise CorruptCheckpointError(where, f"{rel} does not match the manifest (size or checksum): the file was "
-                                            "altered or damaged")
+        raise CorruptCheckpointError(
+            where, f"{rel} does not match the manifest (size or checksum): the file was altered or damaged"
+        )
     return data
 
 
@@ -153,8 +170,9 @@ def read_exact(f: BinaryIO, n: int) -> bytes:
     return bytes(buf)
 
 
-def read_safetensors_header(f: BinaryIO, size: int, where: str, shown: str, *, full: bool = True,
-                            hasher: Any = None) -> Tuple[List[TensorSpan], int]:
+def read_safetensors_header(
+    f: BinaryIO, size: int, where: str, shown: str, *, full: bool = True, hasher: Any = None
+) -> Tuple[List[TensorSpan], int]:
     """Read and check the header of a safetensors file of ``size`` bytes positioned at its start.
 
     Quick (``full=False``): the header length fits, the header is a JSON object whose ``data_offsets`` are sane,
@@ -179,11 +197,13 @@ def read_safetensors_header(f: BinaryIO, size: int, where: str, shown: str, *, f
     head = read_exact(f, 8)
     if len(head) < 8:
         raise CorruptCheckpointError(
-            where, f"{shown} is truncated: {size} bytes, shorter than the 8-byte safetensors header")
+            where, f"{shown} is truncated: {size} bytes, shorter than the 8-byte safetensors header"
+        )
     n = int.from_bytes(head, "little")
     if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
-        raise CorruptCheckpointError(where, f"{shown} is truncated or not safetensors: header length {n} does not "
-                                            f"fit in its {size} bytes")
+        raise CorruptCheckpointError(
+            where, f"{shown} is truncated or not safetensors: header length {n} does not fit in its {size} bytes"
+        )
     raw = read_exact(f, n)
     if hasher is not None:
         hasher.update(head)
@@ -193,31 +213,37 @@ def read_safetensors_header(f: BinaryIO, size: int, where: str, shown: str, *, f
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise CorruptCheckpointError(where, f"{shown} has a damaged safetensors header (not valid JSON)") from None
     if not isinstance(header, dict):
-        raise CorruptCheckpointError(where, f"{shown} has a damaged safetensors header (the header is not an "
-                                            "object)")
+        raise CorruptCheckpointError(where, f"{shown} has a damaged safetensors header (the header is not an object)")
     data_size = size - 8 - n
     spans: List[TensorSpan] = []
     for name, t in header.items():
         if name == "__metadata__":
             continue
         offs = t.get("data_offsets") if isinstance(t, dict) else None
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
-                or offs[0] < 0 or offs[1] < offs[0]):
-            raise CorruptCheckpointError(where, f"{shown} has a damaged safetensors header (bad data_offsets for "
-                                                f"{name!r})")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(type(o) is int for o in offs)
+            or offs[0] < 0
+            or offs[1] < offs[0]
+        ):
+            raise CorruptCheckpointError(
+                where, f"{shown} has a damaged safetensors header (bad data_offsets for {name!r})"
+            )
         shape = t.get("shape")
         dims = tuple(shape) if isinstance(shape, list) and all(type(d) is int for d in shape) else None
         if full and dims is None:
-            raise CorruptCheckpointError(where, f"{shown} has a damaged safetensors header (bad shape for "
-                                                f"{name!r})")
+            raise CorruptCheckpointError(where, f"{shown} has a damaged safetensors header (bad shape for {name!r})")
         if full and dims is not None and any(d < 0 for d in dims):
             raise CorruptCheckpointError(where, f"{shown}: tensor {name!r} has a negative dimension {list(dims)}")
         spans.append(TensorSpan(name, str(t.get("dtype")), dims or (), offs[0], offs[1]))
     end = max((s.end for s in spans), default=0)
     if end != data_size:
         if end > data_size:
-            raise CorruptCheckpointError(where, f"{shown} is truncated: its header describes {end} bytes of tensor "
-                                                f"data but only {data_size} follow it")
+            raise CorruptCheckpointError(
+                where,
+                f"{shown} is truncated: its header describes {end} bytes of tensor data but only {data_size} follow it",
+            )
         raise CorruptCheckpointError(where, f"{shown} has {data_size - end} unexpected bytes after its tensor data")
     spans.sort(key=lambda s: (s.begin, s.end))
     if full:
@@ -229,15 +255,33 @@ def read_safetensors_header(f: BinaryIO, size: int, where: str, shown: str, *, f
                 for d in s.shape:
                     count *= d
                 if count * width != s.end - s.begin:
-                    raise CorruptCheckpointError(where, f"{shown}: tensor {s.name!r} has {s.end - s.begin} bytes, "
-                                                        f"its dtype and shape need {count * width}")
+                    raise CorruptCheckpointError(
+                        where,
+                        f"{shown}: tensor {s.name!r} has {s.end - s.begin} bytes, "
+                        f"its dtype and shape need {count * width}",
+                    )
             if s.begin != pos:
-                raise CorruptCheckpointError(where, f"{shown}: tensor {s.name!r} starts at byte {s.begin}, expected "
-                                                    f"{pos} (overlapping or missing tensor data)")
+                raise CorruptCheckpointError(
+                    where,
+                    f"{shown}: tensor {s.name!r} starts at byte {s.begin}, expected "
+                    f"{pos} (overlapping or missing tensor data)",
+                )
             pos = s.end
     return spans, 8 + n
 
 
-__all__ = ["Readable", "read_manifest", "read_manifest_bytes", "check_step", "hash_file", "check_checkpoint", "read_verified", "TensorSpan",
-           "read_safetensors_header", "read_exact", "SAFETENSORS_DTYPE_BYTES", "MAX_SAFETENSORS_HEADER",
-           "HASH_CHUNK"]
+__all__ = [
+    "Readable",
+    "read_manifest",
+    "read_manifest_bytes",
+    "check_step",
+    "hash_file",
+    "check_checkpoint",
+    "read_verified",
+    "TensorSpan",
+    "read_safetensors_header",
+    "read_exact",
+    "SAFETENSORS_DTYPE_BYTES",
+    "MAX_SAFETENSORS_HEADER",
+    "HASH_CHUNK",
+]

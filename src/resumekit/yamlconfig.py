@@ -63,9 +63,15 @@ class ResolveResult:
 
     def as_dict(self) -> dict:
         return {
-            "yaml": self.yaml_path, "key": self.key, "old": self.old, "new": self.new, "changed": self.changed,
-            "written": self.written, "key_added": self.key_added,
-            "key_present": self.key_present, "searched": list(self.searched),
+            "yaml": self.yaml_path,
+            "key": self.key,
+            "old": self.old,
+            "new": self.new,
+            "changed": self.changed,
+            "written": self.written,
+            "key_added": self.key_added,
+            "key_present": self.key_present,
+            "searched": list(self.searched),
             "checkpoint": self.checkpoint.as_dict() if self.checkpoint else None,
             "skipped": [s.as_dict() for s in self.skipped],
         }
@@ -83,9 +89,18 @@ def _yaml():
     return y
 
 
-def resolve_config(yaml_path: str, key: str = "resume_from_checkpoint", dir_key: str = "output_dir",
-                   layout: str = "hf", *, checkpoint: Optional[str] = None, fresh: bool = False,
-                   dry_run: bool = False, full: bool = True, base_dir: Optional[str] = None) -> ResolveResult:
+def resolve_config(
+    yaml_path: str,
+    key: str = "resume_from_checkpoint",
+    dir_key: str = "output_dir",
+    layout: str = "hf",
+    *,
+    checkpoint: Optional[str] = None,
+    fresh: bool = False,
+    dry_run: bool = False,
+    full: bool = True,
+    base_dir: Optional[str] = None,
+) -> ResolveResult:
     """Set ``key`` in a YAML file to the newest valid checkpoint under the run's directory, or to null.
 
     Where to look: the directory in ``dir_key`` (``output_dir``), and also the key's current value when that is a
@@ -144,12 +159,14 @@ def resolve_config(yaml_path: str, key: str = "resume_from_checkpoint", dir_key:
     elif checkpoint is not None:
         new = checkpoint
     else:
-        best, new = _search(old, str(dir_raw) if dir_raw else None, key, dir_key, layout, yaml_path, base, full,
-                            searched, skipped)
+        best, new = _search(
+            old, str(dir_raw) if dir_raw else None, key, dir_key, layout, yaml_path, base, full, searched, skipped
+        )
 
     shown_old = str(data.get(key)).lower() if flag else old
-    result = ResolveResult(yaml_path, key, shown_old, new, False, checkpoint=best, skipped=skipped,
-                           searched=searched, key_present=present)
+    result = ResolveResult(
+        yaml_path, key, shown_old, new, False, checkpoint=best, skipped=skipped, searched=searched, key_present=present
+    )
     if new is not None and old is not None and new != old and _same_path(new, old, key, yaml_path, base):
         result.new = new = old  # same checkpoint, spelled differently: leave the file alone
     if (new == old and not flag) or (not present and new is None):
@@ -163,9 +180,18 @@ def resolve_config(yaml_path: str, key: str = "resume_from_checkpoint", dir_key:
     return result
 
 
-def _search(old: Optional[str], dir_raw: Optional[str], key: str, dir_key: str, layout: str, where: str,
-            base: str, full: bool, searched: List[str],
-            skipped: List[CheckpointInfo]) -> Tuple[Optional[CheckpointInfo], Optional[str]]:
+def _search(
+    old: Optional[str],
+    dir_raw: Optional[str],
+    key: str,
+    dir_key: str,
+    layout: str,
+    where: str,
+    base: str,
+    full: bool,
+    searched: List[str],
+    skipped: List[CheckpointInfo],
+) -> Tuple[Optional[CheckpointInfo], Optional[str]]:
     """The newest valid checkpoint for a config and how to write its path; (None, None) when there is none."""
     dirs: List[Tuple[str, str]] = []  # (as written in the YAML, expanded)
     if dir_raw:
@@ -175,8 +201,11 @@ def _search(old: Optional[str], dir_raw: Optional[str], key: str, dir_key: str, 
         old_path = _expand(old, key, where, base)
         old_is_ckpt = _as_checkpoint(old_path, layout) is not None
         # The recipe that sets resume_from_checkpoint to the run directory itself: search it too.
-        if not old_is_ckpt and os.path.isdir(old_path) and \
-                all(os.path.realpath(old_path) != os.path.realpath(d) for _, d in dirs):
+        if (
+            not old_is_ckpt
+            and os.path.isdir(old_path)
+            and all(os.path.realpath(old_path) != os.path.realpath(d) for _, d in dirs)
+        ):
             dirs.append((old, old_path))
     for written_as, path in dirs:
         searched.append(path)
@@ -210,8 +239,10 @@ def _expand(value: str, key: str, where: str, base: str) -> str:
     path = os.path.expanduser(os.path.expandvars(value))
     m = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", path)
     if m:
-        raise ConfigError(f"{where}: {key} is {value!r} but ${m.group(1)} is not set; export it before resolving, "
-                          "or write the path out")
+        raise ConfigError(
+            f"{where}: {key} is {value!r} but ${m.group(1)} is not set; export it before resolving, "
+            "or write the path out"
+        )
     return os.path.normpath(os.path.join(base, path))
 
 
@@ -243,6 +274,7 @@ def _validate_path(path: str, layout: str, full: bool) -> Optional[CheckpointInf
 
 # --- the surgical edit ------------------------------------------------------------------------------------------
 
+
 def format_scalar(value: Optional[str], style: Optional[str]) -> str:
     """YAML text for ``value``: ``null``, or the string quoted like the old value (``'``, ``"``, or plain when safe)."""
     if value is None:
@@ -273,7 +305,7 @@ def _splice(y, text: str, data, key: str, dir_key: str, new: Optional[str], wher
         value = format_scalar(new, style)
         if line[start - 1] == ":":  # `key:` with nothing after the colon
             value = " " + value
-        if start == end and line[end:end + 1] == "#":  # `key:  # comment` (null): keep the comment apart
+        if start == end and line[end : end + 1] == "#":  # `key:  # comment` (null): keep the comment apart
             value += " "
         lines[line_no] = line[:start] + value + line[end:]
     else:
@@ -290,8 +322,10 @@ def _splice(y, text: str, data, key: str, dir_key: str, new: Optional[str], wher
     check = _load(y, out, where)
     expected = {k: v for k, v in data.items() if k != key}
     if check.get(key) != new or {k: v for k, v in check.items() if k != key} != expected:
-        raise ConfigError(f"{where}: cannot edit {key} in place (its value spans several lines?); set it by hand "
-                          "to a single-line value or null first")
+        raise ConfigError(
+            f"{where}: cannot edit {key} in place (its value spans several lines?); set it by hand "
+            "to a single-line value or null first"
+        )
     return out
 
 
@@ -302,7 +336,7 @@ def _value_span(line: str, key_col: int) -> Tuple[int, int, Optional[str]]:
         q = line[i]
         i += 1
         while i < len(line) and line[i] != q:
-            i += 2 if (q == '"' and line[i] == "\\") or (q == "'" and line[i:i + 2] == "''") else 1
+            i += 2 if (q == '"' and line[i] == "\\") or (q == "'" and line[i : i + 2] == "''") else 1
         i += 1
     i = line.index(":", i) + 1
     while i < len(line) and line[i] in " \t":
@@ -312,7 +346,7 @@ def _value_span(line: str, key_col: int) -> Tuple[int, int, Optional[str]]:
         q = line[i]
         i += 1
         while i < len(line):
-            if q == "'" and line[i:i + 2] == "''":
+            if q == "'" and line[i : i + 2] == "''":
                 i += 2
                 continue
             if q == '"' and line[i] == "\\":

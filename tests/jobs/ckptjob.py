@@ -185,8 +185,9 @@ def main(argv: Optional[list] = None) -> int:
             print(f"ckptjob: crashing on purpose after step {step}", file=sys.stderr)
             return 3
         if args.hang_at == step and _once(root, "hang"):
-            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
-                                     start_new_session=True)  # leaves our process group, like a daemon
+            child = subprocess.Popen(
+                [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
+            )  # leaves our process group, like a daemon
             with open(os.path.join(root, CHILD_PIDFILE), "w") as f:
                 f.write(str(child.pid))
             while True:

@@ -38,8 +38,9 @@ from resumekit import CheckpointManager, CheckpointWriteError, ResumableDataLoad
 
 def build(parallel: str, seed: int, width: int):
     torch.manual_seed(seed)  # the same initial weights on every rank
-    model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-                                torch.nn.Linear(width, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, width), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(width, 1)
+    )
     if parallel == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
     elif parallel == "fsdp":
@@ -73,11 +74,15 @@ def digest(x) -> str:
 def fingerprint(state) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    out = {"model": digest(get_model_state_dict(state["model"])),
-           "optim": digest(get_optimizer_state_dict(state["model"], state["optim"])),
-           "sched": digest(state["sched"].state_dict()), "loader": digest(state["loader"].state_dict()),
-           "rng_torch": digest(torch.get_rng_state()), "rng_python": digest(random.getstate()),
-           "rng_numpy": digest(np.random.get_state()[1])}
+    out = {
+        "model": digest(get_model_state_dict(state["model"])),
+        "optim": digest(get_optimizer_state_dict(state["model"], state["optim"])),
+        "sched": digest(state["sched"].state_dict()),
+        "loader": digest(state["loader"].state_dict()),
+        "rng_torch": digest(torch.get_rng_state()),
+        "rng_python": digest(random.getstate()),
+        "rng_numpy": digest(np.random.get_state()[1]),
+    }
     if "scaler" in state:
         out["scaler"] = digest(state["scaler"].state_dict())
     return out
@@ -85,12 +90,13 @@ def fingerprint(state) -> dict:
 
 def full_digest(state) -> dict:
     """Digests of the unsharded model and optimizer state: equal whatever the world size that holds them."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True)
-    return {"model": digest(get_model_state_dict(state["model"], options=opts)),
-            "optim": digest(get_optimizer_state_dict(state["model"], state["optim"], options=opts))}
+    return {
+        "model": digest(get_model_state_dict(state["model"], options=opts)),
+        "optim": digest(get_optimizer_state_dict(state["model"], state["optim"], options=opts)),
+    }
 
 
 def main(argv=None) -> None:
@@ -166,8 +172,10 @@ def main(argv=None) -> None:
                 opt.step()
             sched.step()
             step += 1
-            progress.write(json.dumps({"step": step, "rank": rank, "idx": idx.tolist(), "pid": os.getpid(),
-                                       "restart": restart}) + "\n")
+            progress.write(
+                json.dumps({"step": step, "rank": rank, "idx": idx.tolist(), "pid": os.getpid(), "restart": restart})
+                + "\n"
+            )
             _STEP[0] = step
             if rank == a.term_rank and step == a.term_step:
                 os.kill(os.getpid(), signal.SIGTERM)

@@ -21,9 +21,32 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 def main() -> int:
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "docs", "report.png")
     d = tempfile.mkdtemp(prefix="resumekit-docs-")
-    cmd = [sys.executable, "-m", "resumekit", "run", "--dir", d, "--hang-timeout", "1.5", "--backoff", "0.3",
-           "--", sys.executable, os.path.join(HERE, "ckptjob.py"), "--steps", "400", "--save-every", "40",
-           "--step-time", "0.02", "--metrics", "--hang-at", "262", "--payload", "1000000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "resumekit",
+        "run",
+        "--dir",
+        d,
+        "--hang-timeout",
+        "1.5",
+        "--backoff",
+        "0.3",
+        "--",
+        sys.executable,
+        os.path.join(HERE, "ckptjob.py"),
+        "--steps",
+        "400",
+        "--save-every",
+        "40",
+        "--step-time",
+        "0.02",
+        "--metrics",
+        "--hang-at",
+        "262",
+        "--payload",
+        "1000000",
+    ]
     run = subprocess.Popen(cmd, start_new_session=True)
     kill_at = [95, 180, 345]  # SIGKILL the job when its heartbeat first reaches these steps
     killed = set()

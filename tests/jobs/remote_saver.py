@@ -37,7 +37,7 @@ def save(storage, step: int, size: int) -> None:
         h = new_hasher()
         with txn.open_write(PAYLOAD) as f:
             for i in range(0, len(data), _CHUNK):
-                f.write(data[i:i + _CHUNK])
+                f.write(data[i : i + _CHUNK])
         h.update(data)
         files[PAYLOAD] = FileEntry(len(data), h.hexdigest())
         blob = b'{"step": %d}' % step

@@ -1,7 +1,6 @@
 """Child of the kill-during-save torture test: saves forever; each step's tensors are filled with the step number."""
 
 
-
 def expected_value(step: int) -> float:
     return float(step % 1000)
 
@@ -19,6 +18,8 @@ def save_loop(directory: str, start: int, ready, async_save: bool = False) -> No
     while True:
         step += 1
         v = expected_value(step)
-        state = {"weights": {f"w{i}": torch.full((sizes[(step + i) % 3],), v) for i in range(3)},
-                 "meta": {"step": step, "note": "x" * (step % 50)}}
+        state = {
+            "weights": {f"w{i}": torch.full((sizes[(step + i) % 3],), v) for i in range(3)},
+            "meta": {"step": step, "note": "x" * (step % 50)},
+        }
         mgr.save(step, state)

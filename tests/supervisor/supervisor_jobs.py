@@ -28,13 +28,25 @@ class Procs:
         self.started: List[subprocess.Popen] = []
         self.dirs: List[Path] = []
 
-    def run(self, directory: Path, *args: str, job: Optional[List[str]] = None, env: Optional[dict] = None,
-            command: Optional[List[str]] = None) -> subprocess.Popen:
+    def run(
+        self,
+        directory: Path,
+        *args: str,
+        job: Optional[List[str]] = None,
+        env: Optional[dict] = None,
+        command: Optional[List[str]] = None,
+    ) -> subprocess.Popen:
         self.dirs.append(directory)
         cmd = [PY, "-m", "resumekit", "run", "--dir", str(directory), *args, "--"]
         cmd += command if command is not None else [PY, JOB, *(job or [])]
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True, env=dict(os.environ, **(env or {})))
+        p = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env=dict(os.environ, **(env or {})),
+        )
         self.started.append(p)
         return p
 
@@ -93,9 +105,26 @@ def summary_of(out: str) -> Dict[str, Any]:
 
 
 def run_cli(*args: str, env: Optional[dict] = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "resumekit", "run", *args], capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [PY, "-m", "resumekit", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
-__all__ = ["JOB", "JOBS", "PY", "Procs", "ckptjob", "events_of", "final_state", "finish", "procs",
-           "read_beat", "run_cli", "summary_of"]
+__all__ = [
+    "JOB",
+    "JOBS",
+    "PY",
+    "Procs",
+    "ckptjob",
+    "events_of",
+    "final_state",
+    "finish",
+    "procs",
+    "read_beat",
+    "run_cli",
+    "summary_of",
+]

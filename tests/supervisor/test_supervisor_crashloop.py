@@ -16,8 +16,17 @@ def test_a_checkpoint_that_crashes_every_load_is_quarantined_and_the_run_complet
     d = tmp_path / "ckpt"
     d.mkdir()
     (d / ckptjob.POISON_FILE).write_text("10")
-    p = procs.run(d, "--crash-loop", "3", "--max-restarts", "6", "--backoff", "0.02", "--json",
-                  job=["--steps", "20", "--save-every", "5", "--step-time", "0.005", "--crash-at", "12"])
+    p = procs.run(
+        d,
+        "--crash-loop",
+        "3",
+        "--max-restarts",
+        "6",
+        "--backoff",
+        "0.02",
+        "--json",
+        job=["--steps", "20", "--save-every", "5", "--step-time", "0.005", "--crash-at", "12"],
+    )
     rc, out, err = finish(p)
     assert rc == 0, err
     (q,) = events_of(d, "quarantine")
@@ -36,8 +45,17 @@ def test_a_checkpoint_that_crashes_every_load_is_quarantined_and_the_run_complet
 @pytest.mark.timeout(60)
 def test_a_crash_loop_with_nothing_to_quarantine_gives_up_with_the_jobs_exit_code(tmp_path, procs):
     d = tmp_path / "ckpt"
-    p = procs.run(d, "--crash-loop", "2", "--max-restarts", "9", "--backoff", "0.01", "--json",
-                  command=[PY, "-c", "import sys; sys.exit(5)"])
+    p = procs.run(
+        d,
+        "--crash-loop",
+        "2",
+        "--max-restarts",
+        "9",
+        "--backoff",
+        "0.01",
+        "--json",
+        command=[PY, "-c", "import sys; sys.exit(5)"],
+    )
     rc, out, err = finish(p)
     assert rc == 5
     s = summary_of(out)
@@ -59,4 +77,3 @@ def test_quarantine_renames_never_deletes_and_native_discovery_ignores_it(tmp_pa
     assert new.startswith("quarantined-step_000000010-") and again.startswith("quarantined-step_000000005-")
     assert (tmp_path / new / "manifest.json").is_file() and (tmp_path / again / "state.json").is_file()
     assert lay.latest(storage) == (None, [])
-

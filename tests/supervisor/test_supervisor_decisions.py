@@ -12,8 +12,13 @@ from resumekit.supervisor import exit_code_of, is_crash_loop, is_failure, made_p
 from resumekit.supervisor.decisions import describe_exit, grace_expired, hang_target, is_hung
 
 
-@given(restart=st.integers(1, 200), base=st.floats(0, 100), cap=st.floats(0, 1000), jitter=st.floats(0, 1),
-       rand=st.floats(0, 1, exclude_max=True))
+@given(
+    restart=st.integers(1, 200),
+    base=st.floats(0, 100),
+    cap=st.floats(0, 1000),
+    jitter=st.floats(0, 1),
+    rand=st.floats(0, 1, exclude_max=True),
+)
 def test_backoff_is_bounded_by_the_cap_and_the_jitter(restart, base, cap, jitter, rand):
     d = min(cap, base * 2 ** min(restart - 1, 63))
     delay = restart_backoff(restart, base, cap, jitter, rand)
@@ -46,7 +51,6 @@ def test_crash_loop_rule():
         streak = next_streak(streak, failed, progressed)
     assert streak == 3 and is_crash_loop(streak, 3) and not is_crash_loop(2, 3)
     assert next_streak(2, failed=False, progressed=False) == 0
-
 
 
 def test_describe_exit():

@@ -20,9 +20,28 @@ from supervisor_jobs import PY, ckptjob, events_of, final_state, finish, read_be
 def test_random_sigkills_including_mid_save_end_equal_to_a_straight_run(tmp_path, procs):
     d = tmp_path / "ckpt"
     steps, n_kills = 1000, 20  # the acceptance: 20+ kills
-    p = procs.run(d, "--backoff", "0.05", "--backoff-max", "0.05", "--max-restarts", "40", "--json",
-                  job=["--steps", str(steps), "--save-every", "10", "--step-time", "0.01", "--save-pause", "0.03",
-                       "--payload", "65536"])
+    p = procs.run(
+        d,
+        "--backoff",
+        "0.05",
+        "--backoff-max",
+        "0.05",
+        "--max-restarts",
+        "40",
+        "--json",
+        job=[
+            "--steps",
+            str(steps),
+            "--save-every",
+            "10",
+            "--step-time",
+            "0.01",
+            "--save-pause",
+            "0.03",
+            "--payload",
+            "65536",
+        ],
+    )
     rng = random.Random(1234)
     killed: List[int] = []
     mid_save = 0
@@ -74,8 +93,17 @@ def test_random_sigkills_including_mid_save_end_equal_to_a_straight_run(tmp_path
 @pytest.mark.timeout(60)
 def test_restart_budget_is_respected(tmp_path, procs):
     d = tmp_path / "ckpt"
-    p = procs.run(d, "--crash-loop", "100", "--max-restarts", "2", "--backoff", "0.01", "--json",
-                  command=[PY, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
+    p = procs.run(
+        d,
+        "--crash-loop",
+        "100",
+        "--max-restarts",
+        "2",
+        "--backoff",
+        "0.01",
+        "--json",
+        command=[PY, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"],
+    )
     rc, out, err = finish(p)
     assert rc == 128 + signal.SIGSEGV
     s = summary_of(out)
@@ -88,9 +116,10 @@ def test_supervisor_imports_no_torch(tmp_path):
     r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     # Nor does a whole supervised run (layouts, storage, events are loaded on the way).
-    code = ("import sys; from resumekit.supervisor import Supervisor, SupervisorOptions; "
-            f"code = Supervisor(SupervisorOptions(command=[sys.executable, '-c', 'pass'], directory={str(tmp_path)!r}, "
-            "quiet=True)).run(); assert code == 0; assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; from resumekit.supervisor import Supervisor, SupervisorOptions; "
+        f"code = Supervisor(SupervisorOptions(command=[sys.executable, '-c', 'pass'], directory={str(tmp_path)!r}, "
+        "quiet=True)).run(); assert code == 0; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-

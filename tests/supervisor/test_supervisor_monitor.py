@@ -17,8 +17,15 @@ from supervisor_jobs import PY, ckptjob, events_of, final_state, finish, read_be
 def test_hung_job_is_dumped_killed_with_its_detached_child_and_restarted(tmp_path, procs):
     d = tmp_path / "ckpt"
     timeout = 1.5
-    p = procs.run(d, "--hang-timeout", str(timeout), "--backoff", "0.05", "--json",
-                  job=["--steps", "30", "--save-every", "5", "--step-time", "0.01", "--hang-at", "12"])
+    p = procs.run(
+        d,
+        "--hang-timeout",
+        str(timeout),
+        "--backoff",
+        "0.05",
+        "--json",
+        job=["--steps", "30", "--save-every", "5", "--step-time", "0.01", "--hang-at", "12"],
+    )
     rc, out, err = finish(p)
     assert rc == 0, err
     child = int((d / ckptjob.CHILD_PIDFILE).read_text())
@@ -88,10 +95,12 @@ def test_a_job_that_ignores_sigterm_is_killed_after_the_grace_period_and_not_res
 def test_leftover_processes_of_a_finished_job_are_killed(tmp_path, procs):
     d = tmp_path / "ckpt"
     pidfile = tmp_path / "bg.pid"
-    script = (f"import subprocess, sys; "
-              f"a = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-              f"b = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
-              f"open({str(pidfile)!r}, 'w').write(f'{{a.pid}} {{b.pid}}')")
+    script = (
+        f"import subprocess, sys; "
+        f"a = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"b = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
+        f"open({str(pidfile)!r}, 'w').write(f'{{a.pid}} {{b.pid}}')"
+    )
     p = procs.run(d, command=[PY, "-c", script])
     rc, out, err = finish(p)
     assert rc == 0, err
@@ -117,4 +126,3 @@ def test_a_job_that_never_beats_is_never_hung_and_sigterm_during_backoff_stops(t
     assert rc == 4 and time.monotonic() - t0 < 3
     assert "SIGTERM received while no job was running; not starting it again" in err
     assert summary_of(out)["starts"] == 1
-

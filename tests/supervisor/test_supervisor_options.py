@@ -16,14 +16,23 @@ def test_parse_size():
             parse_size(bad)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"command": []}, "command"), ({"command": "python x.py"}, "command"), ({"max_restarts": -1}, "max_restarts"),
-    ({"crash_loop": 0}, "crash_loop"), ({"hang_timeout": 0}, "hang_timeout"), ({"grace": -1}, "grace"),
-    ({"jitter": 2}, "jitter"), ({"backoff": 5, "backoff_max": 1}, "backoff_max"), ({"layout": "nope"}, "layout"),
-    ({"min_free": -5}, "min_free"), ({"gpus": 1.5}, "gpus"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"command": []}, "command"),
+        ({"command": "python x.py"}, "command"),
+        ({"max_restarts": -1}, "max_restarts"),
+        ({"crash_loop": 0}, "crash_loop"),
+        ({"hang_timeout": 0}, "hang_timeout"),
+        ({"grace": -1}, "grace"),
+        ({"jitter": 2}, "jitter"),
+        ({"backoff": 5, "backoff_max": 1}, "backoff_max"),
+        ({"layout": "nope"}, "layout"),
+        ({"min_free": -5}, "min_free"),
+        ({"gpus": 1.5}, "gpus"),
+    ],
+)
 def test_options_are_validated_with_the_field_named(kwargs, field):
     kw = {"command": ["true"], **kwargs}
     with pytest.raises(ConfigError, match=field if field != "layout" else "unknown layout 'nope'"):
         SupervisorOptions(**kw)
-

@@ -17,8 +17,10 @@ def test_precheck_invalid_explicit_resume_and_missing_command(tmp_path):
     bad.mkdir()
     r = run_cli("--dir", str(tmp_path), "--resume", str(bad), "--", PY, "-c", "pass")
     assert r.returncode == 1
-    assert (f"resumekit run: --resume {bad} is not a valid checkpoint: manifest.json is missing (the save never "
-            "finished); pass a valid one, or --resume auto") in r.stderr
+    assert (
+        f"resumekit run: --resume {bad} is not a valid checkpoint: manifest.json is missing (the save never "
+        "finished); pass a valid one, or --resume auto"
+    ) in r.stderr
     r = run_cli("--dir", str(tmp_path / "d"), "--", "no-such-command-xyz")
     assert r.returncode == 127
     assert "cannot start 'no-such-command-xyz': No such file or directory; check the command and PATH" in r.stderr
@@ -30,8 +32,9 @@ def test_config_without_yamlconfig_is_a_one_line_fatal_error(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "resumekit.yamlconfig", None)  # as before yamlconfig exists
     cfg = tmp_path / "train.yaml"
     cfg.write_text("output_dir: x\n")
-    sup = Supervisor(SupervisorOptions(command=[PY, "-c", "pass"], directory=str(tmp_path / "d"), config=str(cfg),
-                                       quiet=True))
+    sup = Supervisor(
+        SupervisorOptions(command=[PY, "-c", "pass"], directory=str(tmp_path / "d"), config=str(cfg), quiet=True)
+    )
     assert sup.run() == 1
     assert sup.summary.reason.startswith(f"--config {cfg} needs resumekit.yamlconfig")
 
@@ -45,14 +48,17 @@ def test_config_gives_the_root_and_gets_the_checkpoint_before_each_start(tmp_pat
     cfg = tmp_path / "train.yaml"
     cfg.write_text(f"### output\noutput_dir: {d}  # where checkpoints go\nresume_from_checkpoint: null\n")
     out = tmp_path / "seen.txt"
-    code = (f"import os; open({str(out)!r}, 'w').write(os.environ['RESUMEKIT_RESUME_FROM'] + '|' + "
-            f"open({str(cfg)!r}).read())")
+    code = (
+        f"import os; open({str(out)!r}, 'w').write(os.environ['RESUMEKIT_RESUME_FROM'] + '|' + "
+        f"open({str(cfg)!r}).read())"
+    )
     sup = Supervisor(SupervisorOptions(command=[PY, "-c", code], config=str(cfg), layout="native", quiet=True))
     assert sup.run() == 0
     env_value, yaml_text = out.read_text().split("|", 1)
     assert env_value == str(d / "step_000000004")
-    assert yaml_text == (f"### output\noutput_dir: {d}  # where checkpoints go\n"
-                         f"resume_from_checkpoint: {d / 'step_000000004'}\n")
+    assert yaml_text == (
+        f"### output\noutput_dir: {d}  # where checkpoints go\nresume_from_checkpoint: {d / 'step_000000004'}\n"
+    )
     (ev,) = events_of(d, "config_resolved")  # the root came from output_dir: the log is there too
     assert ev["resume_from"] == str(d / "step_000000004")
 
@@ -78,20 +84,30 @@ def test_environment_hand_off_modelarts_counters_and_tracker_repair(tmp_path, mo
         ckptjob.save_checkpoint(str(d), {"step": 4, "w": 1.0, "b": 0.0, "h": 1})
         (d / "latest").write_text("step_000000099\n")  # points at a checkpoint that does not exist
         out = tmp_path / "env.json"
-        keys = ["RESUMEKIT_RESUME_FROM", "RESUMEKIT_RESTART_COUNT", "RESUMEKIT_DIR", "RESUMEKIT_HEARTBEAT",
-                "RESUMEKIT_EVENTS"]
+        keys = [
+            "RESUMEKIT_RESUME_FROM",
+            "RESUMEKIT_RESTART_COUNT",
+            "RESUMEKIT_DIR",
+            "RESUMEKIT_HEARTBEAT",
+            "RESUMEKIT_EVENTS",
+        ]
         code = f"import os, json; json.dump({{k: os.environ.get(k) for k in {keys!r}}}, open({str(out)!r}, 'w'))"
         monkeypatch.setenv("MA_PROC_START_CNT", "2")
         monkeypatch.setenv("MA_SCHEDULE_CNT", "1")
-        sup = Supervisor(SupervisorOptions(command=[PY, "-c", code], directory=str(d), layout="test-tracked",
-                                           quiet=True))
+        sup = Supervisor(
+            SupervisorOptions(command=[PY, "-c", code], directory=str(d), layout="test-tracked", quiet=True)
+        )
         assert sup.run() == 0
     finally:
         _REGISTRY.pop("test-tracked", None)
     env = json.loads(out.read_text())
-    assert env == {"RESUMEKIT_RESUME_FROM": str(d / "step_000000004"), "RESUMEKIT_RESTART_COUNT": "0",
-                   "RESUMEKIT_DIR": str(d), "RESUMEKIT_HEARTBEAT": str(d / ".heartbeat"),
-                   "RESUMEKIT_EVENTS": str(d / "events.jsonl")}
+    assert env == {
+        "RESUMEKIT_RESUME_FROM": str(d / "step_000000004"),
+        "RESUMEKIT_RESTART_COUNT": "0",
+        "RESUMEKIT_DIR": str(d),
+        "RESUMEKIT_HEARTBEAT": str(d / ".heartbeat"),
+        "RESUMEKIT_EVENTS": str(d / "events.jsonl"),
+    }
     (start,) = events_of(d, "start")
     assert start["ma_proc_start_cnt"] == "2" and start["ma_schedule_cnt"] == "1" and start["resume_step"] == 4
     (rep,) = events_of(d, "repair")
@@ -113,7 +129,7 @@ def test_resume_never_and_invalid_newest_checkpoint_is_skipped_and_logged(tmp_pa
     assert out.read_text() == str(d / "step_000000004")
     (skip,) = events_of(d, "skip_invalid")
     assert skip["step"] == 8 and "checksum mismatch" in skip["reason"]
-    assert Supervisor(SupervisorOptions(command=[PY, "-c", code], directory=str(d), quiet=True,
-                                        resume="never")).run() == 0
+    assert (
+        Supervisor(SupervisorOptions(command=[PY, "-c", code], directory=str(d), quiet=True, resume="never")).run() == 0
+    )
     assert out.read_text() == ""
-

@@ -18,8 +18,10 @@ def test_precheck_directory_under_a_regular_file(tmp_path):
     f.write_text("x")
     r = run_cli("--dir", str(f / "ckpt"), "--", PY, "-c", "pass")
     assert r.returncode == 1
-    assert f"resumekit run: cannot create checkpoint directory {f / 'ckpt'}: Not a directory; choose a writable " \
-           "--dir or fix its permissions" in r.stderr
+    assert (
+        f"resumekit run: cannot create checkpoint directory {f / 'ckpt'}: Not a directory; choose a writable "
+        "--dir or fix its permissions" in r.stderr
+    )
     assert "starts 0" in r.stderr
 
 
@@ -35,10 +37,15 @@ def test_precheck_unwritable_directory_in_process(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", deny)
     with pytest.raises(PrecheckError) as e:
         check_directory(str(tmp_path))
-    assert str(e.value) == (f"checkpoint directory {tmp_path} is not writable (Permission denied); "
-                            "choose a writable --dir or fix its permissions")
-    sup = Supervisor(SupervisorOptions(command=[PY, "-c", "pass"], directory=str(tmp_path / "d"), quiet=True,
-                                       events=str(tmp_path / "ev.jsonl")))
+    assert str(e.value) == (
+        f"checkpoint directory {tmp_path} is not writable (Permission denied); "
+        "choose a writable --dir or fix its permissions"
+    )
+    sup = Supervisor(
+        SupervisorOptions(
+            command=[PY, "-c", "pass"], directory=str(tmp_path / "d"), quiet=True, events=str(tmp_path / "ev.jsonl")
+        )
+    )
     assert sup.run() == 1
     assert sup.summary.outcome == "failed" and "is not writable (Permission denied)" in sup.summary.reason
     assert not list((tmp_path / "d").iterdir())  # the probe file was not left behind
@@ -70,10 +77,26 @@ def _closed_port() -> int:
 
 @pytest.mark.timeout(90)
 def test_precheck_unreachable_remote(tmp_path):
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}", "AWS_ACCESS_KEY_ID": "x",
-           "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}
-    r = run_cli("--dir", "s3://bucket/x", "--events", str(tmp_path / "ev.jsonl"), "--max-restarts", "0",
-                 "--", PY, "-c", "pass", env=env)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    r = run_cli(
+        "--dir",
+        "s3://bucket/x",
+        "--events",
+        str(tmp_path / "ev.jsonl"),
+        "--max-restarts",
+        "0",
+        "--",
+        PY,
+        "-c",
+        "pass",
+        env=env,
+    )
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.splitlines() if "cannot reach s3://bucket/x" in ln]
     assert lines and lines[0].startswith("resumekit run: cannot reach s3://bucket/x")
@@ -113,4 +136,3 @@ def test_a_failed_hardware_check_is_retried_within_the_restart_budget(tmp_path, 
     sup = Supervisor(SupervisorOptions(max_restarts=1, **opts))
     assert sup.run() == 1
     assert sup.summary.outcome == "gave-up" and "restart budget (1) used up" in sup.summary.reason
-

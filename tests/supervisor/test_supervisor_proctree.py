@@ -16,9 +16,11 @@ from supervisor_jobs import PY
 
 # A parent that starts a child in a new session (it leaves the parent's process group, as helpers that call
 # setsid do), prints the child's pid and sleeps.
-_PARENT_OF_DETACHED = ("import subprocess, sys, time; "
-                       "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
-                       "start_new_session=True); print(c.pid, flush=True); time.sleep(60)")
+_PARENT_OF_DETACHED = (
+    "import subprocess, sys, time; "
+    "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+    "start_new_session=True); print(c.pid, flush=True); time.sleep(60)"
+)
 
 
 def test_descendants_find_a_detached_grandchild():

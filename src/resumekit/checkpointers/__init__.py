@@ -12,5 +12,14 @@ from .base import Candidate, Checkpointer, Committed, Opened, Snapshot
 from .local import LocalCheckpointer
 from .native import SaveResult, read_checkpoint, write_checkpoint
 
-__all__ = ["Checkpointer", "Snapshot", "Committed", "Candidate", "Opened", "LocalCheckpointer", "read_checkpoint",
-           "write_checkpoint", "SaveResult"]
+__all__ = [
+    "Checkpointer",
+    "Snapshot",
+    "Committed",
+    "Candidate",
+    "Opened",
+    "LocalCheckpointer",
+    "read_checkpoint",
+    "write_checkpoint",
+    "SaveResult",
+]

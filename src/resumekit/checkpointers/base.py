@@ -136,8 +136,16 @@ class Checkpointer(Protocol):
     def honours_resume_env(self) -> bool:
         """Whether ``RESUMEKIT_RESUME_FROM`` (the supervisor's hand-off) still describes the newest checkpoint."""
 
-    def snapshot(self, step: int, state: Mapping[str, Any], *, metadata: Dict[str, Any], stage: bool, rng: bool,
-                 skip_if_committed: bool) -> Optional[Snapshot]:
+    def snapshot(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metadata: Dict[str, Any],
+        stage: bool,
+        rng: bool,
+        skip_if_committed: bool,
+    ) -> Optional[Snapshot]:
         """Capture ``state`` (host copies when ``stage``, for a background persist); None when
         ``skip_if_committed`` and the step is already committed under the root."""
 
@@ -150,8 +158,9 @@ class Checkpointer(Protocol):
     def open(self, cand: Candidate) -> Opened:
         """Verify a candidate. Raises CorruptCheckpointError (or OSError) when it must not be loaded."""
 
-    def load(self, opened: Opened, state: MutableMapping[str, Any], *, only: Optional[Sequence[str]],
-             strict: bool, rng: bool) -> List[str]:
+    def load(
+        self, opened: Opened, state: MutableMapping[str, Any], *, only: Optional[Sequence[str]], strict: bool, rng: bool
+    ) -> List[str]:
         """Apply a verified checkpoint to ``state``; returns the entries loaded."""
 
     def clean_stale_tmp(self) -> None:
@@ -185,8 +194,9 @@ def remove_stale_tmp(storage: Storage) -> None:
 
 def root_candidates(storage: Storage) -> List[Candidate]:
     """Every ``step_N`` directory under ``storage``, newest first (unverified)."""
-    return [Candidate(storage.uri, i.name, i.step, i.path)
-            for i in reversed(order_by_step(NativeLayout().list(storage)))]
+    return [
+        Candidate(storage.uri, i.name, i.step, i.path) for i in reversed(order_by_step(NativeLayout().list(storage)))
+    ]
 
 
 def candidates_at(path: str) -> List[Candidate]:
@@ -199,8 +209,9 @@ def candidates_at(path: str) -> List[Candidate]:
     return root_candidates(open_storage(str(path).rstrip("/"), create=False))
 
 
-def first_valid(cp: Checkpointer, candidates: Sequence[Candidate],
-                on_skip: Callable[[CheckpointInfo, str], None]) -> Optional[Opened]:
+def first_valid(
+    cp: Checkpointer, candidates: Sequence[Candidate], on_skip: Callable[[CheckpointInfo, str], None]
+) -> Optional[Opened]:
     """Open candidates newest first and return the first valid one. An invalid one is passed to ``on_skip`` with
     its reason, except one the user named (a step directory), whose error is raised. With a collective
     checkpointer every rank walks the same list and gets the same verdicts."""
@@ -227,8 +238,7 @@ def first_valid_at(cp: Checkpointer, path: str, on_skip: Callable[[CheckpointInf
     """
     got = first_valid(cp, cp.candidates(path), on_skip)
     if got is None:
-        raise CheckpointNotFoundError(f"no valid resumekit checkpoint at {path.rstrip('/')}: "
-                                      f"{not_found_reason(path)}")
+        raise CheckpointNotFoundError(f"no valid resumekit checkpoint at {path.rstrip('/')}: {not_found_reason(path)}")
     return got
 
 
@@ -240,6 +250,17 @@ def not_found_reason(path: str) -> str:
     return "pass a step_N directory or a run directory that holds one"
 
 
-__all__ = ["Checkpointer", "Snapshot", "Committed", "Candidate", "Opened", "is_committed", "remove_stale_tmp",
-           "root_candidates",
-           "candidates_at", "first_valid", "first_valid_at", "not_found_reason"]
+__all__ = [
+    "Checkpointer",
+    "Snapshot",
+    "Committed",
+    "Candidate",
+    "Opened",
+    "is_committed",
+    "remove_stale_tmp",
+    "root_candidates",
+    "candidates_at",
+    "first_valid",
+    "first_valid_at",
+    "not_found_reason",
+]

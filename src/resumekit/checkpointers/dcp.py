@@ -53,8 +53,14 @@ from ..storage import Storage
 from ..units import errno_hint, one_line
 from ..verify import check_checkpoint, hash_file, read_verified
 from ..distributed.context import DistContext
-from ..distributed.dcp_io import (describe_failure, failed_ranks, first_errno, load_dcp_metadata, make_writer,
-                                  quiet_single_process)
+from ..distributed.dcp_io import (
+    describe_failure,
+    failed_ranks,
+    first_errno,
+    load_dcp_metadata,
+    make_writer,
+    quiet_single_process,
+)
 from ..distributed.loader import load_sharded
 from ..distributed.sharded import is_distributed_checkpoint, write_rank_files
 from ..distributed.staging import ShardStaging
@@ -87,7 +93,8 @@ class DcpCheckpointer:
             raise ConfigError(
                 f"distributed checkpoints need a local or mounted shared directory (every rank writes its shards "
                 f"there); {storage.uri} is an object store. Use a shared file system path (NFS, SFS Turbo, "
-                "Lustre) or a per-node local path with a single node")
+                "Lustre) or a per-node local path with a single node"
+            )
         self.storage = storage
         self.ctx = ctx or DistContext.create()
         self.staging = ShardStaging()
@@ -125,8 +132,16 @@ class DcpCheckpointer:
         return int(os.environ.get(ENV_ELASTIC_RESTART, "0") or 0) == 0
 
     # ------------------------------------------------------------------------------------------------ save
-    def snapshot(self, step: int, state: Mapping[str, Any], *, metadata: Dict[str, Any], stage: bool, rng: bool,
-                 skip_if_committed: bool) -> Optional[Snapshot]:
+    def snapshot(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metadata: Dict[str, Any],
+        stage: bool,
+        rng: bool,
+        skip_if_committed: bool,
+    ) -> Optional[Snapshot]:
         """Phase 1 (training thread): capture and encode; rank 0 opens the transaction; all ranks agree."""
         name = step_dirname(step)
         err: Optional[str] = None
@@ -169,13 +184,21 @@ class DcpCheckpointer:
             if prep_exc is not None:
                 raise prep_exc  # a failing rank raises its own error (UnsupportedStateError naming the key, ...)
             raise _write_error(
-                None, f"saving step {step} to {self.storage.join(name)} failed before writing, on rank(s) "
+                None,
+                f"saving step {step} to {self.storage.join(name)} failed before writing, on rank(s) "
                 f"{', '.join(str(r) for r, _ in bad)} of {self.world}: {'; '.join(f'rank {r}: {s}' for r, s in bad)}. "
-                "Nothing was written; the previous checkpoint is untouched.")
+                "Nothing was written; the previous checkpoint is untouched.",
+            )
         if skip:
             return None
-        payload = {"tmp_rel": tmp_rel, "txn": txn, "tensors": tensors, "encoded": encoded,
-                   "rank_tensors": rank_tensors, "dcp_entries": sorted(entries)}
+        payload = {
+            "tmp_rel": tmp_rel,
+            "txn": txn,
+            "tensors": tensors,
+            "encoded": encoded,
+            "rank_tensors": rank_tensors,
+            "dcp_entries": sorted(entries),
+        }
         return Snapshot(step=step, name=name, metadata=metadata, entries=list(state.keys()), payload=payload)
 
     def persist(self, snap: Snapshot, *, background: bool) -> Committed:
@@ -220,12 +243,15 @@ class DcpCheckpointer:
                 errnos[0] if errnos else None,
                 f"saving step {snap.step} to {where} failed on rank{'s' if len(bad) > 1 else ''} "
                 f"{', '.join(map(str, bad))} of {self.world}: "
-                f"{msg}; {hint}. Nothing was committed on any rank; the previous checkpoint is untouched.")
+                f"{msg}; {hint}. Nothing was committed on any rank; the previous checkpoint is untouched.",
+            )
         result = coll.broadcast(self._commit(snap, reports) if self.rank == 0 else (None, None))
         if result[0]:
             raise _write_error(
-                None, f"committing step {snap.step} to {where} failed on rank 0: {result[0]}. Nothing was "
-                "committed; the previous checkpoint is untouched.")
+                None,
+                f"committing step {snap.step} to {where} failed on rank 0: {result[0]}. Nothing was "
+                "committed; the previous checkpoint is untouched.",
+            )
         path, total = result[1]
         return Committed(step=snap.step, path=path, nbytes=total, seconds=time.perf_counter() - t0)
 
@@ -234,10 +260,16 @@ class DcpCheckpointer:
         txn = snap.payload["txn"]
         try:
             allfiles = {rel: FileEntry(size, digest) for rep in reports for rel, (size, digest) in rep[2].items()}
-            doc = json.dumps({"world_size": self.world, "dcp_entries": snap.payload["dcp_entries"],
-                              "dcp_keys": len(snap.payload["tensors"]), "torch": torch.__version__,
-                              "writer_files": {str(r): sorted(rep[2]) for r, rep in enumerate(reports)}},
-                             indent=1).encode()
+            doc = json.dumps(
+                {
+                    "world_size": self.world,
+                    "dcp_entries": snap.payload["dcp_entries"],
+                    "dcp_keys": len(snap.payload["tensors"]),
+                    "torch": torch.__version__,
+                    "writer_files": {str(r): sorted(rep[2]) for r, rep in enumerate(reports)},
+                },
+                indent=1,
+            ).encode()
             with txn.open_write(DIST_FILE) as f:
                 f.write(doc)
             h = new_hasher()
@@ -258,8 +290,11 @@ class DcpCheckpointer:
             try:
                 plan = ("ok", candidates_at(path) if path is not None else root_candidates(self.storage))
             except Exception as e:  # noqa: BLE001 - exceptions do not all survive pickling: send the text
-                plan = ("error", f"rank 0 could not list checkpoints in {path or self.storage.uri}: "
-                                 f"{type(e).__name__}: {one_line(e)}")
+                plan = (
+                    "error",
+                    f"rank 0 could not list checkpoints in {path or self.storage.uri}: "
+                    f"{type(e).__name__}: {one_line(e)}",
+                )
         plan = self.ctx.ctl.broadcast(plan)
         if plan[0] == "error":
             raise CheckpointNotFoundError(plan[1])
@@ -277,14 +312,20 @@ class DcpCheckpointer:
         try:
             man = check_checkpoint(st, cand.name, full=False)
             if not is_distributed_checkpoint(man):
-                raise CorruptCheckpointError(where, f"is a single-process checkpoint (no {DIST_FILE}); restore it "
-                                                    "with CheckpointManager(..., distributed=False) or save a "
-                                                    "distributed one")
-            for rel in sorted(man.files)[self.rank::self.world]:
+                raise CorruptCheckpointError(
+                    where,
+                    f"is a single-process checkpoint (no {DIST_FILE}); restore it "
+                    "with CheckpointManager(..., distributed=False) or save a "
+                    "distributed one",
+                )
+            for rel in sorted(man.files)[self.rank :: self.world]:
                 _, digest = hash_file(st, f"{cand.name}/{rel}")
                 if digest != man.files[rel].xxh3:
-                    raise CorruptCheckpointError(where, f"{rel} checksum mismatch (xxh3 {digest} != "
-                                                        f"{man.files[rel].xxh3}): the file was altered or damaged")
+                    raise CorruptCheckpointError(
+                        where,
+                        f"{rel} checksum mismatch (xxh3 {digest} != "
+                        f"{man.files[rel].xxh3}): the file was altered or damaged",
+                    )
             if DCP_METADATA in man.files:
                 load_dcp_metadata(read_verified(st, cand.name, DCP_METADATA, man), where, man.files)
         except CorruptCheckpointError as e:
@@ -294,11 +335,13 @@ class DcpCheckpointer:
         bad = next((r for r in self.ctx.ctl.all_gather(reason) if r), None)
         if bad is not None:
             raise CorruptCheckpointError(where, bad)
-        return Opened(info=CheckpointInfo(step=cand.step, name=cand.name, path=where, layout="native", valid=True),
-                      payload=st)
+        return Opened(
+            info=CheckpointInfo(step=cand.step, name=cand.name, path=where, layout="native", valid=True), payload=st
+        )
 
-    def load(self, opened: Opened, state: MutableMapping[str, Any], *, only: Optional[Sequence[str]],
-             strict: bool, rng: bool) -> List[str]:
+    def load(
+        self, opened: Opened, state: MutableMapping[str, Any], *, only: Optional[Sequence[str]], strict: bool, rng: bool
+    ) -> List[str]:
         return load_sharded(self.ctx, opened.payload, opened.info.name, state, only=only, strict=strict, rng=rng)
 
     # ------------------------------------------------------------------------------------------- lifecycle

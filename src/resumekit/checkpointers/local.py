@@ -20,7 +20,6 @@ from .base import Candidate, Committed, Opened, Snapshot, candidates_at, is_comm
 from .native import read_checkpoint, write_checkpoint
 
 
-
 class LocalCheckpointer:
     """The single-process :class:`~resumekit.checkpointers.base.Checkpointer`.
 
@@ -51,8 +50,16 @@ class LocalCheckpointer:
         return True
 
     # ------------------------------------------------------------------------------------------------ save
-    def snapshot(self, step: int, state: Mapping[str, Any], *, metadata: Dict[str, Any], stage: bool, rng: bool,
-                 skip_if_committed: bool) -> Optional[Snapshot]:
+    def snapshot(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metadata: Dict[str, Any],
+        stage: bool,
+        rng: bool,
+        skip_if_committed: bool,
+    ) -> Optional[Snapshot]:
         name = step_dirname(step)
         if skip_if_committed and is_committed(self.storage, name):
             return None
@@ -67,8 +74,7 @@ class LocalCheckpointer:
             tensors = self._staging.snapshot(enc.tensors)
         else:
             tensors = to_host(enc.tensors)
-        return Snapshot(step=step, name=name, metadata=metadata, entries=list(state.keys()),
-                        payload=(encoded, tensors))
+        return Snapshot(step=step, name=name, metadata=metadata, entries=list(state.keys()), payload=(encoded, tensors))
 
     def persist(self, snap: Snapshot, *, background: bool) -> Committed:
         encoded, tensors = snap.payload
@@ -103,12 +109,21 @@ class LocalCheckpointer:
         else:
             storage = self.storage if cand.root == self.storage.uri else cand.storage()
         man, tree = read_checkpoint(storage, cand.name)
-        info = CheckpointInfo(step=cand.step, name=cand.name, path=storage.join(cand.name), layout="native",
-                              valid=True, size=man.total_bytes, time=man.time, metadata=man.metadata)
+        info = CheckpointInfo(
+            step=cand.step,
+            name=cand.name,
+            path=storage.join(cand.name),
+            layout="native",
+            valid=True,
+            size=man.total_bytes,
+            time=man.time,
+            metadata=man.metadata,
+        )
         return Opened(info=info, payload=tree)
 
-    def load(self, opened: Opened, state: MutableMapping[str, Any], *, only: Optional[Sequence[str]],
-             strict: bool, rng: bool) -> List[str]:
+    def load(
+        self, opened: Opened, state: MutableMapping[str, Any], *, only: Optional[Sequence[str]], strict: bool, rng: bool
+    ) -> List[str]:
         tree = opened.payload
         loaded = apply_state(state, tree.get(STATE_KEY, {}), only=only, strict=strict, where=opened.info.path)
         if rng and RNG_KEY in tree:

@@ -34,8 +34,14 @@ class SaveResult:
     seconds: float
 
 
-def write_checkpoint(storage: Storage, step: int, tree: Any, tensors: Dict[str, torch.Tensor],
-                     metadata: Optional[Mapping[str, Any]] = None, entries=()) -> SaveResult:
+def write_checkpoint(
+    storage: Storage,
+    step: int,
+    tree: Any,
+    tensors: Dict[str, torch.Tensor],
+    metadata: Optional[Mapping[str, Any]] = None,
+    entries=(),
+) -> SaveResult:
     """Persist an encoded state (JSON tree + CPU tensors) as ``step_N`` and commit it.
 
     Raises:
@@ -95,8 +101,14 @@ def read_checkpoint(storage: Storage, name: str, mapped: Optional[bool] = None) 
     man = check_checkpoint(storage, name, full=False)  # manifest, step, every file's presence and size
     for rel in (TENSORS_FILE, TREE_FILE):
         if rel not in man.files:
-            hint = (" (a sharded checkpoint: restore it with CheckpointManager(..., distributed=True) under "
-                    "torchrun, or resumekit.distributed.read_sharded)") if DIST_FILE in man.files else ""
+            hint = (
+                (
+                    " (a sharded checkpoint: restore it with CheckpointManager(..., distributed=True) under "
+                    "torchrun, or resumekit.distributed.read_sharded)"
+                )
+                if DIST_FILE in man.files
+                else ""
+            )
             raise CorruptCheckpointError(where, f"manifest does not list {rel}{hint}")
     ent = man.files[TENSORS_FILE]
     h = new_hasher()

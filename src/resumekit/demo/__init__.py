@@ -18,8 +18,16 @@ from typing import Optional
 from .core import CrashStats, print_table, tree_diff
 
 
-def run_demo(directory: str, crashes: int = 6, steps: int = 300, seed: Optional[int] = None, nproc: int = 1,
-             as_json: bool = False, save_every: int = 20, async_save: bool = False) -> int:
+def run_demo(
+    directory: str,
+    crashes: int = 6,
+    steps: int = 300,
+    seed: Optional[int] = None,
+    nproc: int = 1,
+    as_json: bool = False,
+    save_every: int = 20,
+    async_save: bool = False,
+) -> int:
     """Straight run vs killed-and-restarted run; the single-process job, or with ``nproc`` > 1 a DDP job under
     torchrun (sharded checkpoints, worker SIGKILLs).
 
@@ -41,12 +49,27 @@ def run_demo(directory: str, crashes: int = 6, steps: int = 300, seed: Optional[
     if nproc != 1:
         from .distributed import run_distributed_demo
 
-        return run_distributed_demo(directory, nproc=nproc, crashes=crashes, steps=steps, seed=seed,
-                                    as_json=as_json, save_every=save_every, async_save=async_save)
+        return run_distributed_demo(
+            directory,
+            nproc=nproc,
+            crashes=crashes,
+            steps=steps,
+            seed=seed,
+            as_json=as_json,
+            save_every=save_every,
+            async_save=async_save,
+        )
     from .single import run_single_demo
 
-    return run_single_demo(directory, crashes=crashes, steps=steps, seed=seed, as_json=as_json,
-                           save_every=save_every, async_save=async_save)
+    return run_single_demo(
+        directory,
+        crashes=crashes,
+        steps=steps,
+        seed=seed,
+        as_json=as_json,
+        save_every=save_every,
+        async_save=async_save,
+    )
 
 
 __all__ = ["CrashStats", "print_table", "run_demo", "tree_diff"]

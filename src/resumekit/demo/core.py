@@ -45,9 +45,13 @@ def tree_diff(x: Any, y: Any, path: str = "") -> List[str]:
 
     def walk(x: Any, y: Any, path: str) -> None:
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
-                    and x.shape == y.shape
-                    and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))):
+            if not (
+                isinstance(x, torch.Tensor)
+                and isinstance(y, torch.Tensor)
+                and x.dtype == y.dtype
+                and x.shape == y.shape
+                and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+            ):
                 diffs.append(path)
         elif isinstance(x, dict) and isinstance(y, dict):
             if set(x) != set(y):
@@ -205,8 +209,7 @@ def stop_tree(proc: subprocess.Popen, wait: float = 10.0) -> None:
 
 
 # ------------------------------------------------------------------------------------------- workers
-def worker_args(module: str, directory: str, steps: int, save_every: int, seed: int,
-                async_save: bool) -> List[str]:
+def worker_args(module: str, directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> List[str]:
     """The arguments that start a demo job as a module; :func:`parse_worker_args` reads them back.
 
     Args:
@@ -220,13 +223,23 @@ def worker_args(module: str, directory: str, steps: int, save_every: int, seed: 
     Returns:
         ``["-m", module, "--worker", "--dir", directory, ...]``, for ``python`` or ``torchrun``.
     """
-    args = ["-m", module, "--worker", "--dir", directory, "--steps", str(steps), "--save-every", str(save_every),
-            "--seed", str(seed)]
+    args = [
+        "-m",
+        module,
+        "--worker",
+        "--dir",
+        directory,
+        "--steps",
+        str(steps),
+        "--save-every",
+        str(save_every),
+        "--seed",
+        str(seed),
+    ]
     return args + (["--async"] if async_save else [])
 
 
-def parse_worker_args(prog: str, argv: Optional[Sequence[str]], *, steps: int,
-                      save_every: int) -> argparse.Namespace:
+def parse_worker_args(prog: str, argv: Optional[Sequence[str]], *, steps: int, save_every: int) -> argparse.Namespace:
     """The command line both demo jobs take: ``--worker --dir D [--steps N] [--save-every K] [--seed S] [--async]``.
 
     Args:
@@ -248,5 +261,16 @@ def parse_worker_args(prog: str, argv: Optional[Sequence[str]], *, steps: int,
     return p.parse_args(argv)
 
 
-__all__ = ["SAVING_PREFIX", "CrashStats", "ProgressTail", "count_events", "fresh_run_dirs", "parse_worker_args",
-           "print_table", "saving", "stop_tree", "tree_diff", "worker_args"]
+__all__ = [
+    "SAVING_PREFIX",
+    "CrashStats",
+    "ProgressTail",
+    "count_events",
+    "fresh_run_dirs",
+    "parse_worker_args",
+    "print_table",
+    "saving",
+    "stop_tree",
+    "tree_diff",
+    "worker_args",
+]

@@ -25,8 +25,18 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..events import iter_events
-from .core import (CrashStats, ProgressTail, count_events, fresh_run_dirs, parse_worker_args, print_table, saving,
-                   stop_tree, tree_diff, worker_args)
+from .core import (
+    CrashStats,
+    ProgressTail,
+    count_events,
+    fresh_run_dirs,
+    parse_worker_args,
+    print_table,
+    saving,
+    stop_tree,
+    tree_diff,
+    worker_args,
+)
 
 PROGRESS_GLOB = "progress_rank"  # progress_rank{R}.jsonl: {"step", "rank", "pid", "batch", ...} per step
 PROGRESS_PATTERN = f"{PROGRESS_GLOB}*.jsonl"
@@ -34,8 +44,9 @@ WORKER_MODULE = "resumekit.demo.distributed"
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save: bool = False,
-          width: int = 128) -> None:
+def train(
+    directory: str, steps: int, save_every: int, seed: int = 0, async_save: bool = False, width: int = 128
+) -> None:
     """One rank of the DDP job: plain PyTorch plus the resumekit lines. Deterministic given seed and world.
 
     Args:
@@ -59,8 +70,14 @@ def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(seed)  # identical initial weights everywhere
-    model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Dropout(0.1),
-                                torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, width),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, 1),
+    )
     model = torch.nn.parallel.DistributedDataParallel(model)
     random.seed(seed * 1000 + rank)  # then one stream per rank: dropout masks differ between ranks
     np.random.seed(seed * 1000 + rank)
@@ -90,8 +107,19 @@ def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save
             sched.step()
             step += 1
             batch = hashlib.sha1(idx.numpy().tobytes()).hexdigest()[:12]
-            progress.write(json.dumps({"step": step, "rank": rank, "batch": batch, "loss": round(loss.item(), 6),
-                                       "pid": os.getpid(), "restart": restart}) + "\n")
+            progress.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "rank": rank,
+                        "batch": batch,
+                        "loss": round(loss.item(), 6),
+                        "pid": os.getpid(),
+                        "restart": restart,
+                    }
+                )
+                + "\n"
+            )
             mgr.maybe_save(step, state, metrics={"loss": loss.item()})
             if step >= steps:
                 break
@@ -185,9 +213,18 @@ def torchrun_cmd(nproc: int, job: Sequence[str], *, max_restarts: int = 0, port:
     Returns:
         The command line.
     """
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port or free_port()}", f"--max-restarts={max_restarts}",
-            "--monitor-interval=0.1", "--rdzv-conf=join_timeout=60", *job]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port or free_port()}",
+        f"--max-restarts={max_restarts}",
+        "--monitor-interval=0.1",
+        "--rdzv-conf=join_timeout=60",
+        *job,
+    ]
 
 
 def torchrun_env(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -211,9 +248,18 @@ def torchrun_env(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------- crash loop
-def run_torchrun_with_kills(command: Sequence[str], directory: str, *, nproc: int, crashes: int,
-                            rng: random.Random, env: Optional[Dict[str, str]] = None, timeout: float = 300.0,
-                            log_path: Optional[str] = None, last_step: Optional[int] = None) -> CrashStats:
+def run_torchrun_with_kills(
+    command: Sequence[str],
+    directory: str,
+    *,
+    nproc: int,
+    crashes: int,
+    rng: random.Random,
+    env: Optional[Dict[str, str]] = None,
+    timeout: float = 300.0,
+    log_path: Optional[str] = None,
+    last_step: Optional[int] = None,
+) -> CrashStats:
     """Run ``command`` (torchrun, or ``resumekit run -- torchrun ...``) and SIGKILL one random worker ``crashes``
     times.
 
@@ -274,8 +320,9 @@ def run_torchrun_with_kills(command: Sequence[str], directory: str, *, nproc: in
             mid_save = saving(directory)
             stats.kills += 1
             stats.kills_mid_save += int(mid_save)
-            stats.attempts.append({"killed_rank": victim_rank, "pid": pid, "at_step": live[victim_rank][1],
-                                   "mid_save": mid_save})
+            stats.attempts.append(
+                {"killed_rank": victim_rank, "pid": pid, "at_step": live[victim_rank][1], "mid_save": mid_save}
+            )
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pass
@@ -288,9 +335,17 @@ def run_torchrun_with_kills(command: Sequence[str], directory: str, *, nproc: in
     return stats
 
 
-def run_distributed_demo(directory: str, *, nproc: int, crashes: int = 4, steps: int = 120,
-                         seed: Optional[int] = None, as_json: bool = False, save_every: int = 10,
-                         async_save: bool = False) -> int:
+def run_distributed_demo(
+    directory: str,
+    *,
+    nproc: int,
+    crashes: int = 4,
+    steps: int = 120,
+    seed: Optional[int] = None,
+    as_json: bool = False,
+    save_every: int = 10,
+    async_save: bool = False,
+) -> int:
     """Straight ``torchrun`` run vs one SIGKILLed and restarted by torchrun under ``resumekit run``.
 
     Args:
@@ -314,20 +369,47 @@ def run_distributed_demo(directory: str, *, nproc: int, crashes: int = 4, steps:
         env.pop(k, None)
     t0 = time.monotonic()
     with open(os.path.join(straight, "torchrun.log"), "wb") as log:
-        r = subprocess.run(torchrun_cmd(nproc, job_args(straight, steps, save_every, 0, async_save)), env=env,
-                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        r = subprocess.run(
+            torchrun_cmd(nproc, job_args(straight, steps, save_every, 0, async_save)),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     t_straight = time.monotonic() - t0
     if r.returncode != 0:
-        print(f"resumekit demo: the straight run failed (exit {r.returncode}); see {straight}/torchrun.log",
-              file=sys.stderr)
+        print(
+            f"resumekit demo: the straight run failed (exit {r.returncode}); see {straight}/torchrun.log",
+            file=sys.stderr,
+        )
         return 1
     t0 = time.monotonic()
     job = torchrun_cmd(nproc, job_args(crashy, steps, save_every, 0, async_save), max_restarts=crashes + 1)
-    sup = [sys.executable, "-m", "resumekit", "run", "--dir", crashy, "--max-restarts", "2", "--backoff", "0.05",
-           "--backoff-max", "0.2", "--"]
-    stats = run_torchrun_with_kills(sup + job, crashy, nproc=nproc, crashes=crashes, rng=rng,
-                                    env=dict(env, RESUMEKIT_TEST_SAVE_PAUSE="0.05"),
-                                    log_path=os.path.join(crashy, "torchrun.log"), last_step=steps)
+    sup = [
+        sys.executable,
+        "-m",
+        "resumekit",
+        "run",
+        "--dir",
+        crashy,
+        "--max-restarts",
+        "2",
+        "--backoff",
+        "0.05",
+        "--backoff-max",
+        "0.2",
+        "--",
+    ]
+    stats = run_torchrun_with_kills(
+        sup + job,
+        crashy,
+        nproc=nproc,
+        crashes=crashes,
+        rng=rng,
+        env=dict(env, RESUMEKIT_TEST_SAVE_PAUSE="0.05"),
+        log_path=os.path.join(crashy, "torchrun.log"),
+        last_step=steps,
+    )
     t_crashy = time.monotonic() - t0
     stats.skipped_invalid = count_events(crashy, "skip_invalid")
     try:
@@ -338,22 +420,43 @@ def run_distributed_demo(directory: str, *, nproc: int, crashes: int = 4, steps:
     batches_equal = sa == sb and len(sa) == nproc and all(len(v) == steps for v in sa.values())
     ok = not diffs and batches_equal and stats.exit_code == 0
     result = {
-        "identical": ok, "nproc": nproc, "kills": stats.kills, "kills_mid_save": stats.kills_mid_save,
-        "restarts": stats.restarts, "skipped_invalid": stats.skipped_invalid, "exit_code": stats.exit_code,
-        "differing_keys": diffs, "batch_sequence_equal": batches_equal, "steps": steps, "kill_seed": seed,
-        "kills_detail": stats.attempts, "seconds_straight": round(t_straight, 2),
-        "seconds_with_kills": round(t_crashy, 2), "directory": os.path.abspath(directory),
+        "identical": ok,
+        "nproc": nproc,
+        "kills": stats.kills,
+        "kills_mid_save": stats.kills_mid_save,
+        "restarts": stats.restarts,
+        "skipped_invalid": stats.skipped_invalid,
+        "exit_code": stats.exit_code,
+        "differing_keys": diffs,
+        "batch_sequence_equal": batches_equal,
+        "steps": steps,
+        "kill_seed": seed,
+        "kills_detail": stats.attempts,
+        "seconds_straight": round(t_straight, 2),
+        "seconds_with_kills": round(t_crashy, 2),
+        "directory": os.path.abspath(directory),
     }
     if as_json:
         print(json.dumps(result))
     else:
-        rows = [("processes (torchrun)", nproc), ("kills (SIGKILL of one worker)", stats.kills),
-                ("  of which during a save", stats.kills_mid_save), ("group restarts", stats.restarts),
-                ("checkpoints skipped as invalid", stats.skipped_invalid), ("steps", steps),
-                ("exit code", stats.exit_code),
-                ("time straight / with kills", f"{t_straight:.1f}s / {t_crashy:.1f}s")]
-        print_table(f"{nproc}-process DDP under torchrun, straight, then again under `resumekit run -- torchrun` "
-                    "with random worker SIGKILLs", rows, diffs, ("same batch at every step/rank", batches_equal), ok)
+        rows = [
+            ("processes (torchrun)", nproc),
+            ("kills (SIGKILL of one worker)", stats.kills),
+            ("  of which during a save", stats.kills_mid_save),
+            ("group restarts", stats.restarts),
+            ("checkpoints skipped as invalid", stats.skipped_invalid),
+            ("steps", steps),
+            ("exit code", stats.exit_code),
+            ("time straight / with kills", f"{t_straight:.1f}s / {t_crashy:.1f}s"),
+        ]
+        print_table(
+            f"{nproc}-process DDP under torchrun, straight, then again under `resumekit run -- torchrun` "
+            "with random worker SIGKILLs",
+            rows,
+            diffs,
+            ("same batch at every step/rank", batches_equal),
+            ok,
+        )
     return 0 if ok else 1
 
 
@@ -369,9 +472,21 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     train(a.dir, a.steps, a.save_every, a.seed, a.async_save)
 
 
-__all__ = ["PROGRESS_GLOB", "PROGRESS_PATTERN", "batch_sequences", "compare_final", "free_port", "job_args",
-           "read_progress", "run_distributed_demo", "run_torchrun_with_kills", "torchrun_cmd", "torchrun_env", "train",
-           "worker_main"]
+__all__ = [
+    "PROGRESS_GLOB",
+    "PROGRESS_PATTERN",
+    "batch_sequences",
+    "compare_final",
+    "free_port",
+    "job_args",
+    "read_progress",
+    "run_distributed_demo",
+    "run_torchrun_with_kills",
+    "torchrun_cmd",
+    "torchrun_env",
+    "train",
+    "worker_main",
+]
 
 if __name__ == "__main__":
     worker_main()

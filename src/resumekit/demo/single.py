@@ -19,16 +19,26 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from ..events import EVENTS_FILE, iter_events, read_events
-from .core import (CrashStats, ProgressTail, count_events, fresh_run_dirs, parse_worker_args, print_table, saving,
-                   tree_diff, worker_args)
+from .core import (
+    CrashStats,
+    ProgressTail,
+    count_events,
+    fresh_run_dirs,
+    parse_worker_args,
+    print_table,
+    saving,
+    tree_diff,
+    worker_args,
+)
 
 PROGRESS = "progress.jsonl"  # one {"step", "batch", "loss", "pid"} record per step
 WORKER_MODULE = "resumekit.demo.single"
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save: bool = False,
-          width: int = 512) -> None:
+def train(
+    directory: str, steps: int, save_every: int, seed: int = 0, async_save: bool = False, width: int = 512
+) -> None:
     """The training job: plain PyTorch plus the four resumekit lines. Deterministic given ``seed``.
 
     Args:
@@ -55,8 +65,14 @@ def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save
     x = torch.randn(2048, 64, generator=g)
     y = (x[:, :8].sum(1, keepdim=True) > 0).float()
     ds = torch.utils.data.TensorDataset(torch.arange(len(x)), x, y)
-    model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Dropout(0.1),
-                                torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, width),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, 1),
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     scaler = torch.amp.GradScaler("cpu")
@@ -77,8 +93,10 @@ def train(directory: str, steps: int, save_every: int, seed: int = 0, async_save
             sched.step()
             step += 1
             batch_hash = hashlib.sha1(idx.numpy().tobytes()).hexdigest()[:12]
-            progress.write(json.dumps({"step": step, "batch": batch_hash, "loss": round(loss.item(), 6),
-                                       "pid": os.getpid()}) + "\n")
+            progress.write(
+                json.dumps({"step": step, "batch": batch_hash, "loss": round(loss.item(), 6), "pid": os.getpid()})
+                + "\n"
+            )
             mgr.maybe_save(step, state, metrics={"loss": loss.item()})
             if step >= steps:
                 break
@@ -149,8 +167,16 @@ def progress_attempts(directory: str) -> List[Tuple[int, int, int]]:
 
 
 # ---------------------------------------------------------------------------------------- crash loop
-def run_with_kills(directory: str, steps: int, save_every: int, seed: int, crashes: int, rng: random.Random,
-                   async_save: bool = False, timeout: float = 600.0) -> CrashStats:
+def run_with_kills(
+    directory: str,
+    steps: int,
+    save_every: int,
+    seed: int,
+    crashes: int,
+    rng: random.Random,
+    async_save: bool = False,
+    timeout: float = 600.0,
+) -> CrashStats:
     """Run the job under ``resumekit run`` and SIGKILL it ``crashes`` times; the supervisor restarts it each time.
 
     The first kill, and about 40% of the others, land while a checkpoint is being written; the rest after a
@@ -171,10 +197,27 @@ def run_with_kills(directory: str, steps: int, save_every: int, seed: int, crash
     """
     stats = CrashStats()
     env = dict(os.environ, RESUMEKIT_TEST_SAVE_PAUSE="0.02", PYTHONUNBUFFERED="1")
-    sup_cmd = [sys.executable, "-m", "resumekit", "run", "--dir", directory, "--max-restarts", str(crashes + 3),
-               "--backoff", "0.05", "--backoff-max", "0.2", "--crash-loop", str(crashes + 2), "--json", "--"]
-    sup = subprocess.Popen(sup_cmd + job_cmd(directory, steps, save_every, seed, async_save), env=env,
-                           stdout=subprocess.PIPE, text=True)
+    sup_cmd = [
+        sys.executable,
+        "-m",
+        "resumekit",
+        "run",
+        "--dir",
+        directory,
+        "--max-restarts",
+        str(crashes + 3),
+        "--backoff",
+        "0.05",
+        "--backoff-max",
+        "0.2",
+        "--crash-loop",
+        str(crashes + 2),
+        "--json",
+        "--",
+    ]
+    sup = subprocess.Popen(
+        sup_cmd + job_cmd(directory, steps, save_every, seed, async_save), env=env, stdout=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + timeout
     killed_pids = set()
     tail = ProgressTail(directory, PROGRESS)
@@ -209,11 +252,21 @@ def run_with_kills(directory: str, steps: int, save_every: int, seed: int, crash
     except (ValueError, IndexError):
         stats.summary = {}
     stats.exit_code = sup.returncode
-    restores = {e.get("pid"): e.get("step", 0) for e in read_events(os.path.join(directory, EVENTS_FILE))
-                if e.get("event") == "restore"}
+    restores = {
+        e.get("pid"): e.get("step", 0)
+        for e in read_events(os.path.join(directory, EVENTS_FILE))
+        if e.get("event") == "restore"
+    }
     for i, (pid, first, last) in enumerate(progress_attempts(directory)):
-        stats.attempts.append({"attempt": i, "pid": pid, "resumed_from": restores.get(pid, first - 1),
-                               "reached": last, "killed": pid in killed_pids})
+        stats.attempts.append(
+            {
+                "attempt": i,
+                "pid": pid,
+                "resumed_from": restores.get(pid, first - 1),
+                "reached": last,
+                "killed": pid in killed_pids,
+            }
+        )
     stats.restarts = int(stats.summary.get("restarts", len(stats.attempts) - 1))
     stats.skipped_invalid = count_events(directory, "skip_invalid")
     for prev, nxt in zip(stats.attempts, stats.attempts[1:]):
@@ -221,8 +274,16 @@ def run_with_kills(directory: str, steps: int, save_every: int, seed: int, crash
     return stats
 
 
-def run_single_demo(directory: str, *, crashes: int = 6, steps: int = 300, seed: Optional[int] = None,
-                    as_json: bool = False, save_every: int = 20, async_save: bool = False) -> int:
+def run_single_demo(
+    directory: str,
+    *,
+    crashes: int = 6,
+    steps: int = 300,
+    seed: Optional[int] = None,
+    as_json: bool = False,
+    save_every: int = 20,
+    async_save: bool = False,
+) -> int:
     """Straight run vs killed-and-restarted run of the single-process job.
 
     Args:
@@ -251,23 +312,42 @@ def run_single_demo(directory: str, *, crashes: int = 6, steps: int = 300, seed:
     batches_equal = sa == sb and len(sa) == steps
     ok = not diffs and batches_equal and stats.exit_code == 0
     result = {
-        "identical": ok, "kills": stats.kills, "kills_mid_save": stats.kills_mid_save, "restarts": stats.restarts,
-        "skipped_invalid": stats.skipped_invalid, "steps_redone": stats.steps_redone,
-        "supervisor_exit": stats.exit_code, "supervisor_summary": stats.summary, "differing_keys": diffs,
-        "batch_sequence_equal": batches_equal, "steps": steps, "kill_seed": seed,
-        "seconds_straight": round(t_straight, 2), "seconds_with_kills": round(t_crashy, 2),
+        "identical": ok,
+        "kills": stats.kills,
+        "kills_mid_save": stats.kills_mid_save,
+        "restarts": stats.restarts,
+        "skipped_invalid": stats.skipped_invalid,
+        "steps_redone": stats.steps_redone,
+        "supervisor_exit": stats.exit_code,
+        "supervisor_summary": stats.summary,
+        "differing_keys": diffs,
+        "batch_sequence_equal": batches_equal,
+        "steps": steps,
+        "kill_seed": seed,
+        "seconds_straight": round(t_straight, 2),
+        "seconds_with_kills": round(t_crashy, 2),
         "directory": os.path.abspath(directory),
     }
     if as_json:
         print(json.dumps(result))
     else:
-        rows = [("kills (SIGKILL)", stats.kills), ("  of which during a save", stats.kills_mid_save),
-                ("restarts", stats.restarts), ("checkpoints skipped as invalid", stats.skipped_invalid),
-                ("steps redone", stats.steps_redone), ("steps", steps),
-                ("supervisor exit code", stats.exit_code),
-                ("time straight / with kills", f"{t_straight:.1f}s / {t_crashy:.1f}s")]
-        print_table("train straight, then again under `resumekit run` with random SIGKILLs", rows, diffs,
-                    ("same batch at every step", batches_equal), ok)
+        rows = [
+            ("kills (SIGKILL)", stats.kills),
+            ("  of which during a save", stats.kills_mid_save),
+            ("restarts", stats.restarts),
+            ("checkpoints skipped as invalid", stats.skipped_invalid),
+            ("steps redone", stats.steps_redone),
+            ("steps", steps),
+            ("supervisor exit code", stats.exit_code),
+            ("time straight / with kills", f"{t_straight:.1f}s / {t_crashy:.1f}s"),
+        ]
+        print_table(
+            "train straight, then again under `resumekit run` with random SIGKILLs",
+            rows,
+            diffs,
+            ("same batch at every step", batches_equal),
+            ok,
+        )
     return 0 if ok else 1
 
 
@@ -282,8 +362,17 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     train(a.dir, a.steps, a.save_every, a.seed, a.async_save)
 
 
-__all__ = ["PROGRESS", "batch_sequence", "compare_final", "job_cmd", "progress_attempts", "run_single_demo",
-           "run_with_kills", "train", "worker_main"]
+__all__ = [
+    "PROGRESS",
+    "batch_sequence",
+    "compare_final",
+    "job_cmd",
+    "progress_attempts",
+    "run_single_demo",
+    "run_with_kills",
+    "train",
+    "worker_main",
+]
 
 if __name__ == "__main__":
     worker_main()

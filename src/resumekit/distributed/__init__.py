@@ -16,5 +16,15 @@ from .dcp_io import MetadataUnpickler, load_dcp_metadata
 from .sharded import is_distributed_checkpoint, rank_dir, read_sharded
 from .statedict import DCP_METADATA
 
-__all__ = ["DistContext", "Collectives", "MetadataUnpickler", "load_dcp_metadata", "read_sharded",
-           "is_distributed_checkpoint", "wants_distributed", "DIST_FILE", "DCP_METADATA", "rank_dir"]
+__all__ = [
+    "DistContext",
+    "Collectives",
+    "MetadataUnpickler",
+    "load_dcp_metadata",
+    "read_sharded",
+    "is_distributed_checkpoint",
+    "wants_distributed",
+    "DIST_FILE",
+    "DCP_METADATA",
+    "rank_dir",
+]

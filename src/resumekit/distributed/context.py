@@ -12,6 +12,7 @@ import torch
 
 log = logging.getLogger("resumekit")
 
+
 class Collectives:
     """The few collectives the protocol needs, over a given group; trivial when there is only one process.
 
@@ -87,20 +88,31 @@ class DistContext:
             return cls()
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        if (rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-                and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0):
-            log.warning("torchrun shares its rendezvous store with the workers and restarts the group up to %s "
-                        "times: a restarted group can read the previous attempt's addresses and fail with 'Gloo "
-                        "connectFullMesh failed' or NCCL connect errors (pytorch#135712). Export "
-                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun to avoid it",
-                        os.environ.get("TORCHELASTIC_MAX_RESTARTS"))
+        if (
+            rank == 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+        ):
+            log.warning(
+                "torchrun shares its rendezvous store with the workers and restarts the group up to %s "
+                "times: a restarted group can read the previous attempt's addresses and fail with 'Gloo "
+                "connectFullMesh failed' or NCCL connect errors (pytorch#135712). Export "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun to avoid it",
+                os.environ.get("TORCHELASTIC_MAX_RESTARTS"),
+            )
         if world == 1:
             return cls(rank=rank, world_size=1, local_rank=local_rank)
         ctl = dist.new_group(backend="gloo")
         bg = dist.new_group(backend="gloo")
-        return cls(rank=rank, world_size=world, local_rank=local_rank, ctl=Collectives(ctl, rank, world),
-                   bg=Collectives(bg, rank, world), dcp_group=ctl, dcp_bg_group=bg)
-
+        return cls(
+            rank=rank,
+            world_size=world,
+            local_rank=local_rank,
+            ctl=Collectives(ctl, rank, world),
+            bg=Collectives(bg, rank, world),
+            dcp_group=ctl,
+            dcp_bg_group=bg,
+        )
 
 
 def wants_distributed(option: Optional[bool]) -> bool:
@@ -112,4 +124,3 @@ def wants_distributed(option: Optional[bool]) -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
-

@@ -49,16 +49,28 @@ def make_writer(path: str) -> Any:
     return writer
 
 
-_SAFE_TORCH_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("collections", "OrderedDict"),
-} | {("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")}
+_SAFE_TORCH_CLASSES = (
+    {
+        ("torch.distributed.checkpoint.metadata", n)
+        for n in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+    }
+    | {("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")}
+)
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -72,11 +84,15 @@ class MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SAFE_TORCH_CLASSES:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format,
-                                                                           torch.layout)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)
+        ):
             return getattr(torch, name)
-        raise CorruptCheckpointError(self.where, f"{DCP_METADATA} refers to {module}.{name}, which a DCP metadata "
-                                                 "file never contains; refusing to load it (forged or foreign file)")
+        raise CorruptCheckpointError(
+            self.where,
+            f"{DCP_METADATA} refers to {module}.{name}, which a DCP metadata "
+            "file never contains; refusing to load it (forged or foreign file)",
+        )
 
 
 def load_dcp_metadata(data: bytes, where: str, files: Mapping[str, FileEntry]) -> Any:
@@ -125,12 +141,13 @@ def verified_reader_cls() -> type:
                 if item.type == LoadItemType.BYTE_IO:
                     # DCP's planner would torch.load(weights_only=False) it; resumekit never writes bytes items.
                     raise CorruptCheckpointError(
-                        self._where, f"{DCP_METADATA} declares {item.storage_index.fqn!r} as a pickled object; "
-                        "resumekit checkpoints store only tensors through DCP")
+                        self._where,
+                        f"{DCP_METADATA} declares {item.storage_index.fqn!r} as a pickled object; "
+                        "resumekit checkpoints store only tensors through DCP",
+                    )
             return super().read_data(plan, planner)
 
     return VerifiedReader
-
 
 
 def describe_failure(e: BaseException) -> str:
@@ -151,7 +168,6 @@ def failed_ranks(e: BaseException, default: int) -> List[int]:
     return [default]
 
 
-
 def first_errno(e: BaseException) -> Optional[int]:
     if type(e).__name__ == "CheckpointException" and hasattr(e, "failures"):
         for pair in e.failures.values():  # type: ignore[attr-defined]
@@ -160,7 +176,6 @@ def first_errno(e: BaseException) -> Optional[int]:
                 return exc.errno
         return None
     return getattr(e, "errno", None)
-
 
 
 @contextlib.contextmanager

@@ -21,14 +21,33 @@ from ..verify import read_manifest, read_verified
 from .context import DistContext
 from .dcp_io import describe_failure, load_dcp_metadata, quiet_single_process, verified_reader_cls
 from .sharded import read_rank_tree
-from .statedict import (DCP_KEY, DCP_METADATA, PLAIN_OPTIM, check_shapes, dcp_entries, entry_state_dict,
-                        init_template, join_tensors, optimizer_owner, ref_keys, split_tensors)
+from .statedict import (
+    DCP_KEY,
+    DCP_METADATA,
+    PLAIN_OPTIM,
+    check_shapes,
+    dcp_entries,
+    entry_state_dict,
+    init_template,
+    join_tensors,
+    optimizer_owner,
+    ref_keys,
+    split_tensors,
+)
 
 log = logging.getLogger("resumekit")
 
 
-def load_sharded(ctx: DistContext, st: Storage, name: str, state: MutableMapping[str, Any], *,
-                 only: Optional[Sequence[str]], strict: bool, rng: bool) -> List[str]:
+def load_sharded(
+    ctx: DistContext,
+    st: Storage,
+    name: str,
+    state: MutableMapping[str, Any],
+    *,
+    only: Optional[Sequence[str]],
+    strict: bool,
+    rng: bool,
+) -> List[str]:
     """Load checkpoint ``name`` of ``st`` into ``state`` on every rank (collective); returns the keys loaded.
 
     Raises:
@@ -62,13 +81,16 @@ def load_sharded(ctx: DistContext, st: Storage, name: str, state: MutableMapping
         if only is not None:
             unknown = [k for k in keys if k not in state]
             if unknown:
-                raise StateMismatchError(f"cannot load {unknown} from {where}: no such entries in the state "
-                                         f"passed to restore() (it has {sorted(state)})")
+                raise StateMismatchError(
+                    f"cannot load {unknown} from {where}: no such entries in the state "
+                    f"passed to restore() (it has {sorted(state)})"
+                )
         missing = [k for k in keys if k not in saved_keys]
         if missing and (strict or only is not None):
             raise StateMismatchError(
                 f"{where} has no entry for {missing} (it has {sorted(saved_keys)}); pass only=[...] to load a "
-                "subset or strict=False to start those entries fresh")
+                "subset or strict=False to start those entries fresh"
+            )
         entries = dcp_entries(state)
         modules = {k: v for k, v in entries.items() if isinstance(v, torch.nn.Module)}
         for key in keys:
@@ -76,8 +98,9 @@ def load_sharded(ctx: DistContext, st: Storage, name: str, state: MutableMapping
                 continue
             obj = state[key]
             if key not in entries:
-                raise StateMismatchError(f"state[{key!r}] is a {type(obj).__name__}, but {where} saved it as "
-                                         "a module/optimizer through DCP")
+                raise StateMismatchError(
+                    f"state[{key!r}] is a {type(obj).__name__}, but {where} saved it as a module/optimizer through DCP"
+                )
             saved = skeleton[key]
             if isinstance(saved, dict) and PLAIN_OPTIM in saved:
                 pending.append((key, obj, saved))
@@ -92,8 +115,9 @@ def load_sharded(ctx: DistContext, st: Storage, name: str, state: MutableMapping
             absent = sorted(set(need) - set(template_flat))
             extra = sorted(set(template_flat) - set(need)) if isinstance(obj, torch.nn.Module) else []
             if absent or extra:
-                parts = ([f"missing keys {[k[len(key) + 1:] for k in extra]}"] if extra else []) + \
-                        ([f"unexpected keys {[k[len(key) + 1:] for k in absent]}"] if absent else [])
+                parts = ([f"missing keys {[k[len(key) + 1 :] for k in extra]}"] if extra else []) + (
+                    [f"unexpected keys {[k[len(key) + 1 :] for k in absent]}"] if absent else []
+                )
                 raise StateMismatchError(f"state[{key!r}] does not match {where}: {', '.join(parts)}")
             if md is not None:
                 check_shapes(key, need, template_flat, md, where)
@@ -106,8 +130,12 @@ def load_sharded(ctx: DistContext, st: Storage, name: str, state: MutableMapping
     if load_flat:
         try:
             with quiet_single_process():
-                dcp.load(load_flat, storage_reader=verified_reader_cls()(st.join(name), md, where),
-                         process_group=ctx.dcp_group, no_dist=not ctx.use_dist)
+                dcp.load(
+                    load_flat,
+                    storage_reader=verified_reader_cls()(st.join(name), md, where),
+                    process_group=ctx.dcp_group,
+                    no_dist=not ctx.use_dist,
+                )
         except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -129,8 +157,9 @@ def load_sharded(ctx: DistContext, st: Storage, name: str, state: MutableMapping
                     else:
                         set_optimizer_state_dict(optimizer_owner(key, obj, modules), obj, sd)
                 except (RuntimeError, ValueError, KeyError, TypeError) as e:
-                    raise StateMismatchError(f"state[{key!r}] ({type(obj).__name__}) refused the state in "
-                                             f"{where}: {e}") from e
+                    raise StateMismatchError(
+                        f"state[{key!r}] ({type(obj).__name__}) refused the state in {where}: {e}"
+                    ) from e
             loaded.append(key)
         saved_rest = tree.get(STATE_KEY, {})
         # Missing entries were judged above (strict / only); here only what the checkpoint has is applied.
@@ -140,8 +169,13 @@ def load_sharded(ctx: DistContext, st: Storage, name: str, state: MutableMapping
             if ctx.rank < saved_world:
                 restore_rng(tree[RNG_KEY])
             else:
-                log.warning("rank %d: %s was saved by %d ranks and has no RNG state for this rank; it keeps "
-                            "the RNG state it was seeded with", ctx.rank, where, saved_world)
+                log.warning(
+                    "rank %d: %s was saved by %d ranks and has no RNG state for this rank; it keeps "
+                    "the RNG state it was seeded with",
+                    ctx.rank,
+                    where,
+                    saved_world,
+                )
     except Exception as e:  # noqa: BLE001
         err = e
     agree_or_raise(ctx, err, where, "applying")

@@ -65,8 +65,10 @@ def read_sharded(path: str) -> Tuple[Manifest, Dict[str, torch.Tensor], Dict[int
     where = st.join(name)
     man = check_checkpoint(st, name, full=True)
     if not is_distributed_checkpoint(man):
-        raise CorruptCheckpointError(where, f"is not a distributed checkpoint (no {DIST_FILE}); use "
-                                            "resumekit.checkpointers.native.read_checkpoint")
+        raise CorruptCheckpointError(
+            where,
+            f"is not a distributed checkpoint (no {DIST_FILE}); use resumekit.checkpointers.native.read_checkpoint",
+        )
     world = int(json.loads(read_verified(st, name, DIST_FILE, man))["world_size"])
     tensors: Dict[str, torch.Tensor] = {}
     if DCP_METADATA in man.files:
@@ -82,9 +84,9 @@ def read_sharded(path: str) -> Tuple[Manifest, Dict[str, torch.Tensor], Dict[int
     return man, tensors, trees
 
 
-
-def write_rank_files(tmp_path: str, rank: int, tensors: Dict[str, torch.Tensor],
-                     encoded: Any) -> Dict[str, Tuple[int, str]]:
+def write_rank_files(
+    tmp_path: str, rank: int, tensors: Dict[str, torch.Tensor], encoded: Any
+) -> Dict[str, Tuple[int, str]]:
     """Write and fsync one rank's own files (its non-tensor tree and the tensors DCP does not shard) into the
     step's tmp directory; returns ``{relative path: (size, xxh3)}`` for the manifest."""
     rdir = rank_dir(rank)

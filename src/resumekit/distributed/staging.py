@@ -30,8 +30,9 @@ class ShardStaging:
         buf = torch.empty(local.shape, dtype=local.dtype, pin_memory=local.is_cuda)
         if isinstance(t, DTensor):
             if t.device.type == "cpu":
-                return DTensor.from_local(buf, t.device_mesh, t.placements, run_check=False, shape=t.shape,
-                                          stride=t.stride())
+                return DTensor.from_local(
+                    buf, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+                )
             # from_local would move the buffer to the mesh's device; DCP's own async staging keeps the spec of a
             # device DTensor with a host local shard this way.
             staged = t.detach().to("cpu")
@@ -59,4 +60,3 @@ class ShardStaging:
 
     def release(self) -> None:
         self._bufs.clear()
-

@@ -74,8 +74,7 @@ def ref_keys(tree: Any) -> List[str]:
 
 def dcp_entries(state: Mapping[str, Any]) -> Dict[str, Any]:
     """The entries saved through DCP: modules (plain, DDP, FSDP2) and optimizers."""
-    return {k: v for k, v in state.items()
-            if isinstance(v, (torch.nn.Module, torch.optim.Optimizer))}
+    return {k: v for k, v in state.items() if isinstance(v, (torch.nn.Module, torch.optim.Optimizer))}
 
 
 def optimizer_owner(key: str, optim: torch.optim.Optimizer, modules: Mapping[str, torch.nn.Module]) -> torch.nn.Module:
@@ -86,7 +85,8 @@ def optimizer_owner(key: str, optim: torch.optim.Optimizer, modules: Mapping[str
             return m
     raise StateMismatchError(
         f"state[{key!r}] is an optimizer whose parameters belong to none of the modules in the state "
-        f"({sorted(modules)}); put the model it trains in the state passed to save/restore")
+        f"({sorted(modules)}); put the model it trains in the state passed to save/restore"
+    )
 
 
 def entry_state_dict(key: str, obj: Any, modules: Mapping[str, torch.nn.Module]) -> Any:
@@ -99,7 +99,6 @@ def entry_state_dict(key: str, obj: Any, modules: Mapping[str, torch.nn.Module])
         # changing the run; an optimizer that has not stepped yet has nothing to shard anyway.
         return {PLAIN_OPTIM: obj.state_dict()}
     return get_optimizer_state_dict(optimizer_owner(key, obj, modules), obj)
-
 
 
 def init_template(key: str, optim: torch.optim.Optimizer, modules: Mapping[str, torch.nn.Module]) -> Any:
@@ -125,7 +124,6 @@ def check_shapes(key: str, need: Sequence[str], template: Mapping[str, Any], md:
             raise CorruptCheckpointError(where, f"{DCP_METADATA} stores {k!r} as pickled bytes, not a tensor")
         shape = tuple(template[k].shape)
         if tuple(smd.size) != shape:
-            bad.append(f"{k[len(key) + 1:]}: checkpoint {tuple(smd.size)} vs model {shape}")
+            bad.append(f"{k[len(key) + 1 :]}: checkpoint {tuple(smd.size)} vs model {shape}")
     if bad:
         raise StateMismatchError(f"state[{key!r}] does not match {where}: shape mismatch " + "; ".join(bad))
-

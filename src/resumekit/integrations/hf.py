@@ -100,8 +100,14 @@ class ResumekitCallback(TrainerCallback):
             tiny all-reduce), so every rank saves at the same step.
     """
 
-    def __init__(self, *, manifest: bool = True, signals: Iterable[int] = (signal.SIGTERM,),
-                 exit_code: Optional[int] = PREEMPTED_EXIT_CODE, sync_preemption: bool = True):
+    def __init__(
+        self,
+        *,
+        manifest: bool = True,
+        signals: Iterable[int] = (signal.SIGTERM,),
+        exit_code: Optional[int] = PREEMPTED_EXIT_CODE,
+        sync_preemption: bool = True,
+    ):
         self.manifest = manifest
         self.signals = tuple(signals)
         self.exit_code = exit_code
@@ -160,23 +166,31 @@ class ResumekitCallback(TrainerCallback):
 
         ckpt_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(ckpt_dir):
-            log.warning("ResumekitCallback: %s not found after a save (hyperparameter search run dir?); "
-                        "no manifest written", ckpt_dir)
+            log.warning(
+                "ResumekitCallback: %s not found after a save (hyperparameter search run dir?); no manifest written",
+                ckpt_dir,
+            )
             return control
         if state.is_local_process_zero:
             fsync_tree(ckpt_dir)
         _barrier(args)  # every rank's files are durable before rank 0 checksums them
         if state.is_world_process_zero:
-            man = write_manifest(ckpt_dir, state.global_step,
-                                 {"layout": "hf", "writer": "resumekit.integrations.hf", "epoch": state.epoch})
+            man = write_manifest(
+                ckpt_dir,
+                state.global_step,
+                {"layout": "hf", "writer": "resumekit.integrations.hf", "epoch": state.epoch},
+            )
             log.info("resumekit: %s: manifest of %d files written", ckpt_dir, len(man.files))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore_handlers()
         if self.preempted_at is not None and self.exit_code is not None:
-            log.warning("resumekit: checkpoint saved at step %d after a stop request; exiting with status %d",
-                        self.preempted_at, self.exit_code)
+            log.warning(
+                "resumekit: checkpoint saved at step %d after a stop request; exiting with status %d",
+                self.preempted_at,
+                self.exit_code,
+            )
             raise SystemExit(self.exit_code)
         return control
 

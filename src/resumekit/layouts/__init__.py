@@ -7,6 +7,7 @@ Every adapter answers the same questions (list, validate, latest, repair); :func
 from __future__ import annotations
 
 from .base import CheckpointInfo, Layout, RepairResult, choose_latest, newest, order_by_step
+
 # _REGISTRY and _ALIASES stay importable for tests and plugins that list the adapters.
 from .registry import _ALIASES, _REGISTRY, detect_layout, get_layout, layout_names, register, resolve_layout  # noqa: F401
 
@@ -16,6 +17,16 @@ from . import hf, megatron, verl, deepspeed, lightning, torchfiles  # noqa: E402
 from .native import NativeLayout  # noqa: E402
 
 __all__ = [
-    "CheckpointInfo", "Layout", "RepairResult", "NativeLayout", "register", "get_layout", "detect_layout",
-    "resolve_layout", "layout_names", "choose_latest", "newest", "order_by_step",
+    "CheckpointInfo",
+    "Layout",
+    "RepairResult",
+    "NativeLayout",
+    "register",
+    "get_layout",
+    "detect_layout",
+    "resolve_layout",
+    "layout_names",
+    "choose_latest",
+    "newest",
+    "order_by_step",
 ]

@@ -30,8 +30,7 @@ class TrackedLayout(Layout):
             return infos
         return [replace(i, metadata={**i.metadata, "tracked": True}) if i.name == target else i for i in infos]
 
-    def tracker_finding(self, storage: Storage, old: Optional[str], best_name: Optional[str],
-                        full: bool = True) -> str:
+    def tracker_finding(self, storage: Storage, old: Optional[str], best_name: Optional[str], full: bool = True) -> str:
         """One sentence on the tracker's state relative to the newest valid checkpoint ``best_name``."""
         t = self.tracker_name
         if old is None:

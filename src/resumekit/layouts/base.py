@@ -47,8 +47,14 @@ class CheckpointInfo:
 
     def as_dict(self) -> dict:
         return {
-            "step": self.step, "name": self.name, "path": self.path, "layout": self.layout,
-            "valid": self.valid, "reason": self.reason, "size": self.size, "time": self.time,
+            "step": self.step,
+            "name": self.name,
+            "path": self.path,
+            "layout": self.layout,
+            "valid": self.valid,
+            "reason": self.reason,
+            "size": self.size,
+            "time": self.time,
             "metadata": self.metadata,
         }
 
@@ -168,9 +174,12 @@ class Layout(abc.ABC):
         A file candidate carries the file's size and mtime from the listing; a directory's total is known only
         once it is validated.
         """
-        return [self.candidate(storage, e.name, step) if dirs else
-                self.candidate(storage, e.name, step, size=e.size, time=e.mtime)
-                for step, e in step_entries(storage, parse, dirs)]
+        return [
+            self.candidate(storage, e.name, step)
+            if dirs
+            else self.candidate(storage, e.name, step, size=e.size, time=e.mtime)
+            for step, e in step_entries(storage, parse, dirs)
+        ]
 
     @abc.abstractmethod
     def validate(self, storage: Storage, info: CheckpointInfo, full: bool = True) -> CheckpointInfo:
@@ -202,8 +211,9 @@ class Layout(abc.ABC):
         old = self.read_tracker(storage)
         new = self.tracker_value(best)
         if new is None:
-            return RepairResult(self.tracker_name, old, None, False,
-                                message="no valid checkpoint: tracker left as it is")
+            return RepairResult(
+                self.tracker_name, old, None, False, message="no valid checkpoint: tracker left as it is"
+            )
         if old == new:
             return RepairResult(self.tracker_name, old, new, False, message="tracker already correct")
         backup = None
@@ -212,5 +222,6 @@ class Layout(abc.ABC):
                 backup = f"{self.tracker_name}.bak"
                 storage.write_bytes_atomic(backup, (old + "\n").encode())
             storage.write_bytes_atomic(self.tracker_name, (new + "\n").encode())
-        return RepairResult(self.tracker_name, old, new, True, backup,
-                            message=f"tracker {self.tracker_name}: {old!r} -> {new!r}")
+        return RepairResult(
+            self.tracker_name, old, new, True, backup, message=f"tracker {self.tracker_name}: {old!r} -> {new!r}"
+        )

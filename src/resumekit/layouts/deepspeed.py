@@ -29,8 +29,18 @@ from ..storage import Entry, Storage
 from .registry import register
 from ._tracked import TrackedLayout
 from .base import CheckpointInfo, run_check
-from .checks import (NOT_SCALAR, check_torch_zip, describe_ranks, fail, files_of, join, missing_ranks, newest_mtime,
-                     scan_pickle_scalars, sum_sizes)
+from .checks import (
+    NOT_SCALAR,
+    check_torch_zip,
+    describe_ranks,
+    fail,
+    files_of,
+    join,
+    missing_ranks,
+    newest_mtime,
+    scan_pickle_scalars,
+    sum_sizes,
+)
 
 LATEST = "latest"
 _TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -81,14 +91,18 @@ def check_tag_dir(storage: Storage, rel: str, where: str, full: bool, shown: Opt
             optims.add((int(m.group(2)), int(m.group(3))))
             bf16 = bf16 or bool(m.group(1))
     if not models and not zero_models:
-        raise fail(where, f"{name('mp_rank_00_model_states.pt')} is missing (no *model_states.pt: the save never "
-                          "finished)")
+        raise fail(
+            where, f"{name('mp_rank_00_model_states.pt')} is missing (no *model_states.pt: the save never finished)"
+        )
     mp_ranks = models | {mp for _, mp in zero_models} | {mp for _, mp in optims}
     if models:
         gone = missing_ranks(models, max(mp_ranks) + 1)
         if gone:
-            raise fail(where, f"{name(f'mp_rank_{gone[0]:02d}_model_states.pt')} is missing (model-parallel ranks "
-                              f"0-{max(mp_ranks)} expected)")
+            raise fail(
+                where,
+                f"{name(f'mp_rank_{gone[0]:02d}_model_states.pt')} is missing (model-parallel ranks "
+                f"0-{max(mp_ranks)} expected)",
+            )
     dp_ranks = {d for d, _ in zero_models} | {d for d, _ in optims}
     prefix = "bf16_" if bf16 else ""
     for mp in sorted(mp_ranks):
@@ -96,15 +110,21 @@ def check_tag_dir(storage: Storage, rel: str, where: str, full: bool, shown: Opt
             have = {d for d, m in optims if m == mp}
             gone = missing_ranks(have, max(dp_ranks) + 1)
             if gone:
-                raise fail(where, f"{name(f'{prefix}zero_pp_rank_{gone[0]}_mp_rank_{mp:02d}_optim_states.pt')} is "
-                                  f"missing (data-parallel ranks 0-{max(dp_ranks)} expected; also missing: "
-                                  f"{describe_ranks(gone)})")
+                raise fail(
+                    where,
+                    f"{name(f'{prefix}zero_pp_rank_{gone[0]}_mp_rank_{mp:02d}_optim_states.pt')} is "
+                    f"missing (data-parallel ranks 0-{max(dp_ranks)} expected; also missing: "
+                    f"{describe_ranks(gone)})",
+                )
         if zero_models:
             have = {d for d, m in zero_models if m == mp}
             gone = missing_ranks(have, max(dp_ranks) + 1)
             if gone:
-                raise fail(where, f"{name(f'zero_pp_rank_{gone[0]}_mp_rank_{mp:02d}_model_states.pt')} is missing "
-                                  f"(data-parallel ranks 0-{max(dp_ranks)} expected)")
+                raise fail(
+                    where,
+                    f"{name(f'zero_pp_rank_{gone[0]}_mp_rank_{mp:02d}_model_states.pt')} is missing "
+                    f"(data-parallel ranks 0-{max(dp_ranks)} expected)",
+                )
     for n in sorted(files):
         if n.endswith(".pt") and not files[n].is_dir:
             check_torch_zip(storage, join(rel, n), where, full, shown=name(n))
@@ -113,11 +133,15 @@ def check_tag_dir(storage: Storage, rel: str, where: str, full: bool, shown: Opt
     return files
 
 
-def _cross_check_dp_size(storage: Storage, rel: str, where: str, files: Dict[str, Entry],
-                         optims: Set[Tuple[int, int]], name) -> None:
+def _cross_check_dp_size(
+    storage: Storage, rel: str, where: str, files: Dict[str, Entry], optims: Set[Tuple[int, int]], name
+) -> None:
     # The model states record dp_world_size; it catches a missing highest rank, which no file name can reveal.
-    first = "mp_rank_00_model_states.pt" if "mp_rank_00_model_states.pt" in files else \
-        "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    first = (
+        "mp_rank_00_model_states.pt"
+        if "mp_rank_00_model_states.pt" in files
+        else "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    )
     if first not in files or any(n.startswith("expp_rank_") for n in files):
         return  # MoE checkpoints shard optimizer states differently; file-name checks only
     found = scan_pickle_scalars(storage, join(rel, first), ("dp_world_size", "optimizer", "param_shapes"))
@@ -126,14 +150,19 @@ def _cross_check_dp_size(storage: Storage, rel: str, where: str, files: Dict[str
     if optims and isinstance(dp, int) and dp > 0 and len(have) != dp:
         gone = missing_ranks(have, dp)
         detail = f"missing ranks {describe_ranks(gone)}" if gone else f"found {len(have)}"
-        raise fail(where, f"{name(first)} records dp_world_size={dp} but there are {len(have)} "
-                          f"*optim_states.pt files ({detail})")
+        raise fail(
+            where,
+            f"{name(first)} records dp_world_size={dp} but there are {len(have)} *optim_states.pt files ({detail})",
+        )
     # Under ZeRO the model states keep optimizer=None and the parameter shapes; the optimizer lives in the
     # per-rank zero files, so a ZeRO tag without any of them was cut short.
     zero = "optimizer" in found and found["optimizer"] is None and found.get("param_shapes") is NOT_SCALAR
     if not optims and zero:
-        raise fail(where, f"{name(first)} holds no optimizer state and no *zero_pp_rank_*_optim_states.pt files "
-                          "exist (a ZeRO save that never finished)")
+        raise fail(
+            where,
+            f"{name(first)} holds no optimizer state and no *zero_pp_rank_*_optim_states.pt files "
+            "exist (a ZeRO save that never finished)",
+        )
 
 
 class DeepSpeedLayout(TrackedLayout):

@@ -29,8 +29,20 @@ from typing import Dict, List, Optional, Set
 from ..storage import Entry, Storage
 from .registry import register
 from .base import CheckpointInfo, Layout, match_step, run_check, step_entries
-from .checks import (FOREIGN_MANIFEST, check_dcp_dir, check_foreign_manifest, check_safetensors, check_torch_zip,
-                     fail, files_of, join, missing_ranks, newest_mtime, read_json, sum_sizes)
+from .checks import (
+    FOREIGN_MANIFEST,
+    check_dcp_dir,
+    check_foreign_manifest,
+    check_safetensors,
+    check_torch_zip,
+    fail,
+    files_of,
+    join,
+    missing_ranks,
+    newest_mtime,
+    read_json,
+    sum_sizes,
+)
 
 PREFIX = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
@@ -74,8 +86,13 @@ def check_checkpoint(storage: Storage, name: str, where: str, full: bool) -> dic
         raise fail(where, "the checkpoint directory is missing or empty")
     if SENTINEL in files:
         raise fail(where, f"{SENTINEL} is present: the Trainer's save was interrupted")
-    state = read_json(storage, join(name, TRAINER_STATE), where,
-                      "(the Trainer writes it last: the save never finished)", shown=TRAINER_STATE)
+    state = read_json(
+        storage,
+        join(name, TRAINER_STATE),
+        where,
+        "(the Trainer writes it last: the save never finished)",
+        shown=TRAINER_STATE,
+    )
     if not isinstance(state, dict):
         raise fail(where, f"{TRAINER_STATE} is not a JSON object")
     step = parse_checkpoint_dirname(name.rsplit("/", 1)[-1])
@@ -94,8 +111,7 @@ def check_checkpoint(storage: Storage, name: str, where: str, full: bool) -> dic
     else:
         _check_optimizer(storage, name, where, files, full, content)
         if SCHEDULER not in files:
-            raise fail(where, f"{SCHEDULER} is missing (the Trainer would silently restart the learning-rate "
-                              "schedule)")
+            raise fail(where, f"{SCHEDULER} is missing (the Trainer would silently restart the learning-rate schedule)")
     _check_rng(files, where)
     if content:
         for n in sorted(files):
@@ -106,12 +122,16 @@ def check_checkpoint(storage: Storage, name: str, where: str, full: bool) -> dic
     metadata = {"global_step": gstep, "epoch": state.get("epoch")}
     if by_manifest:
         metadata["verified_by"] = FOREIGN_MANIFEST
-    return {"size": sum_sizes(files), "time": newest_mtime(files, TRAINER_STATE, FOREIGN_MANIFEST),
-            "metadata": metadata}
+    return {
+        "size": sum_sizes(files),
+        "time": newest_mtime(files, TRAINER_STATE, FOREIGN_MANIFEST),
+        "metadata": metadata,
+    }
 
 
-def _check_weights(storage: Storage, name: str, where: str, files: Dict[str, Entry], full: bool, content: bool,
-                   required: bool) -> None:
+def _check_weights(
+    storage: Storage, name: str, where: str, files: Dict[str, Entry], full: bool, content: bool, required: bool
+) -> None:
     for index in _INDEXES:
         if index in files:
             doc = read_json(storage, join(name, index), where, shown=index)
@@ -134,8 +154,7 @@ def _check_weights(storage: Storage, name: str, where: str, files: Dict[str, Ent
             cfg = "adapter_config.json"
             read_json(storage, join(name, cfg), where, f"(it must sit next to {adapter})", shown=cfg)
             if content and adapter.endswith(".safetensors"):
-                check_safetensors(storage, join(name, adapter), where, full, size=files[adapter].size,
-                                  shown=adapter)
+                check_safetensors(storage, join(name, adapter), where, full, size=files[adapter].size, shown=adapter)
             return
     for n in sorted(files):
         if _FSDP_MODEL.match(n):
@@ -143,12 +162,16 @@ def _check_weights(storage: Storage, name: str, where: str, files: Dict[str, Ent
                 check_dcp_dir(storage, join(name, n), where, shown=n)
             return
     if required:
-        raise fail(where, "no model weights (model.safetensors, model-*.safetensors + model.safetensors.index.json, "
-                          "pytorch_model.bin, or adapter_model.safetensors + adapter_config.json)")
+        raise fail(
+            where,
+            "no model weights (model.safetensors, model-*.safetensors + model.safetensors.index.json, "
+            "pytorch_model.bin, or adapter_model.safetensors + adapter_config.json)",
+        )
 
 
-def _check_optimizer(storage: Storage, name: str, where: str, files: Dict[str, Entry], full: bool,
-                     content: bool) -> None:
+def _check_optimizer(
+    storage: Storage, name: str, where: str, files: Dict[str, Entry], full: bool, content: bool
+) -> None:
     if OPTIMIZER in files:
         return  # its zip check runs with every other torch file
     for n in sorted(files):
@@ -156,14 +179,19 @@ def _check_optimizer(storage: Storage, name: str, where: str, files: Dict[str, E
             if files[n].is_dir and content:
                 check_dcp_dir(storage, join(name, n), where, shown=n)
             return
-    raise fail(where, f"{OPTIMIZER} is missing (saved with save_only_model=True? the Trainer would silently start "
-                      "a fresh optimizer)")
+    raise fail(
+        where,
+        f"{OPTIMIZER} is missing (saved with save_only_model=True? the Trainer would silently start a fresh optimizer)",
+    )
 
 
 def _check_deepspeed(storage: Storage, name: str, where: str, files: Dict[str, Entry], full: bool) -> None:
     if DS_LATEST not in files:
-        raise fail(where, f"{DS_LATEST} is missing next to the DeepSpeed global_step* directory (DeepSpeed writes "
-                          "it after its files: the save never finished)")
+        raise fail(
+            where,
+            f"{DS_LATEST} is missing next to the DeepSpeed global_step* directory (DeepSpeed writes "
+            "it after its files: the save never finished)",
+        )
     tag = storage.read_bytes(join(name, DS_LATEST)).decode("utf-8", "replace").strip()
     if not tag or "/" in tag or tag not in files or not files[tag].is_dir:
         raise fail(where, f"{DS_LATEST} names {tag!r}, which is not a directory of this checkpoint")
@@ -182,8 +210,11 @@ def _check_rng(files: Dict[str, Entry], where: str) -> None:
         if m:
             ranks.add(int(m.group(1)))
     if not ranks:
-        raise fail(where, "rng_state.pth is missing (nor rng_state_<rank>.pth: the Trainer would resume with fresh "
-                          "random state, not an exact resume)")
+        raise fail(
+            where,
+            "rng_state.pth is missing (nor rng_state_<rank>.pth: the Trainer would resume with fresh "
+            "random state, not an exact resume)",
+        )
     gone = missing_ranks(ranks)
     if gone:
         raise fail(where, f"rng_state_{gone[0]}.pth is missing (process ranks 0-{max(ranks)} expected)")

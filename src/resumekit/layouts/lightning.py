@@ -58,8 +58,9 @@ class LightningLayout(Layout):
                 meta["step_from"] = "name"
             else:
                 step, meta["step_from"] = self._estimate_step(storage, e, stepped)
-            out.append(self.candidate(storage, e.name, step, size=e.size if not e.is_dir else 0, time=e.mtime,
-                                      metadata=meta))
+            out.append(
+                self.candidate(storage, e.name, step, size=e.size if not e.is_dir else 0, time=e.mtime, metadata=meta)
+            )
         return out
 
     @staticmethod
@@ -99,11 +100,16 @@ class LightningLayout(Layout):
             if entries:  # a directory: the DeepSpeed strategy
                 from .deepspeed import check_tag_dir
 
-                tag = storage.read_bytes(join(info.name, "latest")).decode("utf-8", "replace").strip() \
-                    if "latest" in entries else ""
+                tag = (
+                    storage.read_bytes(join(info.name, "latest")).decode("utf-8", "replace").strip()
+                    if "latest" in entries
+                    else ""
+                )
                 if not tag or tag not in entries:
-                    raise fail(info.path, "latest is missing or names no tag directory (DeepSpeed strategy "
-                                          "checkpoint cut short)")
+                    raise fail(
+                        info.path,
+                        "latest is missing or names no tag directory (DeepSpeed strategy checkpoint cut short)",
+                    )
                 files = check_tag_dir(storage, join(info.name, tag), info.path, full, shown=tag)
                 return {"size": sum_sizes(files)}
             check_torch_zip(storage, info.name, info.path, full, shown=info.name)
@@ -112,8 +118,11 @@ class LightningLayout(Layout):
                 ckpt = load_weights_only(storage, info.name, info.path)
                 missing = [k for k in REQUIRED_KEYS if k not in ckpt]
                 if missing:
-                    raise fail(info.path, f"keys missing: {', '.join(missing)} (saved with save_weights_only=True? "
-                                          "it cannot resume training)")
+                    raise fail(
+                        info.path,
+                        f"keys missing: {', '.join(missing)} (saved with save_weights_only=True? "
+                        "it cannot resume training)",
+                    )
                 gstep = ckpt.get("global_step")
                 if isinstance(gstep, int):
                     fields["step"] = gstep

@@ -33,8 +33,18 @@ from ..verify import hash_file
 from .registry import register
 from ._tracked import TrackedLayout
 from .base import CheckpointInfo, match_step, run_check, step_entries
-from .checks import (check_dcp_dir, check_torch_zip, fail, files_of, grid_missing, join, newest_mtime, read_json,
-                     scan_pickle_scalars, sum_sizes)
+from .checks import (
+    check_dcp_dir,
+    check_torch_zip,
+    fail,
+    files_of,
+    grid_missing,
+    join,
+    newest_mtime,
+    read_json,
+    scan_pickle_scalars,
+    sum_sizes,
+)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -70,9 +80,13 @@ class MegatronLayout(TrackedLayout):
 
     def detect(self, storage: Storage) -> bool:
         for e in storage.listdir(""):
-            if e.is_dir and (_ITER_RE.match(e.name) or
-                             (e.name == RELEASE and any(_MP_RE.match(c.name) or c.name == DIST_CONFIG
-                                                        for c in storage.listdir(RELEASE)))):
+            if e.is_dir and (
+                _ITER_RE.match(e.name)
+                or (
+                    e.name == RELEASE
+                    and any(_MP_RE.match(c.name) or c.name == DIST_CONFIG for c in storage.listdir(RELEASE))
+                )
+            ):
                 return True
         return False
 
@@ -92,25 +106,33 @@ class MegatronLayout(TrackedLayout):
         return RELEASE if info.name == RELEASE else str(info.step)
 
     def list(self, storage: Storage) -> List[CheckpointInfo]:
-        out = [replace(i, metadata={"release": True}) if i.name == RELEASE else i
-               for i in self.list_matching(storage, checkpoint_step)]
+        out = [
+            replace(i, metadata={"release": True}) if i.name == RELEASE else i
+            for i in self.list_matching(storage, checkpoint_step)
+        ]
         return self.mark_tracked(storage, out)
 
     def validate(self, storage: Storage, info: CheckpointInfo, full: bool = True) -> CheckpointInfo:
         def check():
             files, fmt = check_iteration(storage, info.name, info.path, full, self._siblings_are_torch_dist)
-            return {"size": sum_sizes(files), "time": newest_mtime(files, *files),
-                    "metadata": {**info.metadata, "format": fmt}}
+            return {
+                "size": sum_sizes(files),
+                "time": newest_mtime(files, *files),
+                "metadata": {**info.metadata, "format": fmt},
+            }
 
         return run_check(info, check)
 
     def _siblings_are_torch_dist(self, storage: Storage, name: str) -> bool:
-        return any(e.name != name and storage.exists(join(e.name, DIST_CONFIG))
-                   for _, e in step_entries(storage, checkpoint_step))
+        return any(
+            e.name != name and storage.exists(join(e.name, DIST_CONFIG))
+            for _, e in step_entries(storage, checkpoint_step)
+        )
 
 
-def check_iteration(storage: Storage, name: str, where: str, full: bool,
-                    siblings_torch_dist=lambda storage, name: False) -> Tuple[Dict[str, Entry], str]:
+def check_iteration(
+    storage: Storage, name: str, where: str, full: bool, siblings_torch_dist=lambda storage, name: False
+) -> Tuple[Dict[str, Entry], str]:
     """Validate one ``iter_*``/``release`` directory; raises CorruptCheckpointError. Returns (files, format)."""
     files = files_of(storage, name)
     if not files:
@@ -130,13 +152,19 @@ def check_iteration(storage: Storage, name: str, where: str, full: bool,
         return _check_legacy(storage, name, where, files, mp_dirs, full), "torch"
     if ".metadata" in files:
         if siblings_torch_dist(storage, name):
-            raise fail(where, f"{DIST_CONFIG} is missing (Megatron's rank 0 writes it last, after every rank's "
-                              "data: the save never finished)")
+            raise fail(
+                where,
+                f"{DIST_CONFIG} is missing (Megatron's rank 0 writes it last, after every rank's "
+                "data: the save never finished)",
+            )
         check_dcp_dir(storage, name, where, shown="")
         return files, "torch_dcp"
     if any(n.endswith(".distcp") for n in files):
-        raise fail(where, f"{DIST_CONFIG} is missing (Megatron's rank 0 writes it last, after every rank's data: the "
-                          "save never finished)")
+        raise fail(
+            where,
+            f"{DIST_CONFIG} is missing (Megatron's rank 0 writes it last, after every rank's data: the "
+            "save never finished)",
+        )
     raise fail(where, f"no checkpoint files (neither {DIST_CONFIG} + *.distcp nor mp_rank_*/{_MODEL_FILE})")
 
 
@@ -157,8 +185,9 @@ def _check_integrity(storage: Storage, name: str, where: str, files: Dict[str, E
             raise fail(where, f"{fname} sha256 does not match {INTEGRITY}: the file was altered or damaged")
 
 
-def _check_legacy(storage: Storage, name: str, where: str, files: Dict[str, Entry], mp_dirs: Dict[str, Entry],
-                  full: bool) -> Dict[str, Entry]:
+def _check_legacy(
+    storage: Storage, name: str, where: str, files: Dict[str, Entry], mp_dirs: Dict[str, Entry], full: bool
+) -> Dict[str, Entry]:
     coords: Dict[Tuple[int, ...], str] = {}
     for n in mp_dirs:
         m = _MP_RE.match(n)
@@ -166,16 +195,23 @@ def _check_legacy(storage: Storage, name: str, where: str, files: Dict[str, Entr
         coords[tuple(int(g) for g in m.groups() if g is not None)] = n
     widths = {len(c) for c in coords}
     if len(widths) > 1:
-        raise fail(where, "mp_rank_* directories mix naming schemes (" + ", ".join(sorted(mp_dirs)[:4]) +
-                   "): leftovers of a run with another parallel layout?")
+        raise fail(
+            where,
+            "mp_rank_* directories mix naming schemes ("
+            + ", ".join(sorted(mp_dirs)[:4])
+            + "): leftovers of a run with another parallel layout?",
+        )
     gone = grid_missing(set(coords))
     if gone:
         sample = sorted(coords)[0]
-        width = [len(p) for p in next(iter(mp_dirs))[len("mp_rank_"):].split("_")]
+        width = [len(p) for p in next(iter(mp_dirs))[len("mp_rank_") :].split("_")]
         missing = "mp_rank_" + "_".join(f"{v:0{w}d}" for v, w in zip(gone[0], width))
         dims = [max(c[i] for c in coords) + 1 for i in range(len(sample))]
-        raise fail(where, f"{missing}/ is missing (the rank grid {' x '.join(map(str, dims))} is incomplete: "
-                          f"{len(gone)} of {len(coords) + len(gone)} model-parallel ranks absent)")
+        raise fail(
+            where,
+            f"{missing}/ is missing (the rank grid {' x '.join(map(str, dims))} is incomplete: "
+            f"{len(gone)} of {len(coords) + len(gone)} model-parallel ranks absent)",
+        )
     all_files: Dict[str, Entry] = dict(files)
     contents: Dict[str, Set[str]] = {}
     for n in sorted(mp_dirs):
@@ -207,8 +243,11 @@ def _cross_check_args(storage: Storage, name: str, where: str, first: str, count
     if not all(isinstance(v, int) and v > 0 for v in (tp, pp, ep)):
         return  # args not recorded (or not as plain ints): the name grid is all there is to go on
     if tp * pp * ep != count:
-        raise fail(where, f"{first}/{_MODEL_FILE} records TP={tp} x PP={pp} x EP={ep} = {tp * pp * ep} model-parallel "
-                          f"ranks but there are {count} mp_rank_* directories")
+        raise fail(
+            where,
+            f"{first}/{_MODEL_FILE} records TP={tp} x PP={pp} x EP={ep} = {tp * pp * ep} model-parallel "
+            f"ranks but there are {count} mp_rank_* directories",
+        )
 
 
 register(MegatronLayout(), "mindspeed")

@@ -31,8 +31,17 @@ from ..storage import Entry, Storage
 from .registry import register
 from ._tracked import TrackedLayout
 from .base import CheckpointInfo, match_step, run_check, step_entries
-from .checks import (check_dcp_dir, check_torch_zip, fail, files_of, join, missing_ranks, newest_mtime, read_json,
-                     sum_sizes)
+from .checks import (
+    check_dcp_dir,
+    check_torch_zip,
+    fail,
+    files_of,
+    join,
+    missing_ranks,
+    newest_mtime,
+    read_json,
+    sum_sizes,
+)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 DATA_FILE = "data.pt"
@@ -90,8 +99,9 @@ def check_step_dir(storage: Storage, name: str, where: str, full: bool) -> Dict[
             for n, e in _check_role(storage, join(name, role), role, where, full).items():
                 out[f"{role}/{n}"] = e
     if DATA_FILE not in files:
-        raise fail(where, f"{DATA_FILE} is missing (VeRL writes the dataloader state after the model: the save never "
-                          "finished)")
+        raise fail(
+            where, f"{DATA_FILE} is missing (VeRL writes the dataloader state after the model: the save never finished)"
+        )
     check_torch_zip(storage, join(name, DATA_FILE), where, full, shown=DATA_FILE)
     return out
 

@@ -19,7 +19,7 @@ def open_storage(uri: str, create: bool = True) -> Storage:
         return uri
     uri = str(uri)
     if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+        uri = uri[len("file://") :]
     if is_remote(uri):
         from .remote import RemoteStorage  # fsspec/s3fs imported lazily: local users never need them
 

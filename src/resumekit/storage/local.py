@@ -133,8 +133,10 @@ class LocalStorage(Storage):
                 os.makedirs(self.root, exist_ok=True)
             except OSError as e:
                 raise CheckpointWriteError(
-                    e.errno, f"cannot create checkpoint directory {self.root}: {e.strerror}; "
-                    "choose a writable location or fix its permissions") from None
+                    e.errno,
+                    f"cannot create checkpoint directory {self.root}: {e.strerror}; "
+                    "choose a writable location or fix its permissions",
+                ) from None
 
     def join(self, rel: str) -> str:
         return os.path.join(self.root, rel) if rel else self.root
@@ -178,8 +180,10 @@ class LocalStorage(Storage):
             return LocalTransaction(self, name, tmp)
         except OSError as e:
             raise CheckpointWriteError(
-                e.errno, f"cannot create {os.path.join(self.root, tmp)}: {e.strerror}; "
-                "check that the checkpoint directory is writable") from None
+                e.errno,
+                f"cannot create {os.path.join(self.root, tmp)}: {e.strerror}; "
+                "check that the checkpoint directory is writable",
+            ) from None
 
     def remove_tree(self, rel: str) -> None:
         path = self.join(rel)

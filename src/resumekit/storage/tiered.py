@@ -33,6 +33,7 @@ from ..format import MANIFEST, Manifest, parse_step_dirname, step_dirname
 from ..verify import check_checkpoint, read_manifest
 from .base import Entry, Storage, Transaction
 from .local import LocalStorage
+
 # copy_step is looked up in this module by the uploader and download (tests slow it down here); the supervisor
 # and the benchmarks import it from here too.
 from .transfer import PROGRESS_MIN_BYTES, copy_step, progress_bar, read_manifest_bytes
@@ -50,8 +51,12 @@ class Retention(Protocol):
     def active(self) -> bool:
         """False when no rule is set: every step is kept and nothing is planned."""
 
-    def to_delete(self, valid_steps: Sequence[int], metrics: Optional[Mapping[int, Mapping[str, Any]]] = None,
-                  protected: Iterable[int] = ()) -> List[int]:
+    def to_delete(
+        self,
+        valid_steps: Sequence[int],
+        metrics: Optional[Mapping[int, Mapping[str, Any]]] = None,
+        protected: Iterable[int] = (),
+    ) -> List[int]:
         """The valid steps to delete, oldest first; never the newest nor a ``protected`` one."""
 
 
@@ -60,8 +65,12 @@ class Retention(Protocol):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def plan_uploads(pending: Sequence[int], remote_valid: Iterable[int], policy: Optional[Retention],
-                 metrics: Optional[Mapping[int, Mapping[str, Any]]] = None) -> Tuple[List[int], List[int]]:
+def plan_uploads(
+    pending: Sequence[int],
+    remote_valid: Iterable[int],
+    policy: Optional[Retention],
+    metrics: Optional[Mapping[int, Mapping[str, Any]]] = None,
+) -> Tuple[List[int], List[int]]:
     """Split the queued steps into (to upload, to skip), both oldest first.
 
     A queued step that the remote's retention would delete as soon as the newer queued steps land is skipped:
@@ -158,15 +167,24 @@ class TieredStorage(Storage):
 
     is_local = True
 
-    def __init__(self, remote: Any, local_dir: str, *, retention: Optional[Retention] = None,
-                 events: Optional[EventLog] = None, create: bool = True):
+    def __init__(
+        self,
+        remote: Any,
+        local_dir: str,
+        *,
+        retention: Optional[Retention] = None,
+        events: Optional[EventLog] = None,
+        create: bool = True,
+    ):
         from . import open_storage
 
         self.local = LocalStorage(local_dir, create=create)
         self.remote: Storage = open_storage(remote, create=create)
         if self.remote.is_local and self.remote.local_path() == self.local.root:
-            raise ConfigError(f"the local tier {self.local.root} is the remote root itself; choose a different "
-                              "local_tier (a fast local disk) or drop it")
+            raise ConfigError(
+                f"the local tier {self.local.root} is the remote root itself; choose a different "
+                "local_tier (a fast local disk) or drop it"
+            )
         self.uri = self.local.uri
         self.retention = retention
         self.events = events if events is not None else EventLog.for_dir(self.local.root, "library")
@@ -236,10 +254,22 @@ class TieredStorage(Storage):
         t0 = time.perf_counter()
         man = copy_step(self.remote, self.local, name, desc=f"download {name}")
         secs = time.perf_counter() - t0
-        self.events.emit("download", step=man.step, path=self.remote.join(name), to=self.local.join(name),
-                         bytes=man.total_bytes, seconds=secs, mb_s=_mb_s(man.total_bytes, secs))
-        log.info("downloaded %s to %s (%.1f MB in %.2fs)", self.remote.join(name), self.local.join(name),
-                 man.total_bytes / 1e6, secs)
+        self.events.emit(
+            "download",
+            step=man.step,
+            path=self.remote.join(name),
+            to=self.local.join(name),
+            bytes=man.total_bytes,
+            seconds=secs,
+            mb_s=_mb_s(man.total_bytes, secs),
+        )
+        log.info(
+            "downloaded %s to %s (%.1f MB in %.2fs)",
+            self.remote.join(name),
+            self.local.join(name),
+            man.total_bytes / 1e6,
+            secs,
+        )
         return man
 
     def resync(self, exclude: Iterable[str] = ()) -> List[str]:
@@ -253,16 +283,23 @@ class TieredStorage(Storage):
         """
         exclude = set(exclude)
         remote = newest_valid(self.remote)
-        local_valid = {step: name for step, name in step_dirs(self.local)
-                       if name not in exclude and valid_manifest(self.local, name) is not None}
+        local_valid = {
+            step: name
+            for step, name in step_dirs(self.local)
+            if name not in exclude and valid_manifest(self.local, name) is not None
+        }
         names = [local_valid[s] for s in steps_to_resync(local_valid, remote[0] if remote else None)]
         for n in names:
             self.enqueue_upload(n)
         if names:
-            self.events.emit("upload_resync", steps=[parse_step_dirname(n) for n in names],
-                             remote_newest=remote[0] if remote else None)
-            log.info("re-uploading %d local checkpoint(s) newer than the remote's newest: %s", len(names),
-                     ", ".join(names))
+            self.events.emit(
+                "upload_resync",
+                steps=[parse_step_dirname(n) for n in names],
+                remote_newest=remote[0] if remote else None,
+            )
+            log.info(
+                "re-uploading %d local checkpoint(s) newer than the remote's newest: %s", len(names), ", ".join(names)
+            )
         return names
 
     def wait_uploads(self) -> None:
@@ -397,8 +434,12 @@ class _Uploader:
             up, skip = sorted(by_step), []
         skipped = [by_step[s] for s in skip]
         for n in skipped:
-            tier.events.emit("upload_skipped", step=parse_step_dirname(n), path=tier.local.join(n),
-                             reason="superseded: remote retention would delete it once newer steps land")
+            tier.events.emit(
+                "upload_skipped",
+                step=parse_step_dirname(n),
+                path=tier.local.join(n),
+                reason="superseded: remote retention would delete it once newer steps land",
+            )
         return (by_step[up[0]] if up else None), skipped
 
     def _remote_state(self) -> Dict[int, Dict[str, Any]]:
@@ -425,10 +466,17 @@ class _Uploader:
             except BaseException as e:
                 raise CheckpointWriteError(
                     f"uploading {tier.local.join(name)} to {tier.remote.join(name)} failed: {e}. The local "
-                    "checkpoint is kept; the upload is retried with the next save and at the next start") from e
+                    "checkpoint is kept; the upload is retried with the next save and at the next start"
+                ) from e
             secs = time.perf_counter() - t0
-            tier.events.emit("upload", step=step, path=tier.remote.join(name), bytes=man.total_bytes, seconds=secs,
-                             mb_s=_mb_s(man.total_bytes, secs))
+            tier.events.emit(
+                "upload",
+                step=step,
+                path=tier.remote.join(name),
+                bytes=man.total_bytes,
+                seconds=secs,
+                mb_s=_mb_s(man.total_bytes, secs),
+            )
             log.info("uploaded %s (%.1f MB in %.2fs)", tier.remote.join(name), man.total_bytes / 1e6, secs)
         if self._remote_valid is not None and step is not None:
             self._remote_valid[step] = dict(man.metadata)
@@ -436,8 +484,7 @@ class _Uploader:
 
     def _already_there(self, name: str, raw: bytes) -> bool:
         try:
-            return self.tier.remote.read_bytes(f"{name}/{MANIFEST}") == raw and \
-                self._remote_sizes_ok(name)
+            return self.tier.remote.read_bytes(f"{name}/{MANIFEST}") == raw and self._remote_sizes_ok(name)
         except FileNotFoundError:
             return False
 
@@ -473,8 +520,13 @@ class _Uploader:
         if delete:
             try:
                 self.tier.local.remove_tree(name)
-                self.tier.events.emit("retention_delete", step=parse_step_dirname(name),
-                                      path=self.tier.local.join(name), tier="local", deferred=True)
+                self.tier.events.emit(
+                    "retention_delete",
+                    step=parse_step_dirname(name),
+                    path=self.tier.local.join(name),
+                    tier="local",
+                    deferred=True,
+                )
             except OSError as e:
                 log.warning("retention could not remove %s: %s", self.tier.local.join(name), e)
         with self._cv:
@@ -498,5 +550,16 @@ class _Uploader:
             self._cv.notify_all()
 
 
-__all__ = ["TieredStorage", "Retention", "copy_step", "plan_uploads", "steps_to_resync", "newest_valid",
-           "step_dirs", "valid_manifest", "progress_bar", "read_manifest_bytes", "PROGRESS_MIN_BYTES"]
+__all__ = [
+    "TieredStorage",
+    "Retention",
+    "copy_step",
+    "plan_uploads",
+    "steps_to_resync",
+    "newest_valid",
+    "step_dirs",
+    "valid_manifest",
+    "progress_bar",
+    "read_manifest_bytes",
+    "PROGRESS_MIN_BYTES",
+]

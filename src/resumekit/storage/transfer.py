@@ -38,8 +38,16 @@ def progress_bar(total: int, desc: str) -> Any:
         from tqdm import tqdm
     except (ImportError, AttributeError, ValueError):
         return _NoBar()
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-                file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        leave=False,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def read_manifest_bytes(storage: Storage, name: str) -> Tuple[bytes, Manifest]:
@@ -87,11 +95,16 @@ def copy_step(src: Storage, dst: Storage, name: str, *, desc: str = "") -> Manif
                 # Checked inside the block so a bad remote upload is aborted, never completed.
                 if n != ent.size:
                     raise CorruptCheckpointError(
-                        where, f"{rel} has {'more than ' if n > ent.size else ''}{n} bytes, manifest says "
-                               f"{ent.size}" + (" (truncated?)" if n < ent.size else ""))
+                        where,
+                        f"{rel} has {'more than ' if n > ent.size else ''}{n} bytes, manifest says "
+                        f"{ent.size}" + (" (truncated?)" if n < ent.size else ""),
+                    )
                 if h.hexdigest() != ent.xxh3:
-                    raise CorruptCheckpointError(where, f"{rel} checksum mismatch (xxh3 {h.hexdigest()} != "
-                                                        f"{ent.xxh3}): the file was altered or damaged")
+                    raise CorruptCheckpointError(
+                        where,
+                        f"{rel} checksum mismatch (xxh3 {h.hexdigest()} != "
+                        f"{ent.xxh3}): the file was altered or damaged",
+                    )
         txn.commit(raw)
     except BaseException:
         txn.abort()

@@ -78,8 +78,11 @@ class RunPaths:
         """
         d = options.directory or dir_from_config(options.config)
         remote = bool(d) and "://" in d and not d.startswith("file://")  # type: ignore[operator]
-        local_dir = None if (not d or remote) else os.path.abspath(
-            os.path.expanduser(d[len("file://"):] if d.startswith("file://") else d))
+        local_dir = (
+            None
+            if (not d or remote)
+            else os.path.abspath(os.path.expanduser(d[len("file://") :] if d.startswith("file://") else d))
+        )
         if options.events:
             events_path = os.path.abspath(os.path.expanduser(options.events))
         elif local_dir:
@@ -91,8 +94,14 @@ class RunPaths:
             events_path = os.path.join(tempfile.mkdtemp(prefix="resumekit-run-"), EVENTS_FILE)
         # The heartbeat must be local to the job's node: the checkpoint dir when it is local, else beside the log.
         state_dir = local_dir or options.local_tier or os.path.dirname(events_path)
-        return cls(directory=d, remote=remote, local_dir=local_dir, events_path=events_path, state_dir=state_dir,
-                   heartbeat_path=os.path.join(state_dir, HEARTBEAT_FILE))
+        return cls(
+            directory=d,
+            remote=remote,
+            local_dir=local_dir,
+            events_path=events_path,
+            state_dir=state_dir,
+            heartbeat_path=os.path.join(state_dir, HEARTBEAT_FILE),
+        )
 
 
 @dataclass

@@ -83,8 +83,7 @@ class CrashLoopGuard:
         if self._counted_attempt == prev.index:  # a retried pre-check: this attempt was already counted
             return best
         self._counted_attempt = prev.index
-        progressed = made_progress(last_plan.newest_step, best.step if best else None,
-                                   prev.resume_step, prev.last_step)
+        progressed = made_progress(last_plan.newest_step, best.step if best else None, prev.resume_step, prev.last_step)
         self.streak = next_streak(self.streak, prev.failure, progressed)
         if not is_crash_loop(self.streak, self.opts.crash_loop):
             return best
@@ -98,12 +97,16 @@ class CrashLoopGuard:
                 storage = open_storage(last_plan.resume_root, create=False)
                 layout = resolve_layout(storage, self.opts.layout)
             except Exception as e:  # noqa: BLE001 - reported as the reason we give up
-                raise GiveUp(f"crash loop: cannot open {last_plan.resume_root} to quarantine "
-                             f"{last_plan.resume_path} ({one_line(e)}); move it aside by hand") from None
+                raise GiveUp(
+                    f"crash loop: cannot open {last_plan.resume_root} to quarantine "
+                    f"{last_plan.resume_path} ({one_line(e)}); move it aside by hand"
+                ) from None
         if last_plan.resume_name is None or storage is None:
-            origin = (f"from {last_plan.resume_path}" if last_plan.resume_path else "from scratch")
-            raise GiveUp(f"crash loop: the job failed {k} times in a row starting {origin} without progress, "
-                         "and there is no checkpoint left to quarantine; giving up")
+            origin = f"from {last_plan.resume_path}" if last_plan.resume_path else "from scratch"
+            raise GiveUp(
+                f"crash loop: the job failed {k} times in a row starting {origin} without progress, "
+                "and there is no checkpoint left to quarantine; giving up"
+            )
         if own_root and self.opts.local_tier:
             # The job resumed from the local tier's copy: it goes aside too, or the next pre-download picks it again.
             self._quarantine_local(last_plan.resume_name, k)
@@ -114,17 +117,28 @@ class CrashLoopGuard:
         try:
             new = quarantine(storage, info)
         except OSError as e:
-            raise GiveUp(f"crash loop: cannot quarantine {info.path} ({one_line(e)}); move it aside by hand "
-                         "and start again") from None
+            raise GiveUp(
+                f"crash loop: cannot quarantine {info.path} ({one_line(e)}); move it aside by hand and start again"
+            ) from None
         self.quarantined += 1
         self.streak = 0
         _, best2 = self.rediscover(storage)
-        self.log.emit("quarantine", step=info.step, path=info.path, to=storage.join(new), failures=k,
-                      layout=layout.name, reason=f"{k} failures in a row without progress",
-                      next_step=best2.step if best2 else None, next_path=best2.path if best2 else None)
+        self.log.emit(
+            "quarantine",
+            step=info.step,
+            path=info.path,
+            to=storage.join(new),
+            failures=k,
+            layout=layout.name,
+            reason=f"{k} failures in a row without progress",
+            next_step=best2.step if best2 else None,
+            next_path=best2.path if best2 else None,
+        )
         nxt = f"resuming from {best2.path}" if best2 else "no valid checkpoint left: starting from scratch"
-        self.say(f"crash loop: the job failed {k} times in a row after resuming from {info.path}; quarantined "
-                 f"it as {storage.join(new)}; {nxt}")
+        self.say(
+            f"crash loop: the job failed {k} times in a row after resuming from {info.path}; quarantined "
+            f"it as {storage.join(new)}; {nxt}"
+        )
         # A checkpoint found through --config lives outside --dir: the YAML's next search finds its predecessor.
         return best2 if own_root else best
 
@@ -138,10 +152,18 @@ class CrashLoopGuard:
         try:
             new = quarantine(local, CheckpointInfo(step=-1, name=name, path=local.join(name), layout="native"))
         except OSError as e:
-            raise GiveUp(f"crash loop: cannot quarantine {local.join(name)} ({one_line(e)}); move it aside by "
-                         "hand and start again") from None
-        self.log.emit("quarantine", path=local.join(name), to=local.join(new), failures=failures, tier="local",
-                      reason=f"{failures} failures in a row without progress")
+            raise GiveUp(
+                f"crash loop: cannot quarantine {local.join(name)} ({one_line(e)}); move it aside by "
+                "hand and start again"
+            ) from None
+        self.log.emit(
+            "quarantine",
+            path=local.join(name),
+            to=local.join(new),
+            failures=failures,
+            tier="local",
+            reason=f"{failures} failures in a row without progress",
+        )
 
 
 __all__ = ["CrashLoopGuard", "GiveUp", "quarantine"]

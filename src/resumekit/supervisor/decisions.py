@@ -45,7 +45,7 @@ def restart_backoff(restart: int, base: float, cap: float, jitter: float, rand: 
     if restart < 1:
         return 0.0
     exp = min(restart - 1, 63)  # 2**63 * base overflows nothing but is far past any cap
-    d = min(cap, base * float(2 ** exp))
+    d = min(cap, base * float(2**exp))
     return d * (1.0 - jitter * min(max(rand, 0.0), 1.0))
 
 
@@ -94,8 +94,9 @@ def is_failure(returncode: int, preempt_signal: Optional[int] = None) -> bool:
     return True
 
 
-def made_progress(before_step: Optional[int], after_step: Optional[int],
-                  resumed_step: Optional[int], last_step: Optional[int]) -> bool:
+def made_progress(
+    before_step: Optional[int], after_step: Optional[int], resumed_step: Optional[int], last_step: Optional[int]
+) -> bool:
     """Whether a failed attempt got anywhere, which clears the checkpoint it resumed from of suspicion.
 
     Progress is a valid checkpoint newer than the newest one at the start of the attempt, or a reported step
@@ -191,6 +192,17 @@ def grace_expired(preempted_at: Optional[float], now: float, grace: float) -> bo
 
 
 __all__ = [
-    "EXIT_PRECHECK", "EXIT_NOT_EXECUTABLE", "EXIT_NOT_FOUND", "restart_backoff", "exit_code_of", "describe_exit",
-    "is_failure", "made_progress", "next_streak", "is_crash_loop", "is_hung", "hang_target", "grace_expired",
+    "EXIT_PRECHECK",
+    "EXIT_NOT_EXECUTABLE",
+    "EXIT_NOT_FOUND",
+    "restart_backoff",
+    "exit_code_of",
+    "describe_exit",
+    "is_failure",
+    "made_progress",
+    "next_streak",
+    "is_crash_loop",
+    "is_hung",
+    "hang_target",
+    "grace_expired",
 ]

@@ -99,11 +99,21 @@ class Supervisor:
         reaper = self.opts.subreaper and set_subreaper(True)
         if self.directory and not self.opts.directory:
             self._say(f"checkpoint root from --config {self.opts.config}: {self.directory}")
-        self.log.emit("supervisor_start", command=self.opts.command, directory=self.directory,
-                      layout=self.opts.layout, resume=self.opts.resume, max_restarts=self.opts.max_restarts,
-                      hang_timeout=self.opts.hang_timeout, grace=self.opts.grace, gpus=self.opts.gpus,
-                      crash_loop=self.opts.crash_loop, events=self.paths.events_path,
-                      heartbeat=self.paths.heartbeat_path, **modelarts_counters())
+        self.log.emit(
+            "supervisor_start",
+            command=self.opts.command,
+            directory=self.directory,
+            layout=self.opts.layout,
+            resume=self.opts.resume,
+            max_restarts=self.opts.max_restarts,
+            hang_timeout=self.opts.hang_timeout,
+            grace=self.opts.grace,
+            gpus=self.opts.gpus,
+            crash_loop=self.opts.crash_loop,
+            events=self.paths.events_path,
+            heartbeat=self.paths.heartbeat_path,
+            **modelarts_counters(),
+        )
         outcome, reason, code = "failed", "", EXIT_PRECHECK
         try:
             outcome, reason, code = self._loop()
@@ -116,9 +126,16 @@ class Supervisor:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
             self.summary = summarize(
-                self.attempts, exit_code=code, outcome=outcome, reason=reason, wall_s=time.time() - t0,
-                save_blocking_s=self._save_blocking(), quarantined=self.planner.crash_loop.quarantined,
-                precheck_retries=self._precheck_retries, extra_backoff_s=self._extra_backoff)
+                self.attempts,
+                exit_code=code,
+                outcome=outcome,
+                reason=reason,
+                wall_s=time.time() - t0,
+                save_blocking_s=self._save_blocking(),
+                quarantined=self.planner.crash_loop.quarantined,
+                precheck_retries=self._precheck_retries,
+                extra_backoff_s=self._extra_backoff,
+            )
             self.log.emit("summary", **self.summary.as_dict())
             if not self.opts.quiet:
                 err = self._err or sys.stderr
@@ -140,8 +157,11 @@ class Supervisor:
                 if not e.retry:
                     return "failed", e.message, EXIT_PRECHECK
                 if not self._take_budget():
-                    return "gave-up", f"{e.message}; restart budget ({self.opts.max_restarts}) used up", \
-                        self._last_exit if self._last_exit else EXIT_PRECHECK
+                    return (
+                        "gave-up",
+                        f"{e.message}; restart budget ({self.opts.max_restarts}) used up",
+                        self._last_exit if self._last_exit else EXIT_PRECHECK,
+                    )
                 self._precheck_retries += 1
                 self._say(f"retrying the pre-checks (restart {self._budget_used} of {self.opts.max_restarts})")
                 self._extra_backoff += self._sleep_backoff()
@@ -158,16 +178,24 @@ class Supervisor:
                 return "failed", self._start_error, self._last_exit or EXIT_NOT_FOUND
             if not rec.failure:
                 if rec.preempted:
-                    return "preempted", f"stopped by {signal_name(self._stop_signal or signal.SIGTERM)}", \
-                        exit_code_of(rec.returncode)
+                    return (
+                        "preempted",
+                        f"stopped by {signal_name(self._stop_signal or signal.SIGTERM)}",
+                        exit_code_of(rec.returncode),
+                    )
                 return "success", "the job exited 0", 0
             if rec.preempted:
-                why = ("killed after the grace period" if rec.returncode == -signal.SIGKILL
-                       else f"exited {exit_code_of(rec.returncode)} after the preemption signal")
+                why = (
+                    "killed after the grace period"
+                    if rec.returncode == -signal.SIGKILL
+                    else f"exited {exit_code_of(rec.returncode)} after the preemption signal"
+                )
                 return "preempted", f"not restarted: the job was preempted and {why}", exit_code_of(rec.returncode)
             if not self._take_budget():
-                reason = (f"restart budget used up (--max-restarts {self.opts.max_restarts}); last exit "
-                          f"{describe_exit(rec.returncode)}")
+                reason = (
+                    f"restart budget used up (--max-restarts {self.opts.max_restarts}); last exit "
+                    f"{describe_exit(rec.returncode)}"
+                )
                 self.log.emit("give_up", reason=reason)
                 self._say(reason)
                 return "gave-up", reason, exit_code_of(rec.returncode)
@@ -211,12 +239,18 @@ class Supervisor:
         return True
 
     def _sleep_backoff(self, announce: Optional[AttemptRecord] = None) -> float:
-        delay = restart_backoff(self._budget_used, self.opts.backoff, self.opts.backoff_max, self.opts.jitter,
-                                self._rng.random())
+        delay = restart_backoff(
+            self._budget_used, self.opts.backoff, self.opts.backoff_max, self.opts.jitter, self._rng.random()
+        )
         if announce is not None:
-            self.log.emit("restart", attempt=announce.index + 1, restart_count=self._budget_used,
-                          after_exit=exit_code_of(announce.returncode), delay_s=round(delay, 3),
-                          budget_left=self.opts.max_restarts - self._budget_used)
+            self.log.emit(
+                "restart",
+                attempt=announce.index + 1,
+                restart_count=self._budget_used,
+                after_exit=exit_code_of(announce.returncode),
+                delay_s=round(delay, 3),
+                budget_left=self.opts.max_restarts - self._budget_used,
+            )
             self._say(f"restarting in {delay:.2f} s (restart {self._budget_used} of {self.opts.max_restarts})")
         deadline = time.monotonic() + delay
         # The stop signal cuts the wait short: a preempted supervisor must not sleep out a long backoff.
@@ -231,8 +265,11 @@ class Supervisor:
         """Training time blocked by this run's saves, from the job's ``save`` events."""
         total = 0.0
         for ev in EventTail(self.paths.events_path, self._events_offset0).read(final=True):
-            if (ev.get("event") == "save" and ev.get("source") != "supervisor"
-                    and isinstance(ev.get("blocking_s"), (int, float))):
+            if (
+                ev.get("event") == "save"
+                and ev.get("source") != "supervisor"
+                and isinstance(ev.get("blocking_s"), (int, float))
+            ):
                 total += float(ev["blocking_s"])
         return total
 

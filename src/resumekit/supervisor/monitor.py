@@ -111,8 +111,9 @@ def clear_heartbeat(state_dir: str, say: Callable[[str], None]) -> None:
         pass
 
 
-def dump_stacks(target: int, tree: Sequence[int], *, out_path: str, settle_s: float,
-                say: Callable[[str], None]) -> Tuple[Optional[str], str]:
+def dump_stacks(
+    target: int, tree: Sequence[int], *, out_path: str, settle_s: float, say: Callable[[str], None]
+) -> Tuple[Optional[str], str]:
     """Python stacks of a hung job before it is killed: py-spy when installed, else SIGUSR1.
 
     Args:
@@ -134,8 +135,9 @@ def dump_stacks(target: int, tree: Sequence[int], *, out_path: str, settle_s: fl
                     out.write(f"==== py-spy dump --pid {p}\n")
                     out.flush()
                     try:
-                        subprocess.run([pyspy, "dump", "--pid", str(p)], stdout=out, stderr=subprocess.STDOUT,
-                                       timeout=20)
+                        subprocess.run(
+                            [pyspy, "dump", "--pid", str(p)], stdout=out, stderr=subprocess.STDOUT, timeout=20
+                        )
                     except subprocess.TimeoutExpired:
                         out.write("(py-spy timed out)\n")
             return out_path, "py-spy"
@@ -149,8 +151,9 @@ def dump_stacks(target: int, tree: Sequence[int], *, out_path: str, settle_s: fl
     return None, "none (process gone)"
 
 
-def attempt_evidence(beat: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
-                     first_sign: Optional[float]) -> Tuple[Optional[int], Optional[int], Optional[float]]:
+def attempt_evidence(
+    beat: Mapping[str, Any], events: Sequence[Mapping[str, Any]], first_sign: Optional[float]
+) -> Tuple[Optional[int], Optional[int], Optional[float]]:
     """What an attempt reported about itself, from its last heartbeat and its own events (pure).
 
     Args:
@@ -219,13 +222,22 @@ class JobMonitor:
             self.say(error)
             self.log.emit("start_failed", attempt=index, error=error)
             raise JobStartError(error, EXIT_NOT_FOUND if missing else EXIT_NOT_EXECUTABLE) from None
-        run = RunningJob(proc=proc, index=index, start=start, events_offset=offset, plan=plan,
-                         baseline_children=baseline)
+        run = RunningJob(
+            proc=proc, index=index, start=start, events_offset=offset, plan=plan, baseline_children=baseline
+        )
         self.running = run
-        self.log.emit("start", attempt=index, restart_count=index - 1, pid=proc.pid, command=self.opts.command,
-                      resume_from=plan.resume_path or None, resume_step=plan.resume_step,
-                      newest_valid_step=plan.newest_step, precheck_s=round(plan.precheck_s, 3),
-                      **modelarts_counters())
+        self.log.emit(
+            "start",
+            attempt=index,
+            restart_count=index - 1,
+            pid=proc.pid,
+            command=self.opts.command,
+            resume_from=plan.resume_path or None,
+            resume_step=plan.resume_step,
+            newest_valid_step=plan.newest_step,
+            precheck_s=round(plan.precheck_s, 3),
+            **modelarts_counters(),
+        )
         origin = f"resuming from {plan.resume_path}" if plan.resume_path else "from scratch"
         self.say(f"start {index} (pid {proc.pid}) {origin}")
         return run
@@ -282,8 +294,9 @@ class JobMonitor:
                 self.kill(run)
             elif run.killed is None and grace_expired(run.preempt_time, now, self.opts.grace):
                 run.killed = "grace expired"
-                self.log.emit("kill", attempt=run.index, pid=proc.pid, reason="grace period expired",
-                              grace_s=self.opts.grace)
+                self.log.emit(
+                    "kill", attempt=run.index, pid=proc.pid, reason="grace period expired", grace_s=self.opts.grace
+                )
                 self.say(f"the job did not exit within --grace {self.opts.grace:g} s: killing its process group")
                 self.kill(run)
             elif run.preempt_signal is None and run.killed is None and self.opts.hang_timeout:
@@ -300,10 +313,18 @@ class JobMonitor:
             return
         run.preempt_logged = True
         name = signal_name(run.preempt_received or run.preempt_signal)
-        self.log.emit("preempt", attempt=run.index, signal=name, forwarded=signal_name(run.preempt_signal),
-                      job_pid=run.proc.pid, grace_s=self.opts.grace)
-        self.say(f"{name} received: sent SIGTERM to the job (pid {run.proc.pid}); it has {self.opts.grace:g} s "
-                 "to save and exit")
+        self.log.emit(
+            "preempt",
+            attempt=run.index,
+            signal=name,
+            forwarded=signal_name(run.preempt_signal),
+            job_pid=run.proc.pid,
+            grace_s=self.opts.grace,
+        )
+        self.say(
+            f"{name} received: sent SIGTERM to the job (pid {run.proc.pid}); it has {self.opts.grace:g} s "
+            "to save and exit"
+        )
 
     def _handle_hang(self, run: RunningJob, age: float) -> None:
         beat = read_heartbeat(self.paths.heartbeat_path)
@@ -311,18 +332,32 @@ class JobMonitor:
         tree = [run.proc.pid] + descendants(run.proc.pid)
         target = hang_target(pid, tree)
         detected = time.time()
-        self.say(f"the job is hung: no heartbeat for {age:.1f} s (--hang-timeout {self.opts.hang_timeout:g}) "
-                 f"at step {beat.get('step')}; dumping its stacks, then killing it and its children")
+        self.say(
+            f"the job is hung: no heartbeat for {age:.1f} s (--hang-timeout {self.opts.hang_timeout:g}) "
+            f"at step {beat.get('step')}; dumping its stacks, then killing it and its children"
+        )
         stamp = time.strftime("%Y%m%dT%H%M%S")
         dump_path, method = dump_stacks(
-            target, tree, out_path=os.path.join(self.paths.state_dir, f"hang-{run.index}-{target}-{stamp}.txt"),
-            settle_s=min(1.0, max(0.2, self.opts.poll_interval * 5)), say=self.say)
+            target,
+            tree,
+            out_path=os.path.join(self.paths.state_dir, f"hang-{run.index}-{target}-{stamp}.txt"),
+            settle_s=min(1.0, max(0.2, self.opts.poll_interval * 5)),
+            say=self.say,
+        )
         run.hung = True
         run.killed = "hang"
-        self.log.emit("hang", attempt=run.index, pid=target, job_pid=run.proc.pid, step=beat.get("step"),
-                      heartbeat_age_s=round(age, 3), detected_time=round(detected, 6),
-                      hang_timeout_s=self.opts.hang_timeout, dump=method,
-                      dump_path=dump_path)
+        self.log.emit(
+            "hang",
+            attempt=run.index,
+            pid=target,
+            job_pid=run.proc.pid,
+            step=beat.get("step"),
+            heartbeat_age_s=round(age, 3),
+            detected_time=round(detected, 6),
+            hang_timeout_s=self.opts.hang_timeout,
+            dump=method,
+            dump_path=dump_path,
+        )
         self.say(f"stacks of pid {target}: {dump_path or method}")
         killed = self.kill(run)
         self.log.emit("kill", attempt=run.index, pid=run.proc.pid, reason="hang", pids=killed)
@@ -382,25 +417,56 @@ class JobMonitor:
         """
         restored, last_step, first_sign = attempt_evidence(
             read_heartbeat(self.paths.heartbeat_path),
-            EventTail(self.paths.events_path, run.events_offset).read(final=True), run.first_sign)
+            EventTail(self.paths.events_path, run.events_offset).read(final=True),
+            run.first_sign,
+        )
         resume_step = restored if restored is not None else run.plan.resume_step
         start = run.start
         failure = is_failure(rc, run.preempt_signal)
         rec = AttemptRecord(
-            index=run.index, resume_step=resume_step, last_step=last_step, start=start, end=end, returncode=rc,
-            failure=failure, hung=run.hung, preempted=run.preempt_signal is not None,
-            backoff_s=backoff_s, precheck_s=run.plan.precheck_s,
-            startup_s=(max(0.0, first_sign - start) if first_sign else None))
-        self.log.emit("exit", attempt=run.index, pid=run.proc.pid, returncode=rc, exit_code=exit_code_of(rc),
-                      signal=signal_name(-rc) if rc < 0 else None, failure=failure, hung=run.hung,
-                      preempted=rec.preempted, killed=run.killed, duration_s=round(end - start, 3),
-                      resume_step=resume_step, last_step=last_step)
+            index=run.index,
+            resume_step=resume_step,
+            last_step=last_step,
+            start=start,
+            end=end,
+            returncode=rc,
+            failure=failure,
+            hung=run.hung,
+            preempted=run.preempt_signal is not None,
+            backoff_s=backoff_s,
+            precheck_s=run.plan.precheck_s,
+            startup_s=(max(0.0, first_sign - start) if first_sign else None),
+        )
+        self.log.emit(
+            "exit",
+            attempt=run.index,
+            pid=run.proc.pid,
+            returncode=rc,
+            exit_code=exit_code_of(rc),
+            signal=signal_name(-rc) if rc < 0 else None,
+            failure=failure,
+            hung=run.hung,
+            preempted=rec.preempted,
+            killed=run.killed,
+            duration_s=round(end - start, 3),
+            resume_step=resume_step,
+            last_step=last_step,
+        )
         if failure:
             what = "was killed as hung" if run.hung else "failed"
-            self.say(f"the job {what}: exit {describe_exit(rc)} after {end - start:.1f} s "
-                     f"(last step {last_step}, resumed from {resume_step})")
+            self.say(
+                f"the job {what}: exit {describe_exit(rc)} after {end - start:.1f} s "
+                f"(last step {last_step}, resumed from {resume_step})"
+            )
         return rec
 
 
-__all__ = ["JobMonitor", "JobStartError", "RunningJob", "attempt_evidence", "clear_heartbeat", "dump_stacks",
-           "read_heartbeat"]
+__all__ = [
+    "JobMonitor",
+    "JobStartError",
+    "RunningJob",
+    "attempt_evidence",
+    "clear_heartbeat",
+    "dump_stacks",
+    "read_heartbeat",
+]

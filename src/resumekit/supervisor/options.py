@@ -91,8 +91,9 @@ class SupervisorOptions:
 
     def __post_init__(self) -> None:
         if isinstance(self.command, str) or not self.command or not all(isinstance(c, str) for c in self.command):
-            raise ConfigError("SupervisorOptions.command must be a non-empty list of strings "
-                              "(resumekit run [options] -- CMD ARGS...)")
+            raise ConfigError(
+                "SupervisorOptions.command must be a non-empty list of strings (resumekit run [options] -- CMD ARGS...)"
+            )
         self.command = list(self.command)
         if self.directory is not None:
             if not str(self.directory).strip():
@@ -110,12 +111,14 @@ class SupervisorOptions:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"SupervisorOptions.{name} must be a number of seconds >= 0, got {v!r}")
         if self.backoff_max < self.backoff:
-            raise ConfigError(f"SupervisorOptions.backoff_max ({self.backoff_max}) must be >= backoff "
-                              f"({self.backoff})")
-        if self.hang_timeout is not None and not (isinstance(self.hang_timeout, (int, float))
-                                                  and math.isfinite(self.hang_timeout) and self.hang_timeout > 0):
-            raise ConfigError(f"SupervisorOptions.hang_timeout must be a positive number of seconds or None, "
-                              f"got {self.hang_timeout!r}")
+            raise ConfigError(f"SupervisorOptions.backoff_max ({self.backoff_max}) must be >= backoff ({self.backoff})")
+        if self.hang_timeout is not None and not (
+            isinstance(self.hang_timeout, (int, float)) and math.isfinite(self.hang_timeout) and self.hang_timeout > 0
+        ):
+            raise ConfigError(
+                f"SupervisorOptions.hang_timeout must be a positive number of seconds or None, "
+                f"got {self.hang_timeout!r}"
+            )
         if not (isinstance(self.jitter, (int, float)) and 0.0 <= self.jitter <= 1.0):
             raise ConfigError(f"SupervisorOptions.jitter must be a fraction in [0, 1], got {self.jitter!r}")
         if not (isinstance(self.poll_interval, (int, float)) and 0 < self.poll_interval <= 10):
@@ -124,8 +127,10 @@ class SupervisorOptions:
             raise ConfigError(f"SupervisorOptions.min_free must be a number of bytes >= 0, got {self.min_free!r}")
         if self.local_tier is not None:
             if not str(self.local_tier).strip() or self.directory is None:
-                raise ConfigError("SupervisorOptions.local_tier needs a directory (the remote root it sits in front "
-                                  "of) and must not be empty")
+                raise ConfigError(
+                    "SupervisorOptions.local_tier needs a directory (the remote root it sits in front "
+                    "of) and must not be empty"
+                )
             self.local_tier = os.path.abspath(os.path.expanduser(str(self.local_tier)))
         if self.layout != "auto":
             from ..layouts import get_layout

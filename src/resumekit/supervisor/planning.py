@@ -31,6 +31,7 @@ from .prechecks import (
 )
 from .summary import AttemptRecord
 
+
 def checkpoint_size(storage: Any, info: Any) -> int:
     """Bytes of a checkpoint: its listed size, else what is on local disk; 0 when unknown.
 
@@ -119,8 +120,12 @@ class StartPlanner:
             if self.opts.local_tier:
                 from ..storage.local import LocalStorage
 
-                check_free_space(self.opts.local_tier, LocalStorage(self.opts.local_tier).free_bytes(),
-                                 int(best.size or 0) if best else 0, self.opts.min_free)
+                check_free_space(
+                    self.opts.local_tier,
+                    LocalStorage(self.opts.local_tier).free_bytes(),
+                    int(best.size or 0) if best else 0,
+                    self.opts.min_free,
+                )
             if layout.tracker_name:
                 self._repair(storage, layout)
         elif prev is not None:
@@ -179,14 +184,19 @@ class StartPlanner:
             full = not (self.opts.local_tier and layout.name == "native")
             best, skipped = layout.latest(storage, full=full)
         except OSError as e:
-            raise PrecheckError("checkpoint", f"cannot list checkpoints under {storage.uri}: {one_line(e)}",
-                                retry=self.paths.remote) from None
+            raise PrecheckError(
+                "checkpoint", f"cannot list checkpoints under {storage.uri}: {one_line(e)}", retry=self.paths.remote
+            ) from None
         except Exception as e:  # noqa: BLE001 - a broken layout adapter stops the run in one line, not a traceback
-            raise PrecheckError("checkpoint", f"cannot look for checkpoints under {storage.uri} (layout "
-                                              f"{self.opts.layout}): {type(e).__name__}: {one_line(e)}") from None
+            raise PrecheckError(
+                "checkpoint",
+                f"cannot look for checkpoints under {storage.uri} (layout "
+                f"{self.opts.layout}): {type(e).__name__}: {one_line(e)}",
+            ) from None
         for s in skipped:
-            self._skip_once((s.name, s.reason), s.path, s.reason,
-                            step=s.step, path=s.path, layout=layout.name, reason=s.reason)
+            self._skip_once(
+                (s.name, s.reason), s.path, s.reason, step=s.step, path=s.path, layout=layout.name, reason=s.reason
+            )
         return layout, best
 
     def _skip_once(self, key: Tuple[Any, Any], shown_path: Any, shown_reason: Any, /, **fields: Any) -> None:
@@ -210,29 +220,53 @@ class StartPlanner:
         layout = NativeLayout()
         local_best, skipped = layout.latest(local, full=True)
         for sk in skipped:
-            self._skip_once((local.join(sk.name), sk.reason), sk.path, sk.reason,
-                            step=sk.step, path=sk.path, layout="native", reason=sk.reason, tier="local")
+            self._skip_once(
+                (local.join(sk.name), sk.reason),
+                sk.path,
+                sk.reason,
+                step=sk.step,
+                path=sk.path,
+                layout="native",
+                reason=sk.reason,
+                tier="local",
+            )
         if remote_best is None or (local_best is not None and local_best.step >= remote_best.step):
             return local_best
         # Newest first; one that fails verification on the way down is skipped like any invalid checkpoint.
         floor = local_best.step if local_best is not None else -1
-        for cand in sorted((i for i in layout.list(storage) if floor < i.step <= remote_best.step),
-                           key=lambda i: i.step, reverse=True):
+        for cand in sorted(
+            (i for i in layout.list(storage) if floor < i.step <= remote_best.step), key=lambda i: i.step, reverse=True
+        ):
             t0 = time.monotonic()
             try:
                 man = copy_step(storage, local, cand.name, desc=f"download {cand.name}")
             except CorruptCheckpointError as e:
-                self._skip_once((cand.path, e.reason), cand.path, e.reason,
-                                step=cand.step, path=cand.path, layout="native", reason=e.reason)
+                self._skip_once(
+                    (cand.path, e.reason),
+                    cand.path,
+                    e.reason,
+                    step=cand.step,
+                    path=cand.path,
+                    layout="native",
+                    reason=e.reason,
+                )
                 continue
             except OSError as e:
-                raise PrecheckError("remote", f"cannot download {cand.path} to {local.join(cand.name)}: "
-                                              f"{one_line(e)}", retry=True) from None
+                raise PrecheckError(
+                    "remote", f"cannot download {cand.path} to {local.join(cand.name)}: {one_line(e)}", retry=True
+                ) from None
             secs = time.monotonic() - t0
-            self.log.emit("download", step=cand.step, path=cand.path, to=local.join(cand.name),
-                          bytes=man.total_bytes, seconds=round(secs, 3))
-            self.say(f"downloaded {cand.path} to {local.join(cand.name)} ({format_bytes(man.total_bytes)} in "
-                     f"{secs:.1f} s)")
+            self.log.emit(
+                "download",
+                step=cand.step,
+                path=cand.path,
+                to=local.join(cand.name),
+                bytes=man.total_bytes,
+                seconds=round(secs, 3),
+            )
+            self.say(
+                f"downloaded {cand.path} to {local.join(cand.name)} ({format_bytes(man.total_bytes)} in {secs:.1f} s)"
+            )
             info = CheckpointInfo(step=cand.step, name=cand.name, path=local.join(cand.name), layout="native")
             return layout.validate(local, info, full=False)
         return local_best
@@ -244,11 +278,13 @@ class StartPlanner:
         try:
             return open_storage(directory, create=False)  # type: ignore[arg-type]
         except ImportError as e:
-            raise PrecheckError("remote", f"cannot open {directory}: {one_line(e)}; install it with "
-                                          "pip install 'resumekit[s3]'") from None
+            raise PrecheckError(
+                "remote", f"cannot open {directory}: {one_line(e)}; install it with pip install 'resumekit[s3]'"
+            ) from None
         except OSError as e:
-            raise PrecheckError("directory", f"cannot open {directory}: {one_line(e)}",
-                                retry=self.paths.remote) from None
+            raise PrecheckError(
+                "directory", f"cannot open {directory}: {one_line(e)}", retry=self.paths.remote
+            ) from None
 
     def _repair(self, storage: Any, layout: Any) -> None:
         try:
@@ -259,8 +295,17 @@ class StartPlanner:
             return
         if res is None:
             return
-        self.log.emit("repair", layout=layout.name, ok=True, tracker=res.tracker, old=res.old, new=res.new,
-                      changed=res.changed, backup=res.backup, message=res.message)
+        self.log.emit(
+            "repair",
+            layout=layout.name,
+            ok=True,
+            tracker=res.tracker,
+            old=res.old,
+            new=res.new,
+            changed=res.changed,
+            backup=res.backup,
+            message=res.message,
+        )
         if res.changed:
             self.say(f"repaired {res.message}")
 
@@ -286,8 +331,11 @@ class StartPlanner:
         try:
             from ..yamlconfig import resolve_config
         except ImportError as e:
-            raise PrecheckError("config", f"--config {self.opts.config} needs resumekit.yamlconfig and ruamel.yaml "
-                                          f"({one_line(e)}); pip install 'resumekit[yaml]'") from None
+            raise PrecheckError(
+                "config",
+                f"--config {self.opts.config} needs resumekit.yamlconfig and ruamel.yaml "
+                f"({one_line(e)}); pip install 'resumekit[yaml]'",
+            ) from None
         kwargs: Dict[str, Any] = {}
         if self.opts.layout != "auto":
             kwargs["layout"] = self.opts.layout
@@ -304,13 +352,20 @@ class StartPlanner:
             # Found by the YAML's own search (its output_dir): quarantinable there, if it crash-loops.
             plan.resume_path, plan.resume_step = chosen.path, chosen.step
             plan.resume_root, _, plan.resume_name = chosen.path.rstrip("/").rpartition("/")
-        self.log.emit("config_resolved", config=self.opts.config, resume_from=plan.resume_path or None,
-                      result=_jsonable(result))
+        self.log.emit(
+            "config_resolved", config=self.opts.config, resume_from=plan.resume_path or None, result=_jsonable(result)
+        )
         for sk in getattr(result, "skipped", None) or []:
             reason = getattr(sk, "reason", "")
-            self._skip_once((getattr(sk, "name", ""), reason), getattr(sk, "path", "?"), reason,
-                            step=getattr(sk, "step", None), path=getattr(sk, "path", None), reason=reason,
-                            found_by="config")
+            self._skip_once(
+                (getattr(sk, "name", ""), reason),
+                getattr(sk, "path", "?"),
+                reason,
+                step=getattr(sk, "step", None),
+                path=getattr(sk, "path", None),
+                reason=reason,
+                found_by="config",
+            )
 
 
 def _jsonable(value: Any) -> Any:

@@ -47,8 +47,11 @@ def check_directory(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise PrecheckError("directory", f"cannot create checkpoint directory {path}: {e.strerror or e}; "
-                                         "choose a writable --dir or fix its permissions") from None
+        raise PrecheckError(
+            "directory",
+            f"cannot create checkpoint directory {path}: {e.strerror or e}; "
+            "choose a writable --dir or fix its permissions",
+        ) from None
     if not os.path.isdir(path):
         raise PrecheckError("directory", f"checkpoint directory {path} is not a directory; choose another --dir")
     probe = os.path.join(path, f".resumekit-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -65,8 +68,11 @@ def check_directory(path: str) -> None:
             os.unlink(probe)
         except OSError:
             pass
-        raise PrecheckError("directory", f"checkpoint directory {path} is not writable ({e.strerror or e}); "
-                                         "choose a writable --dir or fix its permissions") from None
+        raise PrecheckError(
+            "directory",
+            f"checkpoint directory {path} is not writable ({e.strerror or e}); "
+            "choose a writable --dir or fix its permissions",
+        ) from None
 
 
 def check_free_space(where: str, free: Optional[int], last_size: int, min_free: Optional[int]) -> None:
@@ -85,13 +91,15 @@ def check_free_space(where: str, free: Optional[int], last_size: int, min_free: 
         return
     need = max(2 * last_size, min_free or 0)
     if free < need:
-        why = (f"2x the last checkpoint, {format_bytes(last_size)}" if 2 * last_size >= (min_free or 0)
-               else "--min-free")
+        why = f"2x the last checkpoint, {format_bytes(last_size)}" if 2 * last_size >= (min_free or 0) else "--min-free"
         have_h, need_h = format_bytes(free), format_bytes(need)
         if have_h == need_h:  # rounding would print "2.0 KiB free, need 2.0 KiB"
             have_h, need_h = f"{free} B", f"{need} B"
-        raise PrecheckError("free-space", f"not enough free space at {where}: {have_h} free, need {need_h} "
-                                          f"({why}); free some space (resumekit gc) or lower --min-free")
+        raise PrecheckError(
+            "free-space",
+            f"not enough free space at {where}: {have_h} free, need {need_h} "
+            f"({why}); free some space (resumekit gc) or lower --min-free",
+        )
 
 
 def check_remote(uri: str, timeout: float) -> None:
@@ -122,20 +130,31 @@ def check_remote(uri: str, timeout: float) -> None:
     t.join(timeout)
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
     if t.is_alive():
-        raise PrecheckError("remote", f"cannot reach {uri}: no answer from {endpoint} within {timeout:.0f} s; "
-                                      "check AWS_ENDPOINT_URL and the network", retry=True)
+        raise PrecheckError(
+            "remote",
+            f"cannot reach {uri}: no answer from {endpoint} within {timeout:.0f} s; "
+            "check AWS_ENDPOINT_URL and the network",
+            retry=True,
+        )
     err = result.get("error")
     if err is None:
         return
     if isinstance(err, ImportError):
-        raise PrecheckError("remote", f"cannot reach {uri}: the remote storage backend is not available "
-                                      f"({one_line(err)}); install it with pip install 'resumekit[s3]'")
+        raise PrecheckError(
+            "remote",
+            f"cannot reach {uri}: the remote storage backend is not available "
+            f"({one_line(err)}); install it with pip install 'resumekit[s3]'",
+        )
     from ..errors import StorageError
 
     # StorageError: a missing bucket or wrong credentials, which no restart fixes; network trouble may pass.
     retry = not isinstance(err, (StorageError, PermissionError, ValueError, TypeError, KeyError))
-    raise PrecheckError("remote", f"cannot reach {uri} at {endpoint}: {one_line(err)}; check AWS_ENDPOINT_URL, "
-                                  "the bucket name and the credentials", retry=retry)
+    raise PrecheckError(
+        "remote",
+        f"cannot reach {uri} at {endpoint}: {one_line(err)}; check AWS_ENDPOINT_URL, "
+        "the bucket name and the credentials",
+        retry=retry,
+    )
 
 
 def check_resume(path: str, layout: str) -> Any:
@@ -166,8 +185,9 @@ def check_resume(path: str, layout: str) -> Any:
     except (OSError, ImportError) as e:
         raise PrecheckError("resume", f"cannot read --resume {path}: {one_line(e)}") from None
     if not checked.valid:
-        raise PrecheckError("resume", f"--resume {path} is not a valid checkpoint: {checked.reason}; pass a "
-                                      "valid one, or --resume auto")
+        raise PrecheckError(
+            "resume", f"--resume {path} is not a valid checkpoint: {checked.reason}; pass a valid one, or --resume auto"
+        )
     return checked
 
 
@@ -216,34 +236,54 @@ def check_hardware(gpus: int, timeout: float, python: Optional[str] = None) -> D
     """
     python = python or sys.executable
     try:
-        proc = subprocess.run([python, "-c", HARDWARE_CHECK, str(gpus)], capture_output=True, text=True,
-                              timeout=timeout, start_new_session=True)
+        proc = subprocess.run(
+            [python, "-c", HARDWARE_CHECK, str(gpus)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
     except subprocess.TimeoutExpired:
-        raise PrecheckError("hardware", f"hardware check did not finish within {timeout:.0f} s "
-                                        f"(a stuck driver or device?) for --gpus {gpus}", retry=True) from None
+        raise PrecheckError(
+            "hardware",
+            f"hardware check did not finish within {timeout:.0f} s (a stuck driver or device?) for --gpus {gpus}",
+            retry=True,
+        ) from None
     except OSError as e:
         raise PrecheckError("hardware", f"cannot run the hardware check with {python}: {e}") from None
     report: Optional[Dict[str, Any]] = None
     for line in proc.stdout.splitlines():
         if line.startswith("RESUMEKIT-HW "):
-            report = json.loads(line[len("RESUMEKIT-HW "):])
+            report = json.loads(line[len("RESUMEKIT-HW ") :])
     if report is None:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         if "No module named 'torch'" in proc.stderr:
-            raise PrecheckError("hardware", f"the --gpus check needs torch importable by {python}; install torch "
-                                            "there or drop --gpus")
+            raise PrecheckError(
+                "hardware", f"the --gpus check needs torch importable by {python}; install torch there or drop --gpus"
+            )
         raise PrecheckError("hardware", f"hardware check failed for --gpus {gpus}: {tail}", retry=True)
     if report["count"] < gpus:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", os.environ.get("ASCEND_RT_VISIBLE_DEVICES"))
-        raise PrecheckError("hardware", f"hardware check failed: --gpus {gpus} requested, {report['count']} "
-                                        f"{report['kind']} device(s) visible (visible devices: {visible!r})",
-                            retry=True)
+        raise PrecheckError(
+            "hardware",
+            f"hardware check failed: --gpus {gpus} requested, {report['count']} "
+            f"{report['kind']} device(s) visible (visible devices: {visible!r})",
+            retry=True,
+        )
     if report["bad"]:
         i, why = report["bad"][0]
-        raise PrecheckError("hardware", f"hardware check failed: {report['kind']}:{i} cannot run a kernel ({why})",
-                            retry=True)
+        raise PrecheckError(
+            "hardware", f"hardware check failed: {report['kind']}:{i} cannot run a kernel ({why})", retry=True
+        )
     return report
 
 
-__all__ = ["PrecheckError", "check_directory", "check_free_space", "check_remote", "check_resume", "check_hardware",
-           "HARDWARE_CHECK"]
+__all__ = [
+    "PrecheckError",
+    "check_directory",
+    "check_free_space",
+    "check_remote",
+    "check_resume",
+    "check_hardware",
+    "HARDWARE_CHECK",
+]

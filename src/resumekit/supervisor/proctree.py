@@ -126,8 +126,9 @@ def reap(pids: Iterable[int]) -> None:
             pass
 
 
-def wait_gone(pids: Sequence[int], *, timeout: float = 5.0,
-              reapable: Optional[Callable[[], Iterable[int]]] = None) -> List[int]:
+def wait_gone(
+    pids: Sequence[int], *, timeout: float = 5.0, reapable: Optional[Callable[[], Iterable[int]]] = None
+) -> List[int]:
     """Wait (bounded) until none of ``pids`` runs, reaping on the way.
 
     Orphans re-parent to a subreaper only once their parent died, so the reaping goes on until every pid is gone.
@@ -198,6 +199,13 @@ def signal_name(sig: int) -> str:
 
 
 __all__ = [
-    "children", "descendants", "pid_alive", "send_signal", "set_subreaper", "reap", "wait_gone", "kill_tree",
+    "children",
+    "descendants",
+    "pid_alive",
+    "send_signal",
+    "set_subreaper",
+    "reap",
+    "wait_gone",
+    "kill_tree",
     "signal_name",
 ]

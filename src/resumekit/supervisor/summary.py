@@ -97,16 +97,18 @@ class RunSummary:
 
     def format_text(self) -> str:
         """A few human lines for stderr."""
-        return "\n".join([
-            f"resumekit run: {self.outcome}, exit code {self.exit_code}: {self.reason}",
-            f"  starts {self.starts} (restarts {self.restarts}), failures {self.failures} "
-            f"({self.killed_by_signal} killed by a signal), hangs {self.hangs}, preemptions {self.preemptions}, "
-            f"quarantined {self.quarantined}, pre-check retries {self.precheck_retries}",
-            f"  lost steps {self.lost_steps} (~{self.redone_s:.1f} s redone), "
-            f"time in saves {self.save_blocking_s:.2f} s, in restarts {self.restart_s:.1f} s "
-            f"(backoff {self.backoff_s:.1f} s, startup {self.startup_s:.1f} s, pre-checks {self.precheck_s:.1f} s)",
-            f"  effective training time {100 * self.effective_ratio:.1f}% of {self.wall_s:.1f} s",
-        ])
+        return "\n".join(
+            [
+                f"resumekit run: {self.outcome}, exit code {self.exit_code}: {self.reason}",
+                f"  starts {self.starts} (restarts {self.restarts}), failures {self.failures} "
+                f"({self.killed_by_signal} killed by a signal), hangs {self.hangs}, preemptions {self.preemptions}, "
+                f"quarantined {self.quarantined}, pre-check retries {self.precheck_retries}",
+                f"  lost steps {self.lost_steps} (~{self.redone_s:.1f} s redone), "
+                f"time in saves {self.save_blocking_s:.2f} s, in restarts {self.restart_s:.1f} s "
+                f"(backoff {self.backoff_s:.1f} s, startup {self.startup_s:.1f} s, pre-checks {self.precheck_s:.1f} s)",
+                f"  effective training time {100 * self.effective_ratio:.1f}% of {self.wall_s:.1f} s",
+            ]
+        )
 
 
 def lost_steps_of(attempts: Sequence[AttemptRecord]) -> List[int]:
@@ -129,9 +131,18 @@ def lost_steps_of(attempts: Sequence[AttemptRecord]) -> List[int]:
     return out
 
 
-def summarize(attempts: Sequence[AttemptRecord], *, exit_code: int, outcome: str, reason: str = "",
-              wall_s: float, save_blocking_s: float = 0.0, quarantined: int = 0, precheck_retries: int = 0,
-              extra_backoff_s: float = 0.0) -> RunSummary:
+def summarize(
+    attempts: Sequence[AttemptRecord],
+    *,
+    exit_code: int,
+    outcome: str,
+    reason: str = "",
+    wall_s: float,
+    save_blocking_s: float = 0.0,
+    quarantined: int = 0,
+    precheck_retries: int = 0,
+    extra_backoff_s: float = 0.0,
+) -> RunSummary:
     """The run's account from its attempts (pure arithmetic; see :class:`RunSummary` for each field).
 
     Args:
@@ -167,13 +178,26 @@ def summarize(attempts: Sequence[AttemptRecord], *, exit_code: int, outcome: str
     overhead = restart_s + redone_s + save_blocking_s
     ratio = 1.0 if wall_s <= 0 else min(1.0, max(0.0, 1.0 - overhead / wall_s))
     return RunSummary(
-        exit_code=exit_code, outcome=outcome, reason=reason, starts=len(attempts), restarts=len(restarts),
+        exit_code=exit_code,
+        outcome=outcome,
+        reason=reason,
+        starts=len(attempts),
+        restarts=len(restarts),
         failures=sum(a.failure for a in attempts),
         killed_by_signal=sum(1 for a in attempts if a.failure and a.returncode < 0),
-        hangs=sum(a.hung for a in attempts), preemptions=sum(a.preempted for a in attempts),
-        quarantined=quarantined, precheck_retries=precheck_retries, lost_steps=sum(lost),
-        save_blocking_s=save_blocking_s, backoff_s=backoff, startup_s=startup, precheck_s=precheck,
-        restart_s=restart_s, redone_s=redone_s, wall_s=wall_s, effective_ratio=ratio,
+        hangs=sum(a.hung for a in attempts),
+        preemptions=sum(a.preempted for a in attempts),
+        quarantined=quarantined,
+        precheck_retries=precheck_retries,
+        lost_steps=sum(lost),
+        save_blocking_s=save_blocking_s,
+        backoff_s=backoff,
+        startup_s=startup,
+        precheck_s=precheck,
+        restart_s=restart_s,
+        redone_s=redone_s,
+        wall_s=wall_s,
+        effective_ratio=ratio,
     )
 
 

@@ -29,7 +29,22 @@ from .torchload import load_weights_only
 from .torchzip import check_torch_zip
 
 __all__ = [
-    "fail", "files_of", "join", "newest_mtime", "sum_sizes", "check_dcp_dir", "check_file_nonempty", "read_json",
-    "FOREIGN_MANIFEST", "check_foreign_manifest", "NOT_SCALAR", "scan_pickle_scalars", "describe_ranks",
-    "grid_missing", "missing_ranks", "check_safetensors", "load_weights_only", "check_torch_zip",
+    "fail",
+    "files_of",
+    "join",
+    "newest_mtime",
+    "sum_sizes",
+    "check_dcp_dir",
+    "check_file_nonempty",
+    "read_json",
+    "FOREIGN_MANIFEST",
+    "check_foreign_manifest",
+    "NOT_SCALAR",
+    "scan_pickle_scalars",
+    "describe_ranks",
+    "grid_missing",
+    "missing_ranks",
+    "check_safetensors",
+    "load_weights_only",
+    "check_torch_zip",
 ]

@@ -31,9 +31,13 @@ def check_dcp_dir(storage: Storage, rel: str, where: str, shown: Optional[str] =
     prefix = f"{shown}/" if shown else ""
     if not files:
         raise fail(where, f"{shown or 'the checkpoint directory'} is missing or empty")
-    check_file_nonempty(files, ".metadata", where, f"{prefix}.metadata",
-                        "(torch.distributed.checkpoint writes it once every rank has finished: the save never "
-                        "finished)")
+    check_file_nonempty(
+        files,
+        ".metadata",
+        where,
+        f"{prefix}.metadata",
+        "(torch.distributed.checkpoint writes it once every rank has finished: the save never finished)",
+    )
     if not any(n.endswith(".distcp") for n in files):
         raise fail(where, f"{prefix}*.distcp data files are missing")
     return files

@@ -15,9 +15,7 @@ from ...verify import check_checkpoint
 from .common import fail
 
 
-
-def check_foreign_manifest(storage: Storage, name: str, where: str, full: bool,
-                           step: Optional[int] = None) -> Manifest:
+def check_foreign_manifest(storage: Storage, name: str, where: str, full: bool, step: Optional[int] = None) -> Manifest:
     """Verify a foreign checkpoint against the resumekit manifest written into it (sizes; xxh3 when ``full``).
 
     Args:

@@ -9,8 +9,9 @@ from ...verify import TensorSpan, read_safetensors_header
 from .common import fail
 
 
-def check_safetensors(storage: Storage, rel: str, where: str, full: bool, size: Optional[int] = None,
-                      shown: Optional[str] = None) -> List[TensorSpan]:
+def check_safetensors(
+    storage: Storage, rel: str, where: str, full: bool, size: Optional[int] = None, shown: Optional[str] = None
+) -> List[TensorSpan]:
     """Check that a safetensors file's header is whole and describes exactly the bytes that follow it.
 
     Quick and full both read only the header (see :func:`resumekit.verify.read_safetensors_header`). Full

@@ -38,7 +38,10 @@ def load_weights_only(storage: Storage, rel: str, where: str) -> Any:
         if "weights_only" in text or "Unsupported global" in text:
             glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
             what = f"{glob.group(1)} is not allowed" if glob else first
-            raise fail(where, f"{os.path.basename(rel)} cannot be loaded with weights_only=True ({what}): it holds "
-                              "Python objects beyond tensors and plain containers; re-save plain state_dicts, or "
-                              "allow the types with torch.serialization.add_safe_globals") from None
+            raise fail(
+                where,
+                f"{os.path.basename(rel)} cannot be loaded with weights_only=True ({what}): it holds "
+                "Python objects beyond tensors and plain containers; re-save plain state_dicts, or "
+                "allow the types with torch.serialization.add_safe_globals",
+            ) from None
         raise fail(where, f"{os.path.basename(rel)} does not load ({type(e).__name__}: {first})") from None

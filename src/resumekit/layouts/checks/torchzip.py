@@ -42,13 +42,19 @@ def check_torch_zip(storage: Storage, rel: str, where: str, full: bool, shown: O
         if not head:
             raise fail(where, f"{shown} is empty (truncated or still being written)")
         if head[:2] != b"PK":
-            raise fail(where, f"{shown} is not a zip archive: a torch file in the legacy format (re-save it with "
-                              "torch>=1.6) or not a torch.save file at all")
+            raise fail(
+                where,
+                f"{shown} is not a zip archive: a torch file in the legacy format (re-save it with "
+                "torch>=1.6) or not a torch.save file at all",
+            )
         try:
             zf = zipfile.ZipFile(f)  # reads only the end record and the central directory
         except zipfile.BadZipFile:
-            raise fail(where, f"{shown} is not a complete torch file: its zip central directory is missing "
-                              "(truncated or still being written)") from None
+            raise fail(
+                where,
+                f"{shown} is not a complete torch file: its zip central directory is missing "
+                "(truncated or still being written)",
+            ) from None
         except (OSError, ValueError, EOFError, struct.error) as e:
             raise fail(where, f"{shown} is unreadable ({e})") from None
         with zf:

@@ -31,5 +31,14 @@ from .client import _new_fs  # noqa: F401 - benchmarks/bench_remote.py builds a 
 from .options import RemoteOptions
 from .retry import MISSING, OTHER, PERMANENT, TRANSIENT, classify, transfer_backoff
 
-__all__ = ["RemoteStorage", "RemoteTransaction", "RemoteOptions", "classify", "transfer_backoff", "PERMANENT",
-           "MISSING", "TRANSIENT", "OTHER"]
+__all__ = [
+    "RemoteStorage",
+    "RemoteTransaction",
+    "RemoteOptions",
+    "classify",
+    "transfer_backoff",
+    "PERMANENT",
+    "MISSING",
+    "TRANSIENT",
+    "OTHER",
+]

@@ -66,8 +66,9 @@ class RemoteTransaction(Transaction):
         for rel, w in self._writers:
             have = st.size(f"{self.name}/{rel}")
             if have != w.size:
-                raise StorageError(f"{st.join(self.name)}/{rel} has {have} bytes after upload, {w.size} were "
-                                   "written; not committing")
+                raise StorageError(
+                    f"{st.join(self.name)}/{rel} has {have} bytes after upload, {w.size} were written; not committing"
+                )
         st.write_bytes_atomic(f"{self.name}/{MANIFEST}", manifest)
         return st.join(self.name)
 
@@ -104,8 +105,9 @@ class RemoteStorage(BucketClient, Storage):
         if create:
             # A one-key listing rather than HeadBucket: HEAD answers carry no error code, so a missing bucket and
             # a wrong key would both read "404"/"403" instead of naming the problem.
-            self._sync(self._call("list", "list_objects_v2", Bucket=self.bucket, Prefix=self._dir_prefix(""),
-                                  MaxKeys=1))
+            self._sync(
+                self._call("list", "list_objects_v2", Bucket=self.bucket, Prefix=self._dir_prefix(""), MaxKeys=1)
+            )
 
     # -- names ----------------------------------------------------------------------------------------------------
 
@@ -147,9 +149,9 @@ class RemoteStorage(BucketClient, Storage):
     def listdir(self, rel: str = "") -> List[Entry]:
         base = self._dir_prefix(rel)
         dirs, objs = self._sync(self._list(base, "/"))
-        out = [Entry(d[len(base):].rstrip("/"), True) for d in dirs if d[len(base):].strip("/")]
+        out = [Entry(d[len(base) :].rstrip("/"), True) for d in dirs if d[len(base) :].strip("/")]
         for o in objs:
-            name = o["Key"][len(base):]
+            name = o["Key"][len(base) :]
             if not name or "/" in name:
                 continue  # the "directory marker" some tools create for the prefix itself
             out.append(Entry(name, False, int(o.get("Size") or 0), _ts(o.get("LastModified"))))
@@ -168,8 +170,9 @@ class RemoteStorage(BucketClient, Storage):
             return True
         except FileNotFoundError:
             pass
-        page = self._sync(self._call("list", "list_objects_v2", Bucket=self.bucket, Prefix=self._dir_prefix(rel),
-                                     MaxKeys=1))
+        page = self._sync(
+            self._call("list", "list_objects_v2", Bucket=self.bucket, Prefix=self._dir_prefix(rel), MaxKeys=1)
+        )
         return bool(page.get("Contents"))
 
     def size(self, rel: str) -> int:
@@ -233,14 +236,20 @@ class RemoteStorage(BucketClient, Storage):
 
     async def _delete_keys(self, keys: List[str]) -> None:
         for i in range(0, len(keys), DELETE_BATCH):
-            batch = keys[i:i + DELETE_BATCH]
-            resp = await self._call("delete", "delete_objects", Bucket=self.bucket,
-                                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+            batch = keys[i : i + DELETE_BATCH]
+            resp = await self._call(
+                "delete",
+                "delete_objects",
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+            )
             errors = [e for e in resp.get("Errors") or [] if e.get("Code") != "NoSuchKey"]
             if errors:
                 e = errors[0]
-                raise StorageError(f"cannot delete s3://{self.bucket}/{e.get('Key')}: {e.get('Code')} "
-                                   f"{e.get('Message', '')}".rstrip() + f" ({len(errors)} object(s) not deleted)")
+                raise StorageError(
+                    f"cannot delete s3://{self.bucket}/{e.get('Key')}: {e.get('Code')} {e.get('Message', '')}".rstrip()
+                    + f" ({len(errors)} object(s) not deleted)"
+                )
 
     def remove_tree(self, rel: str) -> None:
         """Delete a step: its manifest first (from then on it is not a checkpoint), then everything else."""
@@ -274,14 +283,27 @@ class RemoteStorage(BucketClient, Storage):
 
             async def part(n: int, start: int) -> Dict[str, Any]:
                 async with sem:
-                    r = await self._call("copy", "upload_part_copy", Bucket=self.bucket, Key=dst_key,
-                                         UploadId=uid, PartNumber=n, CopySource=src,
-                                         CopySourceRange=f"bytes={start}-{min(size, start + step) - 1}")
+                    r = await self._call(
+                        "copy",
+                        "upload_part_copy",
+                        Bucket=self.bucket,
+                        Key=dst_key,
+                        UploadId=uid,
+                        PartNumber=n,
+                        CopySource=src,
+                        CopySourceRange=f"bytes={start}-{min(size, start + step) - 1}",
+                    )
                     return {"PartNumber": n, "ETag": r["CopyPartResult"]["ETag"]}
 
             parts = await asyncio.gather(*[part(i + 1, s) for i, s in enumerate(range(0, size, step))])
-            await self._call("copy", "complete_multipart_upload", Bucket=self.bucket, Key=dst_key, UploadId=uid,
-                             MultipartUpload={"Parts": list(parts)})
+            await self._call(
+                "copy",
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=dst_key,
+                UploadId=uid,
+                MultipartUpload={"Parts": list(parts)},
+            )
         except BaseException:
             await self._abort_upload(dst_key, uid)
             raise
@@ -306,7 +328,7 @@ class RemoteStorage(BucketClient, Storage):
 
             async def one(o: Dict[str, Any]) -> None:
                 async with sem:
-                    await self._copy(o["Key"], dbase + o["Key"][len(base):], int(o.get("Size") or 0))
+                    await self._copy(o["Key"], dbase + o["Key"][len(base) :], int(o.get("Size") or 0))
 
             await asyncio.gather(*[one(o) for o in data])
             for o in objs:

@@ -27,15 +27,30 @@ _INSTALL_HINT = "pip install 'resumekit[s3]'"
 _FS_CACHE: Dict[Tuple[Any, ...], Any] = {}
 _FS_LOCK = threading.Lock()
 #: the environment a client is built from: a change makes a new client
-_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION",
-            "AWS_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "RESUMEKIT_S3_ADDRESSING_STYLE")
+_AWS_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "RESUMEKIT_S3_ADDRESSING_STYLE",
+)
 
 
 def _make_fs(endpoint: Optional[str], options: RemoteOptions) -> Any:
     """One s3fs client per configuration and process: building one loads botocore's service model (~0.5 s), which
     would otherwise be paid by every storage object the CLI, the manager and the supervisor open."""
-    key = (os.getpid(), endpoint, options.connect_timeout, options.read_timeout, options.concurrency,
-           tuple(os.environ.get(k) for k in _AWS_ENV))
+    key = (
+        os.getpid(),
+        endpoint,
+        options.connect_timeout,
+        options.read_timeout,
+        options.concurrency,
+        tuple(os.environ.get(k) for k in _AWS_ENV),
+    )
     with _FS_LOCK:
         fs = _FS_CACHE.get(key)
         if fs is None:
@@ -77,8 +92,9 @@ def _new_fs(endpoint: Optional[str], options: RemoteOptions) -> Any:
         config["response_checksum_validation"] = "when_required"
     except (ImportError, TypeError):  # pragma: no cover - botocore < 1.36 has neither option
         pass
-    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, client_kwargs=client_kwargs,
-                             config_kwargs=config)
+    return s3fs.S3FileSystem(
+        skip_instance_cache=True, use_listings_cache=False, client_kwargs=client_kwargs, config_kwargs=config
+    )
 
 
 class BucketClient:
@@ -97,8 +113,9 @@ class BucketClient:
     def __init__(self, bucket: str, options: RemoteOptions):
         self.bucket = bucket
         self.options = options
-        self.endpoint: Optional[str] = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") \
-            or None
+        self.endpoint: Optional[str] = (
+            os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        )
         self._fs = _make_fs(self.endpoint, self.options)
         self._loop = self._fs.loop
         self._rand = random.Random()
@@ -135,18 +152,21 @@ class BucketClient:
                 if kind == PERMANENT:
                     raise permanent_error(what, e, self.bucket, self.endpoint_name) from None
                 if kind == OTHER:
-                    raise StorageError(f"{what} at {self.endpoint_name} failed: {type(e).__name__}: "
-                                       f"{one_line(e)}") from e
+                    raise StorageError(
+                        f"{what} at {self.endpoint_name} failed: {type(e).__name__}: {one_line(e)}"
+                    ) from e
                 if attempt == opts.retries:
                     raise RemoteTransferError(
                         f"{what} failed after {attempt} attempts in {time.monotonic() - t0:.1f} s: "
                         f"{type(e).__name__}: {one_line(e)}; check the network and AWS_ENDPOINT_URL "
-                        f"({self.endpoint_name}); RESUMEKIT_S3_RETRIES sets the retry budget") from e
+                        f"({self.endpoint_name}); RESUMEKIT_S3_RETRIES sets the retry budget"
+                    ) from e
                 await asyncio.sleep(transfer_backoff(attempt, opts.backoff, opts.backoff_max, self._rand.random()))
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _call(self, what: str, method: str, **kw: Any) -> Any:
         """One S3 API request (``method`` of the aiobotocore client), retried; ``what`` names it in errors."""
+
         async def once() -> Any:
             s3 = await self._client()
             return await getattr(s3, method)(**kw)

@@ -26,8 +26,10 @@ def parse_uri(uri: str) -> Tuple[str, str]:
     """
     scheme, _, rest = uri.partition("://")
     if scheme.lower() not in ("s3", "s3a"):
-        raise ConfigError(f"unsupported storage URI {uri!r}: only s3://bucket/prefix is supported (Huawei OBS and "
-                          "MinIO through their S3-compatible endpoint: set AWS_ENDPOINT_URL)")
+        raise ConfigError(
+            f"unsupported storage URI {uri!r}: only s3://bucket/prefix is supported (Huawei OBS and "
+            "MinIO through their S3-compatible endpoint: set AWS_ENDPOINT_URL)"
+        )
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise ConfigError(f"storage URI {uri!r} names no bucket; use s3://bucket/prefix")
@@ -76,15 +78,22 @@ class RemoteOptions:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
 
-    _ENV = {"part_size": "RESUMEKIT_S3_PART_SIZE", "concurrency": "RESUMEKIT_S3_CONCURRENCY",
-            "read_chunk": "RESUMEKIT_S3_READ_CHUNK", "retries": "RESUMEKIT_S3_RETRIES",
-            "backoff": "RESUMEKIT_S3_BACKOFF", "backoff_max": "RESUMEKIT_S3_BACKOFF_MAX",
-            "connect_timeout": "RESUMEKIT_S3_CONNECT_TIMEOUT", "read_timeout": "RESUMEKIT_S3_READ_TIMEOUT"}
+    _ENV = {
+        "part_size": "RESUMEKIT_S3_PART_SIZE",
+        "concurrency": "RESUMEKIT_S3_CONCURRENCY",
+        "read_chunk": "RESUMEKIT_S3_READ_CHUNK",
+        "retries": "RESUMEKIT_S3_RETRIES",
+        "backoff": "RESUMEKIT_S3_BACKOFF",
+        "backoff_max": "RESUMEKIT_S3_BACKOFF_MAX",
+        "connect_timeout": "RESUMEKIT_S3_CONNECT_TIMEOUT",
+        "read_timeout": "RESUMEKIT_S3_READ_TIMEOUT",
+    }
 
     def __post_init__(self) -> None:
         if not isinstance(self.part_size, int) or self.part_size < MIN_PART:
-            raise ConfigError(f"RemoteOptions.part_size must be >= {MIN_PART} bytes (S3's minimum part), "
-                              f"got {self.part_size!r}")
+            raise ConfigError(
+                f"RemoteOptions.part_size must be >= {MIN_PART} bytes (S3's minimum part), got {self.part_size!r}"
+            )
         for name in ("concurrency", "read_chunk", "retries"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

@@ -97,7 +97,7 @@ class RangeReader(io.RawIOBase):
         data = self._block(idx)
         off = self._pos - idx * self._chunk
         m = min(n, len(data) - off)
-        mv[:m] = data[off:off + m]
+        mv[:m] = data[off : off + m]
         self._pos += m
         return m
 

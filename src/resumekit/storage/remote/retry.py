@@ -12,16 +12,42 @@ PERMANENT, MISSING, TRANSIENT, OTHER = "permanent", "missing", "transient", "oth
 
 #: Codes no retry can fix: a missing bucket and every flavour of wrong or missing credentials.
 _PERMANENT_CODES = {
-    "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-    "InvalidBucketName", "AccountProblem", "InvalidToken", "ExpiredToken", "TokenRefreshRequired",
-    "InvalidSecurity", "NotSignedUp", "AuthorizationHeaderMalformed", "PermanentRedirect", "InvalidRequest",
-    "Forbidden", "403",
+    "NoSuchBucket",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "InvalidBucketName",
+    "AccountProblem",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidSecurity",
+    "NotSignedUp",
+    "AuthorizationHeaderMalformed",
+    "PermanentRedirect",
+    "InvalidRequest",
+    "Forbidden",
+    "403",
 }
 _MISSING_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
 _TRANSIENT_CODES = {
-    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
-    "ThrottlingException", "RequestLimitExceeded", "BadDigest", "IncompleteBody", "XAmzContentSHA256Mismatch",
-    "OperationAborted", "500", "502", "503", "504",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "BadDigest",
+    "IncompleteBody",
+    "XAmzContentSHA256Mismatch",
+    "OperationAborted",
+    "500",
+    "502",
+    "503",
+    "504",
 }
 #: botocore's exceptions for missing credentials or configuration: raised before any request is sent.
 _CONFIG_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "NoRegionError", "ProfileNotFound")
@@ -64,8 +90,16 @@ def classify(exc: BaseException) -> str:
         import botocore.exceptions as bex
         from botocore.parsers import ResponseParserError
 
-        if isinstance(exc, (bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError,
-                            bex.ResponseStreamingError, ResponseParserError)):
+        if isinstance(
+            exc,
+            (
+                bex.ConnectionError,
+                bex.HTTPClientError,
+                bex.IncompleteReadError,
+                bex.ResponseStreamingError,
+                ResponseParserError,
+            ),
+        ):
             return TRANSIENT
     except ImportError:  # pragma: no cover - botocore comes with s3fs
         pass
@@ -112,26 +146,44 @@ def permanent_error(what: str, exc: BaseException, bucket: str, endpoint: str) -
     code = info[0] if info else type(exc).__name__
     b, ep = bucket, endpoint
     if code == "NoSuchBucket":
-        fix = (f"bucket '{b}' does not exist at {ep}; create it (e.g. aws s3 mb s3://{b}) or fix the bucket "
-               "name / AWS_ENDPOINT_URL")
+        fix = (
+            f"bucket '{b}' does not exist at {ep}; create it (e.g. aws s3 mb s3://{b}) or fix the bucket "
+            "name / AWS_ENDPOINT_URL"
+        )
     elif code == "InvalidAccessKeyId":
-        fix = (f"the access key is not known to {ep} (InvalidAccessKeyId); set AWS_ACCESS_KEY_ID and "
-               f"AWS_SECRET_ACCESS_KEY to credentials for bucket '{b}' at that endpoint")
+        fix = (
+            f"the access key is not known to {ep} (InvalidAccessKeyId); set AWS_ACCESS_KEY_ID and "
+            f"AWS_SECRET_ACCESS_KEY to credentials for bucket '{b}' at that endpoint"
+        )
     elif code == "SignatureDoesNotMatch":
-        fix = (f"{ep} rejected the request signature (SignatureDoesNotMatch): the secret key is wrong; check "
-               "AWS_SECRET_ACCESS_KEY (and AWS_DEFAULT_REGION)")
+        fix = (
+            f"{ep} rejected the request signature (SignatureDoesNotMatch): the secret key is wrong; check "
+            "AWS_SECRET_ACCESS_KEY (and AWS_DEFAULT_REGION)"
+        )
     elif code in ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound"):
-        fix = (f"no usable AWS credentials ({code}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-               f"AWS_PROFILE) for bucket '{b}'")
+        fix = (
+            f"no usable AWS credentials ({code}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            f"AWS_PROFILE) for bucket '{b}'"
+        )
     elif code in ("ExpiredToken", "InvalidToken", "TokenRefreshRequired"):
         fix = f"the session token is invalid or expired ({code}); refresh AWS_SESSION_TOKEN"
     elif code == "NoRegionError":
         fix = "no region configured; set AWS_DEFAULT_REGION"
     else:
-        fix = (f"access to bucket '{b}' at {ep} was refused ({code}); grant this identity s3:ListBucket, "
-               "s3:GetObject, s3:PutObject and s3:DeleteObject on it, or use other credentials")
+        fix = (
+            f"access to bucket '{b}' at {ep} was refused ({code}); grant this identity s3:ListBucket, "
+            "s3:GetObject, s3:PutObject and s3:DeleteObject on it, or use other credentials"
+        )
     return StorageError(f"{what}: {fix}")
 
 
-__all__ = ["PERMANENT", "MISSING", "TRANSIENT", "OTHER", "classify", "client_error_info", "transfer_backoff",
-           "permanent_error"]
+__all__ = [
+    "PERMANENT",
+    "MISSING",
+    "TRANSIENT",
+    "OTHER",
+    "classify",
+    "client_error_info",
+    "transfer_backoff",
+    "permanent_error",
+]

@@ -82,8 +82,17 @@ class ObjectWriter:
         self._raise_failed()
         self._sem.acquire()  # back-pressure: bounds memory to `concurrency` parts in flight
         self._raise_failed()
-        fut = st._submit(st._call("upload", "upload_part", Bucket=st.bucket, Key=self._key,
-                                  UploadId=self._upload_id, PartNumber=self._part_no, Body=part))
+        fut = st._submit(
+            st._call(
+                "upload",
+                "upload_part",
+                Bucket=st.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=self._part_no,
+                Body=part,
+            )
+        )
         fut.add_done_callback(lambda _f: self._sem.release())
         self._futs.append(fut)
 
@@ -108,8 +117,14 @@ class ObjectWriter:
     async def _complete(self, parts: List[Dict[str, Any]]) -> None:
         st = self._st
         try:
-            await st._call("upload", "complete_multipart_upload", Bucket=st.bucket, Key=self._key,
-                           UploadId=self._upload_id, MultipartUpload={"Parts": parts})
+            await st._call(
+                "upload",
+                "complete_multipart_upload",
+                Bucket=st.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+            )
         except FileNotFoundError:
             # NoSuchUpload on a retry: the first attempt completed but its answer was lost. The object is there
             # with the right size, or the upload really failed.
