@@ -106,7 +106,7 @@ def run(size_mb: int, directory: str, reps: int = 3, device: str = "cpu") -> dic
         sync_device(device)
 
     res["copy_s"], _ = best(copy, reps)
-    del bufs
+    bufs.clear()  # frees the buffers; not `del`, which would leave copy() closing over an unbound name
 
     # 2. raw write + fsync of the same bytes, one file (the device's durable throughput)
     raw_path = os.path.join(directory, "raw.bin")
@@ -140,7 +140,7 @@ def run(size_mb: int, directory: str, reps: int = 3, device: str = "cpu") -> dic
     mgr.close()
 
     # 5. resumekit async save: blocking time and time to durable commit; peak extra RSS during it
-    mgr = CheckpointManager(
+    amgr = CheckpointManager(
         os.path.join(directory, "async"), keep_last=1, save_rng=False, handle_sigterm=False, async_save=True
     )
     gc.collect()
@@ -149,18 +149,18 @@ def run(size_mb: int, directory: str, reps: int = 3, device: str = "cpu") -> dic
     with PeakRSS() as peak:
         for i in range(reps):
             t = time.perf_counter()
-            mgr.save(i + 1, state)
+            amgr.save(i + 1, state)
             blocking.append(time.perf_counter() - t)
-            mgr.wait()
+            amgr.wait()
             persist.append(time.perf_counter() - t)  # + retention of the previous step (keep_last=1)
-            commit.append(mgr.cost.last_persist_s)  # write, fsyncs, manifest, rename, fsync dir
+            commit.append(amgr.cost.last_persist_s)  # write, fsyncs, manifest, rename, fsync dir
     res["our_async_blocking_s"] = min(blocking)
     res["our_async_blocking_first_s"] = blocking[0]  # includes allocating the staging buffers once
     res["our_async_durable_s"] = min(persist)
     res["our_async_commit_s"] = min(commit)
     res["peak_extra_rss_bytes"] = peak.peak - base_rss
-    mgr.close()
-    del mgr
+    amgr.close()
+    del amgr
     gc.collect()
 
     # 6. restore: ours (checksums verified while reading, into the existing tensors) vs torch.load vs raw read

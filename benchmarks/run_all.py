@@ -41,6 +41,9 @@ def main() -> None:
     ):
         final[k] = save[k]
     final["step_overhead"] = over["step_overhead"]
+    seeding = last_json([py, os.path.join(HERE, "bench_seeding.py"), "--repeats", "3" if a.quick else "5"])
+    final["seeding_us_per_sample"] = seeding["seed_us_per_sample"]  # per-sample RNG seeding in a loader worker
+    final["seeding_fraction"] = seeding["seed_fraction"]  # of a PNG decode + augment __getitem__
     if os.path.exists(os.path.join(HERE, "bench_remote.py")):
         try:
             rem = last_json([py, os.path.join(HERE, "bench_remote.py")])

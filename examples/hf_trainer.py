@@ -17,12 +17,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from resumekit.integrations.hf import ResumekitCallback  # noqa: E402
-from resumekit.layouts import get_layout  # noqa: E402
-from resumekit.storage import open_storage  # noqa: E402
+from resumekit.integrations.hf import ResumekitCallback
+from resumekit.layouts import get_layout
+from resumekit.storage import open_storage
 
 
 class RandomTokens(torch.utils.data.Dataset):

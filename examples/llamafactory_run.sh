@@ -4,7 +4,11 @@
 #
 # Before every start `resumekit run --config` rewrites resume_from_checkpoint in the YAML (comments kept, atomic
 # write): the newest checkpoint-N under output_dir that validates, or null for a fresh start. A checkpoint-N left
-# half-written by a kill is skipped (LLaMA-Factory / the HF Trainer would otherwise take the highest N).
+# half-written by a kill is moved into output_dir/quarantine/ first (never deleted): LLaMA-Factory / the HF Trainer
+# take the highest N when the value is null, so after that null really means "from scratch".
+# LLaMA-Factory does not expand ${train_output}: the YAML the job reads has output_dir and resume_from_checkpoint
+# written out as paths (an unset train_output stops the run with one line naming the key). When the run ends the
+# YAML is put back exactly as it was, so a later plain `llamafactory-cli train` does not silently resume.
 set -euo pipefail
 
 export train_output=${train_output:-/home/ma-user/modelarts/outputs/train_output_0}

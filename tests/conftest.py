@@ -80,7 +80,7 @@ def assert_same(a, b, path=""):
             assert_same(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b), path
-        for i, (u, v) in enumerate(zip(a, b)):
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
             assert_same(u, v, f"{path}/{i}")
     elif isinstance(a, np.ndarray):
         assert np.array_equal(a, b), path

@@ -12,10 +12,9 @@ import io
 import json
 import os
 import struct
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
 
 import torch
-
 
 # --- file primitives --------------------------------------------------------------------------------------------
 
@@ -26,7 +25,7 @@ def torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _small_torch() -> bytes:
     return torch_bytes({"w": torch.arange(4, dtype=torch.float32), "step": 1})
 
@@ -46,7 +45,7 @@ def write_json(path: str, obj) -> str:
     return write(path, json.dumps(obj).encode())
 
 
-def safetensors_bytes(tensors: Dict[str, Tuple[str, Sequence[int]]], extra: bytes = b"") -> bytes:
+def safetensors_bytes(tensors: dict[str, tuple[str, Sequence[int]]], extra: bytes = b"") -> bytes:
     """A safetensors file: 8-byte LE header length, JSON header, then the zero-filled tensor data."""
     widths = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8}
     header, pos = {}, 0
@@ -62,7 +61,7 @@ def safetensors_bytes(tensors: Dict[str, Tuple[str, Sequence[int]]], extra: byte
     return struct.pack("<Q", len(raw)) + raw + b"\0" * pos + extra
 
 
-def write_safetensors(path: str, tensors: Optional[Dict[str, Tuple[str, Sequence[int]]]] = None) -> str:
+def write_safetensors(path: str, tensors: dict[str, tuple[str, Sequence[int]]] | None = None) -> str:
     return write(path, safetensors_bytes(tensors or {"w": ("F32", [4, 4]), "b": ("F32", [4])}))
 
 
@@ -97,7 +96,7 @@ def hf_checkpoint(
     step: int,
     *,
     weights: str = "single",
-    rng_ranks: Optional[Iterable[int]] = None,
+    rng_ranks: Iterable[int] | None = None,
     optimizer: bool = True,
     scheduler: bool = True,
     state: bool = True,
@@ -152,7 +151,7 @@ def deepspeed_tag(
     mp: int = 1,
     zero3: bool = False,
     bf16: bool = False,
-    recorded_dp: Optional[int] = None,
+    recorded_dp: int | None = None,
 ) -> str:
     """``root/TAG`` as ``DeepSpeedEngine.save_checkpoint`` writes it (without ``latest``)."""
     d = os.path.join(root, tag)
@@ -183,10 +182,10 @@ def megatron_iter(
     iteration: int,
     *,
     fmt: str = "torch_dist",
-    grid: Tuple[int, ...] = (2,),
+    grid: tuple[int, ...] = (2,),
     distrib_optim: bool = False,
-    args_grid: Optional[Tuple[int, int, int]] = None,
-    name: Optional[str] = None,
+    args_grid: tuple[int, int, int] | None = None,
+    name: str | None = None,
 ) -> str:
     """``root/iter_%07d`` in the torch_dist, torch_dcp or legacy (torch) format."""
     d = os.path.join(root, name or f"iter_{iteration:07d}")
@@ -223,7 +222,7 @@ def megatron_iter(
 
 
 def verl_step(
-    root: str, step: int, *, world: int = 2, critic: bool = False, data: bool = True, fsdp_world: Optional[int] = None
+    root: str, step: int, *, world: int = 2, critic: bool = False, data: bool = True, fsdp_world: int | None = None
 ) -> str:
     d = os.path.join(root, f"global_step_{step}")
     for role in ["actor"] + (["critic"] if critic else []):
@@ -269,8 +268,8 @@ def set_mtime(path: str, t: float) -> None:
 def foreign_manifest(ckpt_dir: str, step: int) -> str:
     from resumekit.format import FileEntry, Manifest
     from resumekit.layouts.checks import FOREIGN_MANIFEST
-    from resumekit.verify import hash_file
     from resumekit.storage import LocalStorage
+    from resumekit.verify import hash_file
 
     st = LocalStorage(ckpt_dir, create=False)
     files = {}

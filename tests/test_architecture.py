@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import ast
 import os
-from typing import Dict, List, Optional, Set, Tuple
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src", "resumekit")
 
 #: lowest first; a module may import modules of its own layer or below
-LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("errors", "events", "units")),
     ("format", ("format", "verify")),
     ("pure", ("policy", "data", "codec", "state", "snapshot")),
@@ -45,7 +44,7 @@ TORCH_FREE = (
 )
 
 
-def _modules() -> Dict[str, str]:
+def _modules() -> dict[str, str]:
     """dotted name (without ``resumekit.``; "" for the package itself) -> file."""
     out = {}
     for root, _dirs, files in os.walk(SRC):
@@ -65,7 +64,7 @@ def _is_package(name: str) -> bool:
     return MODULES.get(name, "").endswith("__init__.py")
 
 
-def _resolve(importer: str, level: int, module: Optional[str]) -> str:
+def _resolve(importer: str, level: int, module: str | None) -> str:
     """The absolute dotted name (within resumekit) of a relative import, '' for the package root."""
     parts = importer.split(".") if importer else []
     if not _is_package(importer):
@@ -77,19 +76,21 @@ def _resolve(importer: str, level: int, module: Optional[str]) -> str:
     return ".".join(parts)
 
 
-def _imports(name: str) -> List[Tuple[str, bool]]:
+def _imports(name: str) -> list[tuple[str, bool]]:
     """(imported resumekit module, at module level) for every import in ``name``; ``torch`` appears as '<torch>'."""
     tree = ast.parse(open(MODULES[name]).read())
     top = {id(n) for n in tree.body}
     # Imports under `if TYPE_CHECKING:` at module level are not executed: not module-level dependencies.
-    for n in tree.body:
-        if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test):
-            top.discard(id(n))
-    found: List[Tuple[str, bool]] = []
+    type_only = {id(n) for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)}
+    top -= type_only
+    found: list[tuple[str, bool]] = []
 
     def walk(node: ast.AST, at_top: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            child_top = at_top and (id(child) in top or isinstance(child, (ast.Try, ast.If)))
+            # Any other `if`/`try` at module level runs at import (the `isinstance` below would let this one in too).
+            child_top = (
+                at_top and id(child) not in type_only and (id(child) in top or isinstance(child, (ast.Try, ast.If)))
+            )
             if isinstance(child, ast.Import):
                 for a in child.names:
                     if a.name.split(".")[0] == "torch":
@@ -116,7 +117,7 @@ def _imports(name: str) -> List[Tuple[str, bool]]:
     return found
 
 
-def _targets(base: str, node: ast.ImportFrom) -> List[str]:
+def _targets(base: str, node: ast.ImportFrom) -> list[str]:
     """``from base import a, b``: the submodules a, b where they are modules, else the package ``base``."""
     out = []
     for a in node.names:
@@ -150,12 +151,12 @@ def test_no_import_from_a_lower_layer_to_a_higher_one():
     assert not bad, "\n".join(bad)
 
 
-def _cycle() -> Optional[List[str]]:
+def _cycle() -> list[str] | None:
     edges = {m: sorted({d for d, _ in deps if d in MODULES and d != m}) for m, deps in GRAPH.items()}
-    state: Dict[str, int] = {}
-    stack: List[str] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
 
-    def visit(m: str) -> Optional[List[str]]:
+    def visit(m: str) -> list[str] | None:
         state[m] = 1
         stack.append(m)
         for d in edges[m]:
@@ -182,8 +183,8 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(f"resumekit.{m}" if m else "resumekit" for m in cycle)
 
 
-def _module_level_closure(name: str) -> Set[str]:
-    seen: Set[str] = set()
+def _module_level_closure(name: str) -> set[str]:
+    seen: set[str] = set()
     todo = [name]
     while todo:
         m = todo.pop()

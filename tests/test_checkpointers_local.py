@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-from conftest import make_training
 
+from conftest import make_training
 from resumekit.checkpointers import LocalCheckpointer
 from resumekit.checkpointers.base import candidates_at, is_committed, not_found_reason, remove_stale_tmp
 from resumekit.errors import CorruptCheckpointError
@@ -33,7 +33,7 @@ def test_snapshot_persist_open_load_round_trip(tmp_path, stage):
     fresh = make_training(seed=2)
     loaded = cp.load(opened, fresh, only=None, strict=True, rng=False)
     assert loaded == list(state)
-    for a, b in zip(state["model"].parameters(), fresh["model"].parameters()):
+    for a, b in zip(state["model"].parameters(), fresh["model"].parameters(), strict=True):
         assert torch.equal(a, b)
     cp.release()
 
@@ -49,7 +49,7 @@ def test_staged_snapshot_is_a_copy_taken_at_snapshot_time(tmp_path):
     cp.persist(snap, background=True)
     fresh = make_training(seed=5)
     cp.load(cp.open(cp.candidates()[0]), fresh, only=["model"], strict=True, rng=False)
-    for want, got in zip(before, fresh["model"].parameters()):
+    for want, got in zip(before, fresh["model"].parameters(), strict=True):
         assert torch.equal(want, got)
 
 

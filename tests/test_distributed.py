@@ -333,9 +333,9 @@ def test_fsdp_checkpoint_of_2_ranks_restores_on_1_and_2(straight_runs, tmp_path,
     sampler = ResumableSampler(96, seed=3)
     assert (one["loader"]["epoch"], one["loader"]["position"]) == (2, 32)
     expected = sampler.order(2)[32:48].tolist()
-    assert sum(one["next"], []) == expected  # one rank: the next 16 samples in global order
+    assert [i for batch in one["next"] for i in batch] == expected  # one rank: the next 16 samples in global order
     for r in range(2):  # two ranks: rank r takes global positions r, r+2, ...; 2 batches of 4 = 16 samples
-        assert sum(two[r]["next"], []) == expected[r::2]
+        assert [i for batch in two[r]["next"] for i in batch] == expected[r::2]
     # no sample skipped or repeated: what the 2-rank run consumed in epoch 2, then the 1-rank continuation
     seen = batch_sequences(straight_runs("fsdp", "--async"), key="idx")
     consumed = [i for r in range(2) for s, idx in seen[r].items() if 24 < s <= 28 for i in idx]

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from resumekit.errors import CorruptCheckpointError, UnsafePathError
-from resumekit.format import Manifest, FileEntry, parse_step_dirname, step_dirname, validate_relpath
+from resumekit.format import FileEntry, Manifest, parse_step_dirname, step_dirname, validate_relpath
 
 
 def test_step_names_are_integers():

@@ -137,3 +137,28 @@ def test_sigterm_saves_at_step_end_and_exits_143(tmp_path):
     assert (r.exit_code, r.stdout.strip()) == (0, os.path.join(out, "checkpoint-3"))
     man = json.load(open(os.path.join(out, "checkpoint-3", MANIFEST_NAME)))
     assert man["step"] == 3 and "trainer_state.json" in man["files"] and "optimizer.pt" in man["files"]
+
+
+def test_callback_beats_the_heartbeat_and_reports_what_it_loaded(tmp_path, monkeypatch):
+    """The evidence `resumekit run` acts on: the heartbeat's step, and restore/metrics/save events."""
+    out = str(tmp_path / "out")
+    events, hb = str(tmp_path / "events.jsonl"), str(tmp_path / "hb")
+    monkeypatch.setenv("RESUMEKIT_EVENTS", events)
+    monkeypatch.setenv("RESUMEKIT_HEARTBEAT", hb)
+    hf_tiny.make_trainer(out, 2, [ResumekitCallback(exit_code=None)]).train()
+    assert json.load(open(hb))["step"] == 2
+    trainer = hf_tiny.make_trainer(out, 4, [ResumekitCallback(exit_code=None)])
+    trainer.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
+    assert json.load(open(hb))["step"] == 4
+    from resumekit.events import read_events
+
+    evs = [e for e in read_events(events) if e["event"] in ("restore", "save")]
+    assert [(e["event"], e["step"], e["path"]) for e in evs] == [
+        ("restore", 0, None),
+        ("save", 2, os.path.join(out, "checkpoint-2")),
+        ("restore", 2, os.path.join(out, "checkpoint-2")),
+        ("save", 4, os.path.join(out, "checkpoint-4")),
+    ]
+    assert all(e["framework"] == "hf" and e["source"] == "job" for e in evs)
+    metrics = [e for e in read_events(events) if e["event"] == "metrics"]
+    assert metrics and all(isinstance(e["step"], int) for e in metrics)

@@ -64,18 +64,21 @@ def test_valid(tmp_path, kwargs):
         (
             {"dp": 2},
             lambda d: os.remove(os.path.join(d, "zero_pp_rank_1_mp_rank_00_optim_states.pt")),
-            "mp_rank_00_model_states.pt records dp_world_size=2 but there are 1 *optim_states.pt files (missing ranks 1)",
+            "mp_rank_00_model_states.pt records dp_world_size=2 but there are 1 *optim_states.pt files (missing ranks "
+            "1)",
         ),
         (
             {"dp": 2},
             lambda d: [os.remove(os.path.join(d, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")) for r in (0, 1)],
-            "mp_rank_00_model_states.pt holds no optimizer state and no *zero_pp_rank_*_optim_states.pt files exist (a ZeRO "
+            "mp_rank_00_model_states.pt holds no optimizer state and no *zero_pp_rank_*_optim_states.pt files exist "
+            "(a ZeRO "
             "save that never finished)",
         ),
         (
             {"dp": 2, "recorded_dp": 3},
             None,
-            "mp_rank_00_model_states.pt records dp_world_size=3 but there are 2 *optim_states.pt files (missing ranks 2)",
+            "mp_rank_00_model_states.pt records dp_world_size=3 but there are 2 *optim_states.pt files (missing ranks "
+            "2)",
         ),
         (
             {"zero3": True, "dp": 3},
@@ -85,16 +88,20 @@ def test_valid(tmp_path, kwargs):
         (
             {},
             lambda d: F.truncate(os.path.join(d, "zero_pp_rank_1_mp_rank_00_optim_states.pt"), -30),
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt is not a complete torch file: its zip central directory is missing "
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt is not a complete torch file: its zip central directory is "
+            "missing "
             "(truncated or still being written)",
         ),
     ],
 )
-def test_invalid(tmp_path, kwargs, damage, reason):
+@pytest.mark.parametrize("full", [True, False])
+def test_invalid(tmp_path, kwargs, damage, reason, full):
+    # Quick checks see every missing rank file too (the highest rank's through dp_world_size), so a job is never
+    # handed a tag it cannot load.
     d = F.deepspeed_tag(str(tmp_path), "global_step40", **kwargs)
     if damage:
         damage(d)
-    got = check(tmp_path, "global_step40")
+    got = check(tmp_path, "global_step40", full=full)
     assert (got.valid, got.reason) == (False, reason)
 
 

@@ -98,13 +98,15 @@ def _del(name):
         (
             {"weights": "none"},
             None,
-            "no model weights (model.safetensors, model-*.safetensors + model.safetensors.index.json, pytorch_model.bin, "
+            "no model weights (model.safetensors, model-*.safetensors + model.safetensors.index.json, "
+            "pytorch_model.bin, "
             "or adapter_model.safetensors + adapter_config.json)",
         ),
         (
             {"optimizer": False},
             None,
-            "optimizer.pt is missing (saved with save_only_model=True? the Trainer would silently start a fresh optimizer)",
+            "optimizer.pt is missing (saved with save_only_model=True? the Trainer would silently start a fresh "
+            "optimizer)",
         ),
         (
             {},
@@ -115,7 +117,8 @@ def _del(name):
         (
             {},
             lambda d: F.truncate(os.path.join(d, "rng_state.pth"), -3),
-            "rng_state.pth is not a complete torch file: its zip central directory is missing (truncated or still being "
+            "rng_state.pth is not a complete torch file: its zip central directory is missing (truncated or still "
+            "being "
             "written)",
         ),
         (
@@ -126,7 +129,8 @@ def _del(name):
         (
             {},
             _del("rng_state.pth"),
-            "rng_state.pth is missing (nor rng_state_<rank>.pth: the Trainer would resume with fresh random state, not an "
+            "rng_state.pth is missing (nor rng_state_<rank>.pth: the Trainer would resume with fresh random state, "
+            "not an "
             "exact resume)",
         ),
         ({"rng_ranks": [0, 2]}, None, "rng_state_1.pth is missing (process ranks 0-2 expected)"),
@@ -139,7 +143,8 @@ def _del(name):
         (
             {"deepspeed_dp": 2},
             _del("latest"),
-            "latest is missing next to the DeepSpeed global_step* directory (DeepSpeed writes it after its files: the save "
+            "latest is missing next to the DeepSpeed global_step* directory (DeepSpeed writes it after its files: the "
+            "save "
             "never finished)",
         ),
     ],
@@ -161,11 +166,12 @@ def test_full_check_finds_crc_damage_quick_does_not(tmp_path):
     assert got.reason == "optimizer.pt is damaged: CRC mismatch in member archive/data/0"
 
 
-def test_deepspeed_missing_highest_rank_needs_full(tmp_path):
-    # File names cannot reveal a missing *last* rank; the dp_world_size recorded in the model states can.
+def test_deepspeed_missing_highest_rank_found_quick_and_full(tmp_path):
+    # File names cannot reveal a missing *last* rank; the dp_world_size recorded in the model states can, and
+    # (issue 11) the quick check reads it too, so a tag missing a rank file is never resumed.
     d = F.hf_checkpoint(str(tmp_path), 4, deepspeed_dp=2)
     os.remove(os.path.join(d, "global_step4", "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
-    assert check(str(tmp_path), "checkpoint-4", full=False).valid
+    assert check(str(tmp_path), "checkpoint-4", full=False).reason == check(str(tmp_path), "checkpoint-4").reason
     assert check(str(tmp_path), "checkpoint-4").reason == (
         "global_step4/mp_rank_00_model_states.pt records dp_world_size=2 but there are 1 *optim_states.pt files "
         "(missing ranks 1)"

@@ -66,7 +66,8 @@ def _rm(*parts):
         (
             {},
             lambda d: (os.remove(os.path.join(d, "metadata.json")), F.megatron_iter(os.path.dirname(d), 50)),
-            "metadata.json is missing (Megatron's rank 0 writes it last, after every rank's data: the save never finished)",
+            "metadata.json is missing (Megatron's rank 0 writes it last, after every rank's data: the save never "
+            "finished)",
         ),
         (
             {},
@@ -113,19 +114,22 @@ def _rm(*parts):
         (
             {"fmt": "legacy", "grid": (2,)},
             lambda d: F.truncate(os.path.join(d, "mp_rank_01", "model_optim_rng.pt"), 100),
-            "mp_rank_01/model_optim_rng.pt is not a complete torch file: its zip central directory is missing (truncated or "
+            "mp_rank_01/model_optim_rng.pt is not a complete torch file: its zip central directory is missing "
+            "(truncated or "
             "still being written)",
         ),
         (
             {"fmt": "legacy", "grid": (2,)},
             lambda d: F.megatron_iter(os.path.dirname(d), 100, fmt="legacy", grid=(1, 1)),
-            "mp_rank_* directories mix naming schemes (mp_rank_00, mp_rank_00_000, mp_rank_01): leftovers of a run with "
+            "mp_rank_* directories mix naming schemes (mp_rank_00, mp_rank_00_000, mp_rank_01): leftovers of a run "
+            "with "
             "another parallel layout?",
         ),
         (
             {"fmt": "legacy", "grid": (2,), "args_grid": (4, 1, 1)},
             None,
-            "mp_rank_00/model_optim_rng.pt records TP=4 x PP=1 x EP=1 = 4 model-parallel ranks but there are 2 mp_rank_* "
+            "mp_rank_00/model_optim_rng.pt records TP=4 x PP=1 x EP=1 = 4 model-parallel ranks but there are 2 "
+            "mp_rank_* "
             "directories",
         ),
         (

@@ -70,13 +70,15 @@ def _rm(*parts):
         (
             {},
             lambda d: F.truncate(os.path.join(d, "actor", "extra_state_world_size_2_rank_0.pt"), -1),
-            "actor/extra_state_world_size_2_rank_0.pt is not a complete torch file: its zip central directory is missing "
+            "actor/extra_state_world_size_2_rank_0.pt is not a complete torch file: its zip central directory is "
+            "missing "
             "(truncated or still being written)",
         ),
         (
             {},
             lambda d: F.cut_central_directory(os.path.join(d, "data.pt")),
-            "data.pt is not a complete torch file: its zip central directory is missing (truncated or still being written)",
+            "data.pt is not a complete torch file: its zip central directory is missing (truncated or still being "
+            "written)",
         ),
     ],
 )

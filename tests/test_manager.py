@@ -109,7 +109,7 @@ def test_corrupt_newest_falls_back_and_says_why(tmp_path, caplog, fault, fname, 
         assert mgr.restore(fresh) == 8
     assert reason in caplog.text and step_dirname(12) in caplog.text
     assert mgr.skipped[0].step == 12 and reason in mgr.skipped[0].reason
-    events = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
+    events = [json.loads(line) for line in open(tmp_path / "events.jsonl")]
     assert any(e["event"] == "skip_invalid" and e["step"] == 12 for e in events)
     # the state really is step 8's: compare with a fresh straight run of 8 steps
     ref = make_training()
@@ -223,7 +223,7 @@ def test_disk_full_keeps_previous_checkpoint(tiny_fs, monkeypatch):
     mgr.save(1, small)
     big = make_training()
     big["activations"] = torch.ones(1 << 20)  # 4 MiB > the 3 MiB file system
-    with pytest.raises(CheckpointWriteError, match="the disk is full.*previous checkpoint is untouched"):
+    with pytest.raises(CheckpointWriteError, match=r"the disk is full.*previous checkpoint is untouched"):
         CheckpointManager(d).save(2, big)
     assert [c.step for c in CheckpointManager(d).checkpoints(full=True) if c.valid] == [1]
     assert not [p for p in os.listdir(d) if p.startswith(".tmp-")]
@@ -402,7 +402,7 @@ def test_save_cost_reported(tmp_path):
     train_steps(st, 6, mgr)
     mgr.close()
     assert mgr.cost.saves == 3 and mgr.cost.blocking_s_mean > 0 and mgr.cost.persist_s_mean > 0
-    ev = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
+    ev = [json.loads(line) for line in open(tmp_path / "events.jsonl")]
     saves = [e for e in ev if e["event"] == "save"]
     assert [e["step"] for e in saves] == [2, 4, 6] and all(e["blocking_s"] >= 0 for e in saves)
 
@@ -431,7 +431,7 @@ print("not reached")
     assert r.returncode == 0, r.stderr
     assert "not reached" not in r.stdout
     assert [c.step for c in CheckpointManager(str(tmp_path)).checkpoints(full=True)] == [5]
-    ev = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
+    ev = [json.loads(line) for line in open(tmp_path / "events.jsonl")]
     assert any(e["event"] == "preempted" and e["step"] == 5 for e in ev)
 
 
@@ -461,7 +461,7 @@ def test_saving_the_same_step_twice_async_writes_once(tmp_path):
     train_steps(st, 5, mgr)  # maybe_save(5) starts a background save
     assert mgr.save(5, st) is None  # the usual final save after the loop: waits, sees step 5 committed
     mgr.close()
-    ev = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
+    ev = [json.loads(line) for line in open(tmp_path / "events.jsonl")]
     assert [e["step"] for e in ev if e["event"] == "save"] == [5]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
@@ -497,8 +497,8 @@ def test_numpy_step_and_reserved_metric_names(tmp_path):
 
     mgr = CheckpointManager(str(tmp_path), every_steps=2)
     assert mgr.maybe_save(np.int64(2), make_training(), metrics={"step": 1.0, "time": 2.0, "loss": 0.5})
-    ev = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
-    m = [e for e in ev if e["event"] == "metrics"][0]
+    ev = [json.loads(line) for line in open(tmp_path / "events.jsonl")]
+    m = next(e for e in ev if e["event"] == "metrics")
     assert m["step"] == 2 and m["metric_step"] == 1.0 and m["metric_time"] == 2.0 and m["loss"] == 0.5
 
 

@@ -22,7 +22,7 @@ def test_every_seconds_and_never_twice():
     "kw", [{"every_steps": 0}, {"every_steps": 1.5}, {"every_seconds": -1}, {"every_seconds": float("inf")}]
 )
 def test_save_policy_validation_names_field(kw):
-    with pytest.raises(ConfigError, match=list(kw)[0]):
+    with pytest.raises(ConfigError, match=next(iter(kw))):
         SavePolicy(**kw)
 
 

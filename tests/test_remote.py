@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 
 import pytest
@@ -103,8 +104,10 @@ def test_uris_name_a_bucket_and_a_prefix():
     assert parse_uri("S3A://bucket") == ("bucket", "")
     with pytest.raises(ValueError, match=r"storage URI 's3:///x' names no bucket; use s3://bucket/prefix"):
         parse_uri("s3:///x")
-    with pytest.raises(ValueError, match=r"unsupported storage URI 'obs://b/x'"):
-        parse_uri("obs://b/x")
+    # obs:// is how Huawei Cloud users write OBS paths: the same S3 protocol (issue 16; it used to be refused).
+    assert parse_uri("obs://b/x") == ("b", "x")
+    with pytest.raises(ValueError, match=r"unsupported storage URI 'gs://b/x'"):
+        parse_uri("gs://b/x")
 
 
 def test_parts_double_every_thousand_so_any_stream_fits_ten_thousand():
@@ -362,3 +365,55 @@ def test_gc_removes_abandoned_steps_and_uploads(s3_bucket):
     assert removed[0] == s3_bucket.uri("run") + "/step_000000002"
     assert [e.name for e in st.listdir("")] == ["step_000000001"]
     assert s3_bucket.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", []) == []
+
+
+def test_gc_reports_incomplete_uploads_with_their_age(s3_bucket):
+    from resumekit.cli import main
+
+    s3_bucket.client.create_multipart_upload(Bucket=s3_bucket.name, Key="run/step_000000003/big.bin")
+    st = RemoteStorage(s3_bucket.uri("run"))
+    (u,) = st.list_uploads()
+    assert u["uri"] == s3_bucket.uri("run") + "/step_000000003/big.bin" and u["age_s"] is not None
+    age = u["age_s"]
+    r = CliRunner().invoke(main, ["gc", s3_bucket.uri("run"), "--tmp-age", str(age + 3600), "--json"])
+    (rep,) = json.loads(r.output)["uploads"]
+    assert rep["uri"] == u["uri"] and rep["age_s"] >= age and rep["action"] == "kept (younger than --tmp-age)"
+    r = CliRunner().invoke(main, ["gc", s3_bucket.uri("run"), "--tmp-age", "0", "--dry-run"])
+    assert f"incomplete upload {u['uri']}, age " in r.output and ": would abort" in r.output
+    r = CliRunner().invoke(main, ["gc", s3_bucket.uri("run"), "--tmp-age", "0"])
+    assert ": aborted" in r.output and st.list_uploads() == []
+
+
+def test_obs_endpoint_and_region_from_the_obs_variables():
+    from resumekit.storage.remote.client import endpoint_from_env, obs_region
+
+    aws = {"AWS_ENDPOINT_URL": "http://minio:9000", "OBS_ENDPOINT": "obs.cn-north-4.myhuaweicloud.com"}
+    assert endpoint_from_env("obs", aws) == "http://minio:9000"  # the AWS variable wins everywhere
+    assert endpoint_from_env("s3", {"OBS_ENDPOINT": "x"}) is None  # s3:// keeps AWS's default endpoint
+    assert endpoint_from_env("obs", {"OBS_ENDPOINT": "obs.cn-north-4.myhuaweicloud.com"}) == (
+        "https://obs.cn-north-4.myhuaweicloud.com"
+    )
+    # ModelArts / MoXing spelling
+    assert endpoint_from_env("obs", {"S3_ENDPOINT": "obs.ap-southeast-1.myhuaweicloud.com", "S3_USE_HTTPS": "0"}) == (
+        "http://obs.ap-southeast-1.myhuaweicloud.com"
+    )
+    assert obs_region("https://obs.cn-north-4.myhuaweicloud.com") == "cn-north-4"
+    assert obs_region("http://127.0.0.1:9000") is None
+
+
+def test_obs_uris_round_trip_with_their_scheme(s3_bucket):
+    st = open_storage(f"obs://{s3_bucket.name}/run")
+    assert st.uri == f"obs://{s3_bucket.name}/run"
+    _write_step(st, size=1 << 20)
+    assert st.join("step_000000001") == f"obs://{s3_bucket.name}/run/step_000000001"
+    assert s3_bucket.get("run/step_000000001/manifest.json") == b'{"m": 1}'
+
+
+def test_demo_refuses_an_object_store_and_leaves_no_local_tree(tmp_path, monkeypatch):
+    from resumekit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["demo", "--dir", "s3://bucket/demo"])
+    assert r.exit_code == 2
+    assert r.stderr.count("\n") == 1 and "is an object store" in r.stderr and "nothing was run" in r.stderr
+    assert os.listdir(tmp_path) == []

@@ -26,7 +26,7 @@ def test_killed_and_resumed_equals_straight(straight, tmp_path, kill_seed, async
         str(tmp_path), STEPS, EVERY, 0, crashes=3, rng=random.Random(kill_seed), async_save=async_save
     )
     assert stats.kills == 3 and stats.kills_mid_save >= 1, stats.attempts
-    assert any(0 < a["reached"] % 64 for a in stats.attempts[:-1])  # at least one kill mid-epoch
+    assert any(a["reached"] % 64 > 0 for a in stats.attempts[:-1])  # at least one kill mid-epoch
     assert compare_final(straight, str(tmp_path), STEPS) == []
     seq = batch_sequence(str(tmp_path))
     assert seq == batch_sequence(straight) and len(seq) == STEPS

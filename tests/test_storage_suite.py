@@ -1,7 +1,9 @@
-"""One behavioural suite, three backends: a local directory, ``s3://`` direct, and tiered local + ``s3://``.
+"""One behavioural suite, four backends: a local directory, ``s3://`` direct, tiered local + ``s3://``, and
+``obs://`` direct (Huawei Cloud's spelling of the same protocol, configured through the OBS variables).
 
-Every test here runs against all three through the ``backend`` fixture; what differs between them (where the
-bytes are, how to damage them) lives in :class:`Backend`, never in the tests.
+Every test here runs against all of them through the ``backend`` fixture; what differs between them (where the
+bytes are, how to damage them) lives in :class:`Backend`, never in the tests. The object-store backends use moto
+by default, or the endpoint named by ``RESUMEKIT_TEST_S3_ENDPOINT`` (see tests/s3_fixtures.py).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-from typing import List
 
 import pytest
 import torch
@@ -32,20 +33,22 @@ class Backend:
         self.bucket = bucket
         self.local_tier = str(tmp_path / "fast") if kind == "tiered" else None
         self.uri = str(tmp_path / "ckpt") if kind == "local" else bucket.uri("run")
+        if kind == "obs":
+            self.uri = "obs://" + self.uri[len("s3://") :]
 
     def manager(self, **kw) -> CheckpointManager:
         if self.local_tier:
             kw.setdefault("local_tier", self.local_tier)
         return CheckpointManager(self.uri, **kw)
 
-    def tiers(self) -> List[Storage]:
+    def tiers(self) -> list[Storage]:
         """Every storage holding a copy: the remote is the durable one, so it comes first."""
         out = [open_storage(self.uri, create=False)]
         if self.local_tier:
             out.append(open_storage(self.local_tier, create=False))
         return out
 
-    def steps(self, storage: Storage) -> List[int]:
+    def steps(self, storage: Storage) -> list[int]:
         from resumekit.layouts.native import NativeLayout
 
         lay = NativeLayout()
@@ -75,11 +78,19 @@ class Backend:
             shutil.rmtree(self.local_tier)
 
 
-@pytest.fixture(params=["local", "s3", "tiered"])
+@pytest.fixture(params=["local", "s3", "tiered", "obs"])
 def backend(request, tmp_path):
     if request.param == "local":
         return Backend("local", tmp_path)
     bucket = request.getfixturevalue("s3_bucket")
+    if request.param == "obs":
+        # What a ModelArts job has: the OBS endpoint and keys in OBS variables, no AWS_* ones.
+        mp = request.getfixturevalue("monkeypatch")
+        mp.setenv("OBS_ENDPOINT", os.environ["AWS_ENDPOINT_URL"])
+        mp.setenv("OBS_ACCESS_KEY_ID", os.environ["AWS_ACCESS_KEY_ID"])
+        mp.setenv("OBS_SECRET_ACCESS_KEY", os.environ["AWS_SECRET_ACCESS_KEY"])
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            mp.delenv(k)
     return Backend(request.param, tmp_path, bucket)
 
 

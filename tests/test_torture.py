@@ -13,11 +13,11 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "jobs"))
 
-from torture_child import expected_value, save_loop  # noqa: E402
+from torture_child import expected_value, save_loop
 
-from resumekit.checkpointers.native import read_checkpoint  # noqa: E402
-from resumekit.layouts.native import NativeLayout  # noqa: E402
-from resumekit.storage import open_storage  # noqa: E402
+from resumekit.checkpointers.native import read_checkpoint
+from resumekit.layouts.native import NativeLayout
+from resumekit.storage import open_storage
 
 
 def _ctx():
@@ -31,7 +31,7 @@ def _check(directory, previous_best):
 
     st = open_storage(directory, create=False)
     layout = NativeLayout()
-    best, skipped = layout.latest(st, full=True)
+    best, _skipped = layout.latest(st, full=True)
     assert best is not None, "a kill lost every checkpoint"
     assert best.step >= previous_best, f"committed step {previous_best} was lost (now {best.step})"
     _, tree = read_checkpoint(st, best.name)
@@ -52,7 +52,7 @@ def test_kill_during_save_torture(tmp_path, async_save, kills):
     d = str(tmp_path)
     best = 0
     mid_save = 0
-    for i in range(kills):
+    for _ in range(kills):
         tmp_before = {n for n in os.listdir(d) if n.startswith(".tmp-")}
         ready = ctx.Event()
         p = ctx.Process(target=save_loop, args=(d, best, ready, async_save), daemon=True)

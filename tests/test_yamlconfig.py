@@ -250,3 +250,33 @@ def test_cli_without_ruamel(tmp_path, run_dir, monkeypatch):
         resolve_config(p)
     r = CliRunner().invoke(main, ["resolve", p])
     assert r.exit_code == 2 and "pip install 'resumekit[yaml]'" in r.stderr
+
+
+def test_expand_writes_paths_the_framework_can_open_and_restore_puts_the_text_back(tmp_path, run_dir):
+    from resumekit.yamlconfig import restore_config
+
+    p = write_yaml(tmp_path, SEED)
+    res = resolve_config(p, expand=True)
+    assert (res.new, res.dir_old, res.dir_new) == (f"{run_dir}/checkpoint-4", "${train_output}", str(run_dir))
+    text = open(p).read()
+    assert f"output_dir: {run_dir}\n" in text and f"resume_from_checkpoint: {run_dir}/checkpoint-4\n" in text
+    assert "${" not in text and res.new_text == text and res.original_text == SEED
+    assert restore_config(p, SEED, text) and open(p).read() == SEED
+    resolve_config(p, expand=True)
+    with open(p, "a") as f:
+        f.write("seed: 1\n")  # edited during the run: left alone
+    assert not restore_config(p, SEED, text) and open(p).read().endswith("seed: 1\n")
+
+
+def test_null_only_after_the_invalid_ones_are_out_of_the_frameworks_sight(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    F.hf_checkpoint(str(out), 6, state=False)  # get_last_checkpoint(output_dir) would load it on null
+    monkeypatch.setenv("train_output", str(out))
+    p = write_yaml(tmp_path, SEED)
+    res = resolve_config(p, dry_run=True)
+    assert res.new is None and res.hidden == [] and (out / "checkpoint-6").is_dir()
+    res = resolve_config(p)
+    assert res.new is None and [h["name"] for h in res.hidden] == ["checkpoint-6"]
+    assert not (out / "checkpoint-6").exists() and len(os.listdir(out / "quarantine")) == 1
+    get_last_checkpoint = pytest.importorskip("transformers.trainer_utils").get_last_checkpoint
+    assert get_last_checkpoint(str(out)) is None  # null now means a fresh start

@@ -7,9 +7,37 @@ torch-free parts (supervisor, layouts, CLI listing) never import torch.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+# The one place the version is written: setuptools reads it from here (pyproject.toml, `[tool.setuptools.dynamic]`).
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    # Type checkers (ours, and users' through py.typed) see the real signatures; at run time the names stay lazy.
+    # tests/test_quality_gates.py keeps these imports, `_EXPORTS` and `__all__` naming the same set.
+    from .data import ResumableDataLoader, ResumableSampler, seed_everything
+    from .errors import (
+        CheckpointNotFoundError,
+        CheckpointWriteError,
+        ConfigError,
+        CorruptCheckpointError,
+        LeaseHeldError,
+        RemoteTransferError,
+        ResumekitError,
+        StateMismatchError,
+        StorageError,
+        UnsafeFileError,
+        UnsafePathError,
+        UnsupportedStateError,
+    )
+    from .events import EventLog, Heartbeat
+    from .layouts import get_layout
+    from .layouts.base import CheckpointInfo
+    from .manager import CheckpointManager, CheckpointOptions
+    from .policy import RetentionPolicy, SavePolicy, young_interval
+    from .storage import open_storage
+    from .supervisor import Supervisor, SupervisorOptions
+    from .yamlconfig import resolve_config
 
 _EXPORTS = {
     "CheckpointManager": "manager",
@@ -22,6 +50,7 @@ _EXPORTS = {
     "resolve_config": "yamlconfig",
     "ResumableSampler": "data",
     "ResumableDataLoader": "data",
+    "seed_everything": "data",
     "CheckpointInfo": "layouts.base",
     "get_layout": "layouts",
     "open_storage": "storage",
@@ -31,6 +60,8 @@ _EXPORTS = {
     "CheckpointNotFoundError": "errors",
     "CorruptCheckpointError": "errors",
     "UnsafePathError": "errors",
+    "UnsafeFileError": "errors",
+    "LeaseHeldError": "errors",
     "UnsupportedStateError": "errors",
     "StateMismatchError": "errors",
     "CheckpointWriteError": "errors",
@@ -39,7 +70,38 @@ _EXPORTS = {
     "RemoteTransferError": "errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# A literal list, so that static tools can read it (a computed one is invisible to them).
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CheckpointOptions",
+    "CheckpointWriteError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "EventLog",
+    "Heartbeat",
+    "LeaseHeldError",
+    "RemoteTransferError",
+    "ResumableDataLoader",
+    "ResumableSampler",
+    "ResumekitError",
+    "RetentionPolicy",
+    "SavePolicy",
+    "StateMismatchError",
+    "StorageError",
+    "Supervisor",
+    "SupervisorOptions",
+    "UnsafeFileError",
+    "UnsafePathError",
+    "UnsupportedStateError",
+    "__version__",
+    "get_layout",
+    "open_storage",
+    "resolve_config",
+    "seed_everything",
+    "young_interval",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -51,5 +113,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return __all__

@@ -1,14 +1,18 @@
 """The ``resumekit`` command line: a thin layer over the library objects.
 
-Exit codes (scripts rely on them): 0 success, 1 nothing found / invalid, 2 usage error. Listing commands take
-``--json``. Heavy imports (torch) happen inside the commands that need them, so ``resumekit ls`` stays fast.
+Exit codes (scripts rely on them): 0 success, 1 nothing found / invalid, 2 usage error, 3 the root's writer lease
+is held by another live process (``gc``; ``--force`` takes it from a dead holder). Listing commands take ``--json``;
+``latest`` and ``ls`` say (and ``--json`` counts) whether nothing was found or everything found was invalid.
+``resumekit run`` exits with the job's status, and with 128+N after it forwarded signal N (SIGINT: 130, SIGTERM:
+143) even when the job saved and exited 0 (``--preempt-exit-code`` changes that). Heavy imports (torch) happen
+inside the commands that need them, so ``resumekit ls`` stays fast.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,19 +20,23 @@ from . import __version__
 from .errors import ResumekitError
 from .units import format_bytes
 
-EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE = 0, 1, 2
+if TYPE_CHECKING:  # for annotations only: the commands import these lazily, to start fast
+    from .layouts.base import Layout
+    from .storage import Storage
+
+EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
 
 def _out(data: Any, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=None, default=str) if as_json else text)
 
 
-def _fail(message: str, code: int = EXIT_NOT_FOUND) -> "click.exceptions.Exit":
+def _fail(message: str, code: int = EXIT_NOT_FOUND) -> click.exceptions.Exit:
     click.echo(f"resumekit: {message}", err=True)
     return click.exceptions.Exit(code)
 
 
-def _open(uri: str):
+def _open(uri: str) -> Storage:
     from .storage import open_storage
 
     try:
@@ -37,7 +45,7 @@ def _open(uri: str):
         raise _fail(str(e)) from None
 
 
-def _layout(storage, name: str):
+def _layout(storage: Storage, name: str) -> Layout:
     from .layouts import resolve_layout
 
     try:
@@ -61,10 +69,12 @@ class _Group(click.Group):
     retry budget, s3fs not installed) end a command with their one-line message and exit 1, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from .errors import RemoteTransferError, StorageError
+        from .errors import LeaseHeldError, RemoteTransferError, StorageError
 
         try:
             return super().invoke(ctx)
+        except LeaseHeldError as e:
+            raise _fail(str(e), EXIT_BUSY) from None
         except (StorageError, RemoteTransferError) as e:
             raise _fail(str(e)) from None
         except ImportError as e:
@@ -105,6 +115,13 @@ def ls_cmd(uri: str, layout: str, full: bool, as_json: bool) -> None:
             status = "valid" if i.valid else f"INVALID: {i.reason}"
             size = format_bytes(i.size or None, sep="", missing="-")  # an empty size reads "-", like an unknown one
             click.echo(f"{i.step:>12}  {lay.name:<10} {size:>10}  {i.path}  {status}")
+        if st.is_local:
+            # A tiered run's local tier: how far its remote is behind, as the uploader's newest event says.
+            from .storage.uploader import describe_lag, upload_status
+
+            up = upload_status(st.local_path() or uri)
+            if up is not None:
+                click.echo(describe_lag(up))
     if not any(i.valid for i in infos):
         raise SystemExit(EXIT_NOT_FOUND)
 
@@ -127,7 +144,8 @@ def latest_cmd(uri: str, layout: str, quick: bool, as_json: bool) -> None:
         click.echo(best.path)
     if best is None:
         if not as_json:
-            click.echo(f"resumekit: no valid checkpoint under {st.uri} (layout {lay.name})", err=True)
+            found = f"{len(skipped)} found, all invalid" if skipped else "none found"
+            click.echo(f"resumekit: no valid checkpoint under {st.uri} (layout {lay.name}): {found}", err=True)
         raise SystemExit(EXIT_NOT_FOUND)
 
 
@@ -248,19 +266,46 @@ def resolve_cmd(yaml_path: str, key: str, dir_key: str, layout: str, quick: bool
     help="remove in-progress (.tmp-) directories older than this many seconds",
 )
 @click.option("--dry-run", is_flag=True, help="print what would be removed")
+@click.option("--force", is_flag=True, help="take the writer lease even from a holder that looks alive (it is dead)")
 @json_option
 def gc_cmd(
-    uri: str, keep_last: Optional[int], keep_every: Optional[int], tmp_age: float, dry_run: bool, as_json: bool
+    uri: str,
+    keep_last: int | None,
+    keep_every: int | None,
+    tmp_age: float,
+    dry_run: bool,
+    force: bool,
+    as_json: bool,
 ) -> None:
-    """Apply retention and remove stale tmp directories; never removes the newest valid checkpoint."""
+    """Apply retention and remove stale tmp directories; never removes the newest valid checkpoint.
+
+    Deleting makes gc a writer: it takes the root's writer lease and exits 3 naming the holder when a live job
+    writes there (``--dry-run`` only reads and needs no lease).
+    """
     from .gc import collect_garbage
     from .policy import RetentionPolicy
+    from .storage.lease import acquire_lease
 
     st = _open(uri)
     policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
-    result = collect_garbage(st, policy, tmp_age=tmp_age, dry_run=dry_run)
+    lease = None if dry_run else acquire_lease(st, takeover=force, purpose="resumekit gc")
+    try:
+        result = collect_garbage(st, policy, tmp_age=tmp_age, dry_run=dry_run)
+    finally:
+        if lease is not None:
+            lease.release()
     verb = "would remove" if dry_run else "removed"
-    text = "\n".join([f"{verb} {p}" for p in result["removed"]] + [f"kept {p}" for p in result["kept"]])
+    text = "\n".join(
+        [f"{verb} {p}" for p in result["removed"]]
+        + [f"kept {p}" for p in result["kept"]]
+        # Incomplete multipart uploads are invisible to `ls` but hold space: every one is named with its age.
+        + [
+            f"incomplete upload {u['uri']}, age "
+            + ("unknown" if u["age_s"] is None else f"{u['age_s'] / 3600:.1f} h")
+            + f": {u['action']}"
+            for u in result.get("uploads", [])
+        ]
+    )
     _out(result, as_json, text or "nothing to do")
 
 
@@ -271,7 +316,7 @@ def gc_cmd(
 @click.option("--seed", type=int, default=None, help="seed of the kill schedule (default: random)")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="processes (torchrun)")
 @json_option
-def demo_cmd(directory: str, crashes: int, steps: int, seed: Optional[int], nproc: int, as_json: bool) -> None:
+def demo_cmd(directory: str, crashes: int, steps: int, seed: int | None, nproc: int, as_json: bool) -> None:
     """Train straight, then again under random SIGKILLs; exit 0 only if both end bitwise identical."""
     from .demo import run_demo
 
@@ -279,7 +324,8 @@ def demo_cmd(directory: str, crashes: int, steps: int, seed: Optional[int], npro
     raise SystemExit(code)
 
 
-class _SizeType(click.ParamType):
+# Not ParamType[int]: a base class is evaluated at run time, and ParamType is not subscriptable in older click 8.
+class _SizeType(click.ParamType):  # type: ignore[type-arg]
     name = "SIZE"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> int:
@@ -329,7 +375,8 @@ class _SizeType(click.ParamType):
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     metavar="S",
-    help="kill and restart a job whose heartbeat is older than S seconds (default: off)",
+    help="kill and restart a job whose heartbeat is older than S seconds or, for a job that does not beat it, "
+    "that wrote no output for S seconds; never while files under --dir grow (a save) (default: off)",
 )
 @click.option(
     "--grace",
@@ -353,7 +400,8 @@ class _SizeType(click.ParamType):
     default=3,
     show_default=True,
     metavar="K",
-    help="quarantine the checkpoint after K failures in a row without progress",
+    help="quarantine the checkpoint after K crashes in a row right after the job reported loading it, without "
+    "progress (kills from outside never count)",
 )
 @click.option(
     "--backoff",
@@ -370,6 +418,27 @@ class _SizeType(click.ParamType):
     show_default=True,
     metavar="S",
     help="largest restart delay",
+)
+@click.option(
+    "--reset-after",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    metavar="S",
+    help="an attempt that made progress and ran this long resets the backoff and the restart budget",
+)
+@click.option(
+    "--preempt-exit-code",
+    type=click.IntRange(0, 255),
+    default=None,
+    metavar="N",
+    help="exit status after a forwarded SIGTERM/SIGINT the job saved and stopped on (default: 128+signal, "
+    "130 for SIGINT, 143 for SIGTERM)",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="let the first start take the checkpoint root's writer lease from a holder that looks alive (it is dead)",
 )
 @click.option(
     "--min-free",
@@ -393,22 +462,25 @@ class _SizeType(click.ParamType):
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_cmd(
-    directory: Optional[str],
+    directory: str | None,
     layout: str,
-    config: Optional[str],
+    config: str | None,
     resume: str,
     max_restarts: int,
-    hang_timeout: Optional[float],
+    hang_timeout: float | None,
     grace: float,
     gpus: int,
     crash_loop: int,
     backoff: float,
     backoff_max: float,
-    min_free: Optional[int],
-    events: Optional[str],
-    local_tier: Optional[str],
+    reset_after: float,
+    preempt_exit_code: int | None,
+    force: bool,
+    min_free: int | None,
+    events: str | None,
+    local_tier: str | None,
     as_json: bool,
-    command: tuple,
+    command: tuple[str, ...],
 ) -> None:
     """Run COMMAND and bring it back by itself: resume hand-off, restarts, hang and crash-loop handling.
 
@@ -430,6 +502,9 @@ def run_cmd(
             crash_loop=crash_loop,
             backoff=backoff,
             backoff_max=max(backoff_max, backoff),
+            reset_after=reset_after,
+            preempt_exit_code=preempt_exit_code,
+            force=force,
             min_free=min_free,
             events=events,
             local_tier=local_tier,
@@ -454,7 +529,7 @@ def run_cmd(
 )
 @click.option("--events", default=None, metavar="PATH", help="event log (default: URI/events.jsonl)")
 @json_option
-def report_cmd(uri: str, output: Optional[str], events: Optional[str], as_json: bool) -> None:
+def report_cmd(uri: str, output: str | None, events: str | None, as_json: bool) -> None:
     """Plot loss and step time against step, with restart and hang markers, from the event log."""
     import os
 
@@ -476,7 +551,12 @@ def report_cmd(uri: str, output: Optional[str], events: Optional[str], as_json: 
     except ImportError as e:
         raise _fail(str(e)) from None
     run = load_run(events)
-    _out({"output": path, **run.stats()}, as_json, f"wrote {path}")
+    empty = run.empty_reason()
+    _out(
+        {"output": path, **run.stats(), "empty_reason": empty},
+        as_json,
+        f"wrote {path}" + (f" (the loss plot is empty: {empty})" if empty else ""),
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,19 +13,22 @@ import base64
 import json
 import math
 import mmap
+import os
 import queue
 import struct
 import threading
 import warnings
-from typing import Any, BinaryIO, Dict, List, Optional, Tuple
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from .errors import CorruptCheckpointError, UnsupportedStateError
-from .verify import read_safetensors_header
+from .format import parse_json, shorten
+from .units import open_regular
+from .verify import DEVICE_RE, NUMPY_DTYPE_RE, check_tree, read_safetensors_header
 
-_DTYPES: Dict[torch.dtype, str] = {
+_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -48,6 +51,8 @@ for _name, _code in (
     if hasattr(torch, _name):
         _DTYPES[getattr(torch, _name)] = _code
 _CODES = {v: k for k, v in _DTYPES.items()}
+#: torch dtype -> safetensors dtype code
+DTYPE_CODES: dict[torch.dtype, str] = dict(_DTYPES)
 
 TAG = "__rk__"  # marker key of tagged JSON nodes; a user dict containing it is stored tagged too
 _IO_CHUNK = 64 << 20
@@ -62,10 +67,10 @@ class TreeEncoder:
     """
 
     def __init__(self) -> None:
-        self.tensors: Dict[str, torch.Tensor] = {}
-        self.arrays: Dict[str, bool] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.arrays: dict[str, bool] = {}
 
-    def _name(self, path: Tuple[str, ...]) -> str:
+    def _name(self, path: tuple[str, ...]) -> str:
         base = "/".join(path) or "root"
         name, n = base, 1
         while name in self.tensors:
@@ -73,7 +78,7 @@ class TreeEncoder:
             name = f"{base}#{n}"
         return name
 
-    def encode(self, obj: Any, path: Tuple[str, ...] = ()) -> Any:
+    def encode(self, obj: Any, path: tuple[str, ...] = ()) -> Any:
         if isinstance(obj, np.generic):  # before float/int: np.float64 subclasses float
             return {TAG: "npscalar", "dtype": obj.dtype.str, "v": self.encode(obj.item(), path)}
         if obj is None or isinstance(obj, (bool, str)):
@@ -130,46 +135,100 @@ class TreeEncoder:
         )
 
 
-def _fmt(path: Tuple[str, ...]) -> str:
+def _fmt(path: tuple[str, ...]) -> str:
     return "".join(f"[{p!r}]" for p in path)
 
 
-def decode(node: Any, tensors: Dict[str, torch.Tensor]) -> Any:
-    """Inverse of :meth:`TreeEncoder.encode`; refuses anything it does not know (no code is ever run)."""
+def decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :meth:`TreeEncoder.encode`; refuses anything it does not know (no code is ever run).
+
+    Total: every defect of a forged or damaged tree (unknown tags, bad dtypes or devices, sizes that do not match
+    the tensor, nesting past the recursion limit) raises ``ValueError`` with a one-line reason, never anything else.
+    Callers check the tree first with :func:`resumekit.verify.check_tree`, which bounds its depth.
+    """
+    try:
+        return _decode(node, tensors)
+    except ValueError:
+        raise
+    except (KeyError, TypeError, RuntimeError, OverflowError, IndexError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{type(e).__name__}: {shorten(e)}") from None
+
+
+def _np_dtype(text: Any) -> np.dtype:
+    if not isinstance(text, str) or not NUMPY_DTYPE_RE.match(text):
+        raise ValueError(f"numpy dtype {shorten(repr(text), 40)} is not a plain data type")
+    dt = np.dtype(text)
+    if dt.hasobject:
+        raise ValueError(f"numpy dtype {text!r} holds Python objects")
+    return dt
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(node, list):
-        return [decode(v, tensors) for v in node]
+        return [_decode(v, tensors) for v in node]
     if not isinstance(node, dict):
         return node
     tag = node.get(TAG)
     if tag is None:
-        return {k: decode(v, tensors) for k, v in node.items()}
+        return {k: _decode(v, tensors) for k, v in node.items()}
     if tag == "tensor":
         return tensors[node["k"]]
     if tag == "ndarray":
         raw = tensors[node["k"]].numpy()
-        return raw.view(np.dtype(node["dtype"])).reshape(node["shape"]).copy()
+        dt, shape = _np_dtype(node["dtype"]), node["shape"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError("a numpy array with a malformed shape")
+        count = 1
+        for d in shape:
+            count *= d
+        if raw.dtype != np.uint8 or raw.ndim != 1 or count * dt.itemsize != raw.size:
+            raise ValueError(f"numpy array {node['k']!r}: {raw.size} bytes do not hold {shape} of {dt.str}")
+        return raw.view(dt).reshape(shape).copy()
     if tag == "float":
         return float(node["v"])
     if tag == "npscalar":
-        return np.dtype(node["dtype"]).type(decode(node["v"], tensors))
+        return _np_dtype(node["dtype"]).type(_decode(node["v"], tensors))
     if tag == "dict":
-        return {_hashable(decode(k, tensors)): decode(v, tensors) for k, v in node["items"]}
+        return {_hashable(_decode(k, tensors)): _decode(v, tensors) for k, v in node["items"]}
     if tag == "tuple":
-        return tuple(decode(v, tensors) for v in node["v"])
+        return tuple(_decode(v, tensors) for v in node["v"])
     if tag == "bytes":
-        return base64.b64decode(node["v"])
+        return base64.b64decode(node["v"], validate=True)
     if tag == "dtype":
-        dt = getattr(torch, node["v"], None)
-        if not isinstance(dt, torch.dtype):
-            raise ValueError(f"unknown dtype {node['v']!r}")
-        return dt
+        tdt = getattr(torch, node["v"], None) if isinstance(node["v"], str) else None
+        if not isinstance(tdt, torch.dtype):
+            raise ValueError(f"unknown dtype {shorten(repr(node['v']), 40)}")
+        return tdt
     if tag == "device":
+        if not isinstance(node["v"], str) or not DEVICE_RE.match(node["v"]):
+            raise ValueError(f"device {shorten(repr(node['v']), 40)} is not a device torch knows")
         return torch.device(node["v"])
     if tag == "size":
+        if not isinstance(node["v"], list) or not all(type(d) is int and d >= 0 for d in node["v"]):
+            raise ValueError("a torch.Size that is not a list of non-negative integers")
         return torch.Size(node["v"])
     if tag == "set":
-        return {_hashable(decode(v, tensors)) for v in node["v"]}
-    raise ValueError(f"unknown tag {tag!r} in state.json")
+        return {_hashable(_decode(v, tensors)) for v in node["v"]}
+    raise ValueError(f"unknown tag {shorten(repr(tag), 40)} in state.json")
+
+
+def decode_tree(blob: bytes, tensors: dict[str, torch.Tensor], where: str, shown: str) -> Any:
+    """Parse, check (:func:`resumekit.verify.check_tree`, the check ``resumekit verify`` runs) and decode a stored
+    state tree; every defect is a :class:`CorruptCheckpointError` naming ``shown``, never a raw exception.
+
+    Args:
+        blob: the JSON bytes (already size-capped and checksummed by the caller).
+        tensors: the tensor file's tensors, which the tree refers to by name.
+        where: the checkpoint, for the error.
+        shown: the file's name in messages.
+    """
+    doc = parse_json(blob, where, shown)
+    table = {k: (DTYPE_CODES.get(t.dtype, "?"), tuple(t.shape)) for k, t in tensors.items()}
+    check_tree(doc, table, where, shown)
+    try:
+        return decode(doc, tensors)
+    except ValueError as e:
+        raise CorruptCheckpointError(where, f"{shown} does not decode: {e}") from None
 
 
 def _hashable(v: Any) -> Any:
@@ -186,17 +245,18 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    # numpy's stubs declare the buffer protocol (__buffer__) only for Python >= 3.12; ndarray has it at run time.
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
-def ordered(tensors: Dict[str, torch.Tensor]) -> List[Tuple[str, torch.Tensor]]:
+def ordered(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """Write order: larger element sizes first, so every tensor stays aligned to its element size."""
     return sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
 
 
-def build_header(items: List[Tuple[str, torch.Tensor]]) -> Tuple[bytes, int]:
+def build_header(items: list[tuple[str, torch.Tensor]]) -> tuple[bytes, int]:
     """The safetensors prefix (length + JSON header padded to 8 bytes) and the data size."""
-    header: Dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "resumekit"}}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "resumekit"}}
     off = 0
     for name, t in items:
         n = t.numel() * t.element_size()
@@ -207,7 +267,7 @@ def build_header(items: List[Tuple[str, torch.Tensor]]) -> Tuple[bytes, int]:
     return struct.pack("<Q", len(raw)) + raw, off
 
 
-def write_tensors(f: BinaryIO, tensors: Dict[str, torch.Tensor], hasher) -> int:
+def write_tensors(f: BinaryIO, tensors: dict[str, torch.Tensor], hasher) -> int:
     """Stream tensors (contiguous CPU) to ``f`` in the safetensors layout; returns bytes written.
 
     For large states the checksum runs on a helper thread, one chunk behind the writes (xxh3 and file writes both
@@ -241,8 +301,8 @@ class _HashPipe:
 
     def __init__(self, hasher) -> None:
         self._hasher = hasher
-        self._queue: "queue.Queue" = queue.Queue(maxsize=4)  # bounded: never far ahead of the writes
-        self._error: Optional[BaseException] = None
+        self._queue: queue.Queue = queue.Queue(maxsize=4)  # bounded: never far ahead of the writes
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="resumekit-hash", daemon=True)
         self._thread.start()
 
@@ -269,13 +329,13 @@ class _HashPipe:
 def _readinto_exact(f: BinaryIO, mv: memoryview, where: str) -> None:
     got = 0
     while got < len(mv):
-        n = f.readinto(mv[got:])
+        n = f.readinto(mv[got:])  # type: ignore[attr-defined]  # every binary file has it; typing.BinaryIO omits it
         if not n:
             raise CorruptCheckpointError(where, f"file ends after {got} of {len(mv)} expected bytes (truncated)")
         got += n
 
 
-def read_header(f: BinaryIO, size: int, where: str, hasher=None) -> Tuple[List[Tuple[str, dict]], int]:
+def read_header(f: BinaryIO, size: int, where: str, hasher=None) -> tuple[list[tuple[str, dict]], int]:
     """Parse and check a safetensors header; returns entries in file order and the data start.
 
     The checks are the one parser's (:func:`resumekit.verify.read_safetensors_header`, full); this only maps the
@@ -308,15 +368,15 @@ def read_header(f: BinaryIO, size: int, where: str, hasher=None) -> Tuple[List[T
 
 
 def read_tensors(
-    f: BinaryIO, size: int, where: str, hasher, out: Optional[Dict[str, torch.Tensor]] = None
-) -> Dict[str, torch.Tensor]:
+    f: BinaryIO, size: int, where: str, hasher, out: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Read every tensor into its own freshly allocated (or caller-provided) CPU tensor, hashing on the fly.
 
     Reading straight into the destination with ``readinto`` means one copy from the page cache and no
     intermediate buffer; the caller compares ``hasher`` with the manifest before using anything.
     """
     entries, _ = read_header(f, size, where, hasher)
-    result: Dict[str, torch.Tensor] = {}
+    result: dict[str, torch.Tensor] = {}
     for name, ent in entries:
         dst = out.get(name) if out else None
         if dst is None or dst.dtype != ent["dtype"] or list(dst.shape) != ent["shape"] or not dst.is_contiguous():
@@ -330,7 +390,7 @@ def read_tensors(
     return result
 
 
-def map_tensors(path: str, size: int, where: str, hasher) -> Dict[str, torch.Tensor]:
+def map_tensors(path: str, size: int, where: str, hasher) -> dict[str, torch.Tensor]:
     """Memory-map a local tensor file and return read-only tensors viewing it, after hashing the whole file.
 
     The restore path for local files: the hash pass reads the page cache in place and each tensor is then copied
@@ -338,7 +398,15 @@ def map_tensors(path: str, size: int, where: str, hasher) -> Dict[str, torch.Ten
     about one read of the bytes. Callers must copy out of these views (see :func:`materialize`): the mapping is
     read-only and goes away with the last view.
     """
-    with open(path, "rb", buffering=0) as f:
+    try:
+        fd = open_regular(path)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CorruptCheckpointError(
+            where, f"{where.rsplit('/', 1)[-1]} is not a regular file ({e.strerror})"
+        ) from None
+    with os.fdopen(fd, "rb", buffering=0) as f:
         entries, data_start = read_header(f, size, where)
         # MAP_POPULATE on a read-only shared mapping pre-faults the page-cache pages without copying them.
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -347,12 +415,12 @@ def map_tensors(path: str, size: int, where: str, hasher) -> Dict[str, torch.Ten
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write through it
         base = torch.frombuffer(mm, dtype=torch.uint8)
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     for name, ent in entries:
-        b, e = data_start + ent["begin"], data_start + ent["end"]
-        raw = base[b:e]
+        begin, end = data_start + ent["begin"], data_start + ent["end"]
+        raw = base[begin:end]
         itemsize = torch.empty((), dtype=ent["dtype"]).element_size()
-        if b % itemsize:
+        if begin % itemsize:
             raw = raw.clone()  # a foreign writer may not align tensors; views need element alignment
         out[name] = raw.view(ent["dtype"]).reshape(ent["shape"])
     return out

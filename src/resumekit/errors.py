@@ -6,6 +6,8 @@ message names the file or key involved and, where there is one, the fix.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ResumekitError(Exception):
     """Base class of every error raised on purpose by resumekit."""
@@ -33,6 +35,11 @@ class UnsafePathError(CorruptCheckpointError):
     """A manifest names a path outside its checkpoint (``..`` or absolute)."""
 
 
+class UnsafeFileError(CorruptCheckpointError):
+    """A checkpoint file is not a regular file (a FIFO, device, socket or directory), or is a symlink that leads
+    out of the checkpoint: it is never opened, so it can neither hang a reader nor leak another file."""
+
+
 class UnsupportedStateError(ResumekitError, TypeError):
     """The training state holds an object the native format cannot store without pickle."""
 
@@ -56,3 +63,17 @@ class StorageError(ResumekitError, OSError):
 class RemoteTransferError(ResumekitError, ConnectionError):
     """A remote request kept failing with transient errors (timeouts, 5xx, dropped connections) until its retry
     budget ran out. Unlike :class:`StorageError`, trying again later may succeed."""
+
+
+class LeaseHeldError(ResumekitError, RuntimeError):
+    """Another live process holds the writer lease of a checkpoint root (one writer per run directory).
+
+    Attributes:
+        root: the checkpoint root.
+        holder: what the lease says about its holder (``pid``, ``host``, ``since``, ...).
+    """
+
+    def __init__(self, root: str, holder: dict[str, Any], message: str) -> None:
+        self.root = root
+        self.holder = holder
+        super().__init__(message)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional, Set
+from typing import Any
 
 from .events import EventLog
 from .format import MANIFEST, TMP_PREFIX
@@ -13,13 +13,14 @@ from .layouts.base import choose_latest
 from .layouts.native import NativeLayout
 from .policy import RetentionPolicy
 from .storage import Storage
+from .storage.resave import recover_resaves
 
 log = logging.getLogger("resumekit")
 
 
 def apply_retention(
-    storage: Storage, policy: RetentionPolicy, *, protect: Set[int], events: Optional[EventLog] = None
-) -> List[int]:
+    storage: Storage, policy: RetentionPolicy, *, protect: set[int], events: EventLog | None = None
+) -> list[int]:
     """Delete the valid checkpoints ``policy`` no longer keeps (never a step in ``protect``); returns their steps.
 
     Validity is the quick check (manifest and sizes): retention runs after every save and must not re-hash the
@@ -47,23 +48,31 @@ def collect_garbage(
     *,
     tmp_age: float = 600.0,
     dry_run: bool = False,
-    now: Optional[float] = None,
-) -> Dict[str, Any]:
+    now: float | None = None,
+) -> dict[str, Any]:
     """Apply ``policy`` to the valid checkpoints and remove ``.tmp-`` dirs older than ``tmp_age`` seconds (on object
     stores: step dirs without a manifest, and multipart uploads, older than that).
 
     Invalid checkpoints are kept (they are evidence; ``resumekit ls`` shows why they are invalid) and the newest
-    valid one is never removed. A tmp dir younger than ``tmp_age`` may belong to a save in progress.
+    valid one is never removed. A tmp dir younger than ``tmp_age`` may belong to a save in progress. The committed
+    copy of an interrupted re-save (``.keep-``) is never removed: it is put in its step's place. Unless ``dry_run``,
+    the caller must hold the root's writer lease (:func:`resumekit.storage.lease.acquire_lease`).
     """
     now = time.time() if now is None else now
     layout = NativeLayout()
+    if not dry_run:
+        # A re-save a kill interrupted: its keep copy (the newer save) takes its step's place before anything is
+        # judged. Keep copies are never garbage; the caller holds the root's writer lease.
+        recover_resaves(storage)
     infos = [layout.validate(storage, i, full=False) for i in layout.list(storage)]
     valid = {i.step: i for i in infos if i.valid}
     # Sizes can look right on a damaged checkpoint: the one protected is the newest that passes full checksums.
     best, _ = choose_latest(list(valid.values()), lambda i: layout.validate(storage, i, full=True))
     protected = {best.step} if best is not None else set(valid)
     doomed = policy.to_delete(list(valid), {s: i.metadata for s, i in valid.items()}, protected=protected)
-    removed, kept = [], []
+    removed: list[str] = []  # paths
+    kept: list[str] = []
+    uploads: list[dict[str, Any]] = []  # incomplete multipart uploads (object stores), with their age
     for s in sorted(valid):
         (removed if s in doomed else kept).append(valid[s].path)
         if s in doomed and not dry_run:
@@ -79,10 +88,17 @@ def collect_garbage(
                 removed.append(i.path)
                 if not dry_run:
                     storage.remove_tree(i.name)
-        abort_uploads = getattr(storage, "abort_stale_uploads", None)
-        if abort_uploads is not None:
+        list_uploads = getattr(storage, "list_uploads", None)
+        if list_uploads is not None:
             # Multipart uploads of killed saves: invisible to listings, but the store keeps (and bills) their parts.
-            removed.extend(abort_uploads(tmp_age, dry_run=dry_run, now=now))
+            # Every one is reported with its age; those older than tmp_age are aborted (a younger one may belong to
+            # a save in progress).
+            for u in list_uploads(now=now):
+                stale = u["age_s"] is not None and u["age_s"] >= tmp_age
+                action = ("would abort" if dry_run else "aborted") if stale else "kept (younger than --tmp-age)"
+                uploads.append({"uri": u["uri"], "upload_id": u["upload_id"], "age_s": u["age_s"], "action": action})
+            if any(u["action"] != "kept (younger than --tmp-age)" for u in uploads):
+                removed.extend(storage.abort_stale_uploads(tmp_age, dry_run=dry_run, now=now))  # type: ignore[attr-defined]
     for e in storage.listdir(""):
         if e.name.startswith(TMP_PREFIX):
             # A long write changes the files' mtimes, not the directory's: age is that of the newest entry.
@@ -92,10 +108,10 @@ def collect_garbage(
                 removed.append(storage.join(e.name))
                 if not dry_run:
                     storage.remove_tree(e.name)
-    return {"removed": removed, "kept": kept, "dry_run": dry_run}
+    return {"removed": removed, "kept": kept, "uploads": uploads, "dry_run": dry_run}
 
 
-def _newest_mtime(path: Optional[str]) -> Optional[float]:
+def _newest_mtime(path: str | None) -> float | None:
     if path is None:
         return None
     newest = None

@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import atexit
-import faulthandler
 import logging
 import operator
 import os
@@ -22,13 +21,23 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, MutableMapping, Optional, Sequence
+from typing import Any
 
 from .checkpointers.base import Checkpointer, Committed, Opened, Snapshot, first_valid, first_valid_at
 from .checkpointers.local import LocalCheckpointer
-from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
-from .events import ENV_RESUME_FROM, ENV_RESUME_MODE, EventLog, Heartbeat
+from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, LeaseHeldError
+from .events import (
+    ENV_DUMP_SIGNAL,
+    ENV_RESUME_FROM,
+    ENV_RESUME_MODE,
+    EventLog,
+    Heartbeat,
+    install_stack_dumps,
+    resolve_signal,
+    uninstall_stack_dumps,
+)
 from .format import metadata_jsonable, step_dirname
 from .gc import apply_retention
 from .layouts.base import CheckpointInfo, order_by_step
@@ -36,6 +45,8 @@ from .layouts.native import NativeLayout
 from .policy import RetentionPolicy, SavePolicy
 from .snapshot import BackgroundPersister
 from .storage import Storage, open_storage
+from .storage import deadline as transfer_deadline
+from .storage.lease import WriterLease, acquire_leases, takeover_from_env
 from .storage.tiered import TieredStorage
 
 log = logging.getLogger("resumekit")
@@ -76,6 +87,18 @@ class CheckpointOptions:
         exit_on_preemption: after that save, exit the process with status 0.
         heartbeat_interval: seconds between heartbeat touches (for ``resumekit run --hang-timeout``).
         metrics_every: log ``metrics`` passed to ``maybe_save`` every N steps to the event log (0: never).
+        metrics_interval: and at most once per this many seconds (0: every time ``metrics_every`` says so), so the
+            log costs nothing per step however fast the steps are.
+        read_only: only restore (an evaluator beside a live run): no writer lease, nothing removed, ``save``
+            refused.
+        takeover: take the root's writer lease even though the process holding it looks alive (it is known dead,
+            on another host); default: ``RESUMEKIT_TAKEOVER`` (``resumekit run --force``). A lease whose holder is
+            gone from this host is taken over without it.
+        dump_signal: the signal on which, under ``resumekit run``, every thread's stack is printed (``faulthandler``,
+            chained to a handler already installed, e.g. SLURM's or Lightning's SIGUSR1). Default:
+            ``RESUMEKIT_DUMP_SIGNAL`` or ``"SIGUSR1"``; ``"none"`` installs nothing.
+        heartbeat_stall: while a save or a wait blocks, the heartbeat keeps beating as long as bytes move, and for
+            at most this many seconds without (a save stuck in I/O or a collective then shows as hung).
         local_tier: a fast local directory that saves commit to (training waits only for it) while a background
             uploader copies each committed step to ``directory`` (e.g. ``s3://bucket/run``); ``restore`` takes the
             newest valid checkpoint of either tier, downloading a newer remote one first. Retention applies to
@@ -86,27 +109,33 @@ class CheckpointOptions:
             same steps.
     """
 
-    every_steps: Optional[int] = None
-    every_seconds: Optional[float] = None
-    keep_last: Optional[int] = None
-    keep_every: Optional[int] = None
-    keep_best: Optional[int] = None
-    best_metric: Optional[str] = None
+    every_steps: int | None = None
+    every_seconds: float | None = None
+    keep_last: int | None = None
+    keep_every: int | None = None
+    keep_best: int | None = None
+    best_metric: str | None = None
     best_mode: str = "min"
     async_save: bool = False
     resume: str = "auto"
-    init_from: Optional[str] = None
-    init_keys: Optional[Sequence[str]] = None
+    init_from: str | None = None
+    init_keys: Sequence[str] | None = None
     save_rng: bool = True
     strict: bool = True
     handle_sigterm: bool = True
     exit_on_preemption: bool = True
     heartbeat_interval: float = 1.0
     metrics_every: int = 1
-    local_tier: Optional[str] = None
-    distributed: Optional[bool] = None
+    metrics_interval: float = 1.0
+    read_only: bool = False
+    takeover: bool | None = None
+    dump_signal: str | None = None
+    heartbeat_stall: float = 300.0
+    local_tier: str | None = None
+    distributed: bool | None = None
     save_policy: SavePolicy = field(init=False)
     retention: RetentionPolicy = field(init=False)
+    dump_signum: int | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.save_policy = SavePolicy(every_steps=self.every_steps, every_seconds=self.every_seconds)
@@ -125,6 +154,13 @@ class CheckpointOptions:
             raise ConfigError("CheckpointOptions.heartbeat_interval must be >= 0")
         if self.metrics_every < 0:
             raise ConfigError("CheckpointOptions.metrics_every must be >= 0")
+        if not (isinstance(self.metrics_interval, (int, float)) and self.metrics_interval >= 0):
+            raise ConfigError("CheckpointOptions.metrics_interval must be a number of seconds >= 0")
+        if not (isinstance(self.heartbeat_stall, (int, float)) and self.heartbeat_stall >= 0):
+            raise ConfigError("CheckpointOptions.heartbeat_stall must be a number of seconds >= 0")
+        if self.takeover is None:
+            self.takeover = takeover_from_env()
+        self.dump_signum = resolve_signal(self.dump_signal or os.environ.get(ENV_DUMP_SIGNAL) or "SIGUSR1")
 
 
 @dataclass
@@ -156,9 +192,16 @@ class _PreemptionFlag:
         self._old: Any = None
         if install and threading.current_thread() is threading.main_thread():
             try:
-                self._old = signal.signal(signal.SIGTERM, lambda signum, frame: self._flag.set())
+                self._old = signal.signal(signal.SIGTERM, self._on_signal)
             except ValueError:
                 self._old = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._flag.set()
+        # The grace period starts now (RESUMEKIT_GRACE, from `resumekit run --grace`): remote transfers stop at its
+        # end, so a save stuck on an unresponsive store fails in time for the process to exit on its own.
+        transfer_deadline.start_grace()
+        self._grace_started = True
 
     def set(self) -> None:
         self._flag.set()
@@ -167,6 +210,9 @@ class _PreemptionFlag:
         return self._flag.is_set()
 
     def uninstall(self) -> None:
+        if getattr(self, "_grace_started", False):
+            # A process that outlives its preemption (a test, an ignored signal) must not keep failing transfers.
+            transfer_deadline.set_deadline(None)
         if self._old is not None and threading.current_thread() is threading.main_thread():
             try:
                 signal.signal(signal.SIGTERM, self._old)
@@ -182,11 +228,11 @@ class CheckpointManager:
         options: a :class:`CheckpointOptions`; or pass its fields as keyword arguments.
     """
 
-    def __init__(self, directory: str, options: Optional[CheckpointOptions] = None, **kwargs: Any):
+    def __init__(self, directory: str, options: CheckpointOptions | None = None, **kwargs: Any):
         if options is not None and kwargs:
             raise ConfigError("pass either options= or keyword options, not both")
         self.options = options or CheckpointOptions(**kwargs)
-        self.tier: Optional[TieredStorage] = None
+        self.tier: TieredStorage | None = None
         if self.options.local_tier:
             self.tier = TieredStorage(directory, self.options.local_tier, retention=self.options.retention)
         self.storage: Storage = self.tier if self.tier is not None else open_storage(directory)
@@ -196,28 +242,64 @@ class CheckpointManager:
             self.tier.events = self.events  # the local tier's events.jsonl: remote roots keep no log
         self.heartbeat = Heartbeat.from_env(self.options.heartbeat_interval)
         self.cost = SaveCost()
-        self.restored_from: Optional[CheckpointInfo] = None
-        self.skipped: List[CheckpointInfo] = []
-        self.last_saved_step: Optional[int] = None
+        self.restored_from: CheckpointInfo | None = None
+        self.skipped: list[CheckpointInfo] = []
+        self.last_saved_step: int | None = None
         self.preempted = False
         self._last_save_time = time.monotonic()
         self._persister = BackgroundPersister()
         self._closed = False
-        self._sigterm = _PreemptionFlag(install=self.options.handle_sigterm)
+        self._last_metrics = float("-inf")
+        self.lease: WriterLease | None = None
+        self._leases: list[WriterLease] = []
         self.checkpointer: Checkpointer = self._make_checkpointer()
+        # The writer lease before anything else: a second writer must fail here, before it installs handlers or
+        # touches the directory (readers, read_only=True, take none).
+        self._acquire_leases()
+        # A read-only manager never saves, so SIGTERM keeps its usual meaning for it.
+        self._sigterm = _PreemptionFlag(install=self.options.handle_sigterm and not self.options.read_only)
         # One writer of the event log (rank 0) and one heartbeat per node (local rank 0): a hung rank stalls
         # rank 0 at its next collective, so the node's heartbeat still goes stale.
         if not self.checkpointer.leads_job:
             self.events = EventLog(None, self.events.source)
         if not self.checkpointer.leads_node:
             self.heartbeat = Heartbeat(None)
-        if self.heartbeat.path and hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
-            # Under `resumekit run --hang-timeout`, SIGUSR1 dumps every thread's stack before the kill.
-            faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+        # Under `resumekit run`: every thread's stack on dump_signal before a hang kill, announced in the heartbeat.
+        self._dump_registered = install_stack_dumps(self.heartbeat, self.options.dump_signum)
         # A strong reference on purpose: a manager dropped without close() still drains its background save at
         # exit, and a failure there still sets the exit status (its staging buffers live until then).
         self._atexit_hook = self._atexit
         atexit.register(self._atexit_hook)
+
+    def _acquire_leases(self) -> None:
+        """Take the root's writer lease (both tiers' with a ``local_tier``); on a collective checkpointer rank 0
+        takes it and every rank learns whether it could, so no rank goes on alone."""
+        cp = self.checkpointer
+        error: LeaseHeldError | None = None
+        if not self.options.read_only and cp.leads_job:
+            # The remote tier is optional to training (uploads retry): an unreachable store does not stop the job.
+            required: list[Storage] = [self.tier.local] if self.tier is not None else [self.storage]
+            optional: list[Storage] = [self.tier.remote] if self.tier is not None else []
+            try:
+                self._leases = acquire_leases(required, optional, takeover=bool(self.options.takeover))
+            except LeaseHeldError as e:
+                error = e
+        if cp.collective:
+            failed, _ = cp.agree(error is not None, False)
+            if failed and error is None:
+                error = LeaseHeldError(self.storage.uri, {}, f"{self.storage.uri} is in use by another writer (rank 0)")
+        if error is not None:
+            for lease in self._leases:
+                lease.release()
+            self.checkpointer.release()
+            raise error
+        self.lease = self._leases[0] if self._leases else None
+        for lease in self._leases:
+            # A newer manager of this process on the same root takes over: this one's save in flight ends first.
+            lease.on_takeover = self._drain_quietly
+
+    def _drain_quietly(self) -> None:
+        self._persister.wait(raise_error=False)
 
     def _make_checkpointer(self) -> Checkpointer:
         from .distributed.context import wants_distributed
@@ -238,13 +320,16 @@ class CheckpointManager:
         self,
         state: MutableMapping[str, Any],
         *,
-        resume: Optional[str] = None,
-        only: Optional[Sequence[str]] = None,
-        strict: Optional[bool] = None,
+        resume: str | None = None,
+        only: Sequence[str] | None = None,
+        strict: bool | None = None,
     ) -> int:
         """Load the newest valid checkpoint into ``state``; returns the step to continue from (0 if none).
 
-        Corrupt or incomplete checkpoints are skipped with a logged reason and the previous one is used.
+        Corrupt or incomplete checkpoints are skipped with a logged reason and the previous one is used. The whole
+        checkpoint is decoded and validated (entries, shapes, dtypes, RNG states, devices, plain values) before the
+        first live object is touched, so one that fails validation leaves ``state`` unchanged and the next older
+        valid one is tried.
 
         Args:
             state: name -> stateful object or plain value; plain values are replaced in the mapping.
@@ -262,12 +347,20 @@ class CheckpointManager:
         if mode == "auto" and os.environ.get(ENV_RESUME_MODE) == "never":
             mode = "never"  # `resumekit run --resume never`
         cp = self.checkpointer
-        cp.clean_stale_tmp()
+        if self.lease is not None:
+            cp.clean_stale_tmp()  # only the lease holder removes anything; readers never do
         if mode == "never":
             self.events.emit("restore", step=0, path=None, reason="resume=never", **cp.event_fields())
             return 0
-        chosen = self._choose(mode)
-        if self.tier is not None:
+        rng = only is None and self.options.save_rng
+
+        def load(opened: Opened) -> None:
+            # Loading is part of choosing: a checkpoint that fails validation (before anything changed) is skipped
+            # like one that failed verification, and the next older one is tried.
+            cp.load(opened, state, only=only, strict=strict, rng=rng)
+
+        chosen = self._choose(mode, load)
+        if self.tier is not None and self.lease is not None:
             # A previous run may have died mid-upload: its local steps newer than the remote's newest go up again.
             self.tier.resync(exclude={s.name for s in self.skipped})
         if chosen is None:
@@ -282,7 +375,6 @@ class CheckpointManager:
                 **cp.event_fields(),
             )
             return 0
-        cp.load(chosen, state, only=only, strict=strict, rng=only is None and self.options.save_rng)
         info = chosen.info
         self.restored_from = info
         self.last_saved_step = info.step
@@ -299,20 +391,20 @@ class CheckpointManager:
         log.info("resumed from %s (step %d) in %.2fs", info.path, info.step, secs)
         return info.step
 
-    def _choose(self, mode: str) -> Optional[Opened]:
-        """The checkpoint to restore for ``mode``: a user-named path, the supervisor's hand-off, or the newest."""
+    def _choose(self, mode: str, load: Callable[[Opened], None]) -> Opened | None:
+        """Find and load the checkpoint for ``mode``: a user-named path, the supervisor's hand-off, or the newest."""
         cp = self.checkpointer
         if mode != "auto":
-            return first_valid_at(cp, mode, self._skip)
+            return first_valid_at(cp, mode, self._skip, load)
         env_path = os.environ.get(ENV_RESUME_FROM, "")
         if env_path and cp.honours_resume_env():
             try:
-                return first_valid_at(cp, env_path, self._skip)
+                return first_valid_at(cp, env_path, self._skip, load)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 log.warning(
                     "%s=%s is not usable (%s); searching %s instead", ENV_RESUME_FROM, env_path, e, self.storage.uri
                 )
-        return first_valid(cp, cp.candidates(), self._skip)
+        return first_valid(cp, cp.candidates(), self._skip, load)
 
     def _skip(self, info: CheckpointInfo, reason: str) -> None:
         info.valid, info.reason = False, reason
@@ -322,16 +414,21 @@ class CheckpointManager:
 
     def _init_from(self, state: MutableMapping[str, Any], t0: float) -> int:
         assert self.options.init_from is not None
-        chosen = first_valid_at(self.checkpointer, self.options.init_from, self._skip)
         keys = list(self.options.init_keys) if self.options.init_keys is not None else None
-        loaded = self.checkpointer.load(chosen, state, only=keys, strict=self.options.strict, rng=False)
+        got: list[str] = []
+
+        def load(opened: Opened) -> None:
+            got[:] = self.checkpointer.load(opened, state, only=keys, strict=self.options.strict, rng=False)
+
+        chosen = first_valid_at(self.checkpointer, self.options.init_from, self._skip, load)
+        loaded = got
         self.events.emit("init_from", path=chosen.info.path, step=0, keys=loaded, seconds=time.perf_counter() - t0)
         log.info("initialised %s from %s; starting at step 0", loaded, chosen.info.path)
         return 0
 
     # --------------------------------------------------------------------------------------------------- save
     def maybe_save(
-        self, step: int, state: Mapping[str, Any], *, metrics: Optional[Mapping[str, Any]] = None, force: bool = False
+        self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, Any] | None = None, force: bool = False
     ) -> bool:
         """Call once per step with the number of steps completed; saves when the policy (or a SIGTERM) says so.
 
@@ -348,8 +445,13 @@ class CheckpointManager:
         if self.tier is not None:
             self.tier.raise_pending()  # an upload that failed since the last call
         if metrics and self.options.metrics_every and step % self.options.metrics_every == 0:
-            fields = {(f"metric_{k}" if k in _EVENT_FIELDS else k): v for k, v in metadata_jsonable(metrics).items()}
-            self.events.emit("metrics", step=step, **fields)
+            now = time.monotonic()
+            if now - self._last_metrics >= self.options.metrics_interval:
+                self._last_metrics = now
+                fields = {
+                    (f"metric_{k}" if k in _EVENT_FIELDS else k): v for k, v in metadata_jsonable(metrics).items()
+                }
+                self.events.emit("metrics", step=step, **fields)
         preempt = self._sigterm.is_set()
         due = force or self.options.save_policy.due(step, time.monotonic(), self._last_save_time, self.last_saved_step)
         if cp.needs_agreement(self.options.handle_sigterm, self.options.every_seconds is not None):
@@ -357,6 +459,8 @@ class CheckpointManager:
             preempt, due = cp.agree(preempt, due)
         if preempt:
             return self._preemption_save(step, state, metrics)
+        if due and not force and self.tier is not None and not self.tier.save_allowed(step):
+            return False  # too many steps wait for the store: this save waits (a save_deferred event says why)
         if due:
             self.save(step, state, metrics=metrics)
         return due
@@ -366,9 +470,9 @@ class CheckpointManager:
         step: int,
         state: Mapping[str, Any],
         *,
-        metrics: Optional[Mapping[str, Any]] = None,
-        block: Optional[bool] = None,
-    ) -> Optional[str]:
+        metrics: Mapping[str, Any] | None = None,
+        block: bool | None = None,
+    ) -> str | None:
         """Save now. Returns the checkpoint path (sync) or the path it will have (async); None if already saved.
 
         Args:
@@ -383,7 +487,17 @@ class CheckpointManager:
         """
         if self._closed:
             raise RuntimeError("CheckpointManager is closed")
+        if self.options.read_only:
+            raise ConfigError("this CheckpointManager is read_only=True: it restores but never saves")
         step = _as_step(step)
+        for lease in self._leases:
+            lease.check()  # a writer whose lease was taken over must not write beside the new holder
+        with self.heartbeat.ticking("save", self.options.heartbeat_stall):
+            return self._save(step, state, metrics, block)
+
+    def _save(
+        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None, block: bool | None
+    ) -> str | None:
         t0 = time.perf_counter()
         cp = self.checkpointer
         if not cp.collective:
@@ -422,7 +536,7 @@ class CheckpointManager:
         return self.storage.join(name)
 
     def _persist(
-        self, snap: Snapshot, blocking: Optional[float], waited: float, t0: float, *, background: bool
+        self, snap: Snapshot, blocking: float | None, waited: float, t0: float, *, background: bool
     ) -> Committed:
         res = self.checkpointer.persist(snap, background=background)
         if blocking is None:  # synchronous: the whole write blocked training
@@ -453,7 +567,7 @@ class CheckpointManager:
         """Ask for a save at the next step boundary, as SIGTERM does (e.g. from a rank-agreement hook)."""
         self._sigterm.set()
 
-    def _preemption_save(self, step: int, state: Mapping[str, Any], metrics: Optional[Mapping[str, Any]]) -> bool:
+    def _preemption_save(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None) -> bool:
         self.preempted = True
         self.save(step, state, metrics=metrics, block=True)
         self.wait()
@@ -468,9 +582,10 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until the background save (if any) is durable and, with a ``local_tier``, every upload is done;
         raises the error of either if it failed."""
-        self._persister.wait(raise_error=True)
-        if self.tier is not None:
-            self.tier.wait_uploads()
+        with self.heartbeat.ticking("wait", self.options.heartbeat_stall):
+            self._persister.wait(raise_error=True)
+            if self.tier is not None:
+                self.tier.wait_uploads()
 
     def close(self) -> None:
         """Finish pending work and release buffers; raises a background save's error."""
@@ -478,15 +593,20 @@ class CheckpointManager:
             return
         self._closed = True
         try:
-            try:
-                self._persister.wait(raise_error=True)
-            finally:
-                if self.tier is not None:
-                    self.tier.close()  # uploads finish before the process may exit; their errors surface here
+            with self.heartbeat.ticking("close", self.options.heartbeat_stall):
+                try:
+                    self._persister.wait(raise_error=True)
+                finally:
+                    if self.tier is not None:
+                        self.tier.close()  # uploads finish before the process may exit; their errors surface here
         finally:
             self.checkpointer.release()
             self._sigterm.uninstall()
             atexit.unregister(self._atexit_hook)
+            for lease in self._leases:
+                lease.release()  # after the last write: the next writer may start now
+            self.events.close()
+            uninstall_stack_dumps(self._dump_registered)  # puts the chained handler back
 
     def _atexit(self) -> None:
         # A background save failing after the loop ended must not vanish: the exit status says so.
@@ -499,10 +619,10 @@ class CheckpointManager:
             sys.stderr.flush()
             os._exit(1)
 
-    def __enter__(self) -> "CheckpointManager":
+    def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -512,10 +632,10 @@ class CheckpointManager:
                 pass
 
     # -------------------------------------------------------------------------------------------- inspection
-    def checkpoints(self, full: bool = False) -> List[CheckpointInfo]:
+    def checkpoints(self, full: bool = False) -> list[CheckpointInfo]:
         """Every checkpoint with its validity (sizes only unless ``full``)."""
         return [self.layout.validate(self.storage, i, full=full) for i in order_by_step(self.layout.list(self.storage))]
 
-    def latest(self, full: bool = True) -> Optional[CheckpointInfo]:
+    def latest(self, full: bool = True) -> CheckpointInfo | None:
         best, _ = self.layout.latest(self.storage, full=full)
         return best

@@ -7,8 +7,8 @@ answer, so every rule here is unit-tested without a file system.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, List, Mapping, Optional, Sequence, Set
 
 from .errors import ConfigError
 
@@ -22,8 +22,8 @@ class SavePolicy:
         every_seconds: save when this many seconds have passed since the last save (or since the start).
     """
 
-    every_steps: Optional[int] = None
-    every_seconds: Optional[float] = None
+    every_steps: int | None = None
+    every_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.every_steps is not None and (not isinstance(self.every_steps, int) or self.every_steps < 1):
@@ -31,15 +31,13 @@ class SavePolicy:
         if self.every_seconds is not None and not (self.every_seconds > 0 and math.isfinite(self.every_seconds)):
             raise ConfigError(f"SavePolicy.every_seconds must be a positive number, got {self.every_seconds!r}")
 
-    def due(self, step: int, now: float, last_save_time: float, last_saved_step: Optional[int]) -> bool:
+    def due(self, step: int, now: float, last_save_time: float, last_saved_step: int | None) -> bool:
         """Whether ``step`` should be saved. A step already saved is never due again."""
         if last_saved_step is not None and step <= last_saved_step:
             return False
         if self.every_steps is not None and step % self.every_steps == 0:
             return True
-        if self.every_seconds is not None and now - last_save_time >= self.every_seconds:
-            return True
-        return False
+        return self.every_seconds is not None and now - last_save_time >= self.every_seconds
 
 
 def young_interval(save_cost_s: float, mtbf_s: float) -> float:
@@ -61,10 +59,10 @@ class RetentionPolicy:
         best_mode: ``"min"`` or ``"max"``.
     """
 
-    keep_last: Optional[int] = None
-    keep_every: Optional[int] = None
-    keep_best: Optional[int] = None
-    best_metric: Optional[str] = None
+    keep_last: int | None = None
+    keep_every: int | None = None
+    keep_best: int | None = None
+    best_metric: str | None = None
     best_mode: str = "min"
 
     def __post_init__(self) -> None:
@@ -84,9 +82,9 @@ class RetentionPolicy:
     def to_delete(
         self,
         valid_steps: Sequence[int],
-        metrics: Optional[Mapping[int, Mapping[str, float]]] = None,
+        metrics: Mapping[int, Mapping[str, float]] | None = None,
         protected: Iterable[int] = (),
-    ) -> List[int]:
+    ) -> list[int]:
         """The valid steps to delete, oldest first.
 
         The newest valid step and every ``protected`` step (being written, being uploaded, being resumed from)
@@ -95,19 +93,19 @@ class RetentionPolicy:
         if not self.active or not valid_steps:
             return []
         steps = sorted(set(valid_steps))
-        keep: Set[int] = set(protected)
+        keep: set[int] = set(protected)
         keep.add(steps[-1])
         if self.keep_last is not None:
             keep.update(steps[-self.keep_last :])
         if self.keep_every is not None:
             keep.update(s for s in steps if s % self.keep_every == 0)
         if self.keep_best is not None and self.best_metric:
-            metrics = metrics or {}
-            ranked = [s for s in steps if _finite(metrics.get(s, {}).get(self.best_metric))]
-            ranked.sort(key=lambda s: metrics[s][self.best_metric], reverse=(self.best_mode == "max"))
+            metric, metrics = self.best_metric, metrics or {}  # a local: the lambda would lose the narrowing
+            ranked = [s for s in steps if _finite(metrics.get(s, {}).get(metric))]
+            ranked.sort(key=lambda s: metrics[s][metric], reverse=(self.best_mode == "max"))
             keep.update(ranked[: self.keep_best])
         return [s for s in steps if s not in keep]
 
 
-def _finite(v) -> bool:
+def _finite(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -9,30 +9,35 @@ Metric events, written by the job (``CheckpointManager.maybe_save(step, state, m
     {"time": 1718000000.1, "event": "metrics", "step": 120, "loss": 0.4213, "step_time": 0.083, ...}
 
 ``step`` is the number of completed steps (an integer), ``loss`` a float, ``step_time`` the seconds the step took
-(optional: when missing it is derived from the times of consecutive metric events). Other numeric fields are
-kept in :class:`RunData` but not plotted. The markers come from the supervisor's own events: ``start``
-(``resume_step``), ``exit``, ``hang`` (``step``), ``preempt``, ``quarantine`` and ``summary``.
+(optional: when missing it is derived from the times of consecutive metric events). ``step`` events (written by
+the framework integrations) count as metrics too. Other numeric fields are kept in :class:`RunData` but not
+plotted. When there is nothing to draw, the plot says why (:meth:`RunData.empty_reason`) rather than staying
+blank. The markers come from the supervisor's own events: ``start`` (``resume_step``), ``exit``, ``hang``
+(``step``), ``preempt``, ``quarantine`` and ``summary``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from .events import ENV_DIR, EventLog, read_events
 
 METRICS_EVENT = "metrics"
+#: job events whose ``step`` (and ``loss``, ``step_time``) are plotted
+STEP_EVENTS = (METRICS_EVENT, "step")
 
 
 def log_metrics(
     step: int,
-    loss: Optional[float] = None,
-    step_time: Optional[float] = None,
-    log: Optional[EventLog] = None,
+    loss: float | None = None,
+    step_time: float | None = None,
+    log: EventLog | None = None,
     **extra: Any,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Append one ``metrics`` event for a job that does not use :class:`~resumekit.CheckpointManager`.
 
     Args:
@@ -44,7 +49,7 @@ def log_metrics(
         **extra: more JSON numbers to record (learning rate, throughput, ...).
     """
     log = log or EventLog.for_dir(os.environ.get(ENV_DIR) or None)
-    fields: Dict[str, Any] = {"step": int(step)}
+    fields: dict[str, Any] = {"step": int(step)}
     if loss is not None:
         fields["loss"] = float(loss)
     if step_time is not None:
@@ -58,12 +63,12 @@ class Segment:
     """The metrics of one start of the job (a restart begins a new segment, so redone steps overlap)."""
 
     index: int
-    resume_step: Optional[int] = None
-    start_time: Optional[float] = None
-    steps: List[int] = field(default_factory=list)
-    times: List[float] = field(default_factory=list)
-    loss: List[float] = field(default_factory=list)
-    step_time: List[float] = field(default_factory=list)
+    resume_step: int | None = None
+    start_time: float | None = None
+    steps: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    step_time: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -72,7 +77,7 @@ class Marker:
 
     kind: str  # "restart", "hang", "preempt", "quarantine", "failure"
     time: float
-    step: Optional[int]
+    step: int | None
     label: str = ""
 
 
@@ -80,15 +85,34 @@ class Marker:
 class RunData:
     """What :func:`load_run` found in an event log."""
 
-    segments: List[Segment] = field(default_factory=list)
-    markers: List[Marker] = field(default_factory=list)
-    saves: List[Dict[str, Any]] = field(default_factory=list)
-    down: List[Tuple[float, float]] = field(default_factory=list)
-    hung: List[Tuple[float, float]] = field(default_factory=list)
-    summaries: List[Dict[str, Any]] = field(default_factory=list)
-    t0: Optional[float] = None
+    segments: list[Segment] = field(default_factory=list)
+    markers: list[Marker] = field(default_factory=list)
+    saves: list[dict[str, Any]] = field(default_factory=list)
+    down: list[tuple[float, float]] = field(default_factory=list)
+    hung: list[tuple[float, float]] = field(default_factory=list)
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    t0: float | None = None
 
-    def stats(self) -> Dict[str, Any]:
+    def empty_reason(self) -> str | None:
+        """Why the loss plot is empty, in one line; None when it has something to show."""
+        points = sum(len(s.steps) for s in self.segments)
+        if points and any(v == v for s in self.segments for v in s.loss):
+            return None
+        if points:
+            return "the job reported steps but no loss (add loss= to its metrics / step events)"
+        if self.saves:
+            return (
+                "no 'metrics' events: the job logged saves but not its loss; log it with "
+                "CheckpointManager.maybe_save(..., metrics=...), resumekit.report.log_metrics() or an integration"
+            )
+        if not self.segments:
+            return "no job events in the log: was the job run under `resumekit run`?"
+        return (
+            "no 'metrics' events: the job did not report its steps or loss (a framework without a resumekit "
+            "integration?); log them with resumekit.report.log_metrics() or use an integration callback"
+        )
+
+    def stats(self) -> dict[str, Any]:
         """Counts for ``resumekit report --json``."""
         count = lambda k: sum(1 for m in self.markers if m.kind == k)  # noqa: E731
         return {
@@ -103,7 +127,7 @@ class RunData:
         }
 
 
-def _num(v: Any) -> Optional[float]:
+def _num(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     return float(v) if math.isfinite(v) else None
@@ -112,9 +136,9 @@ def _num(v: Any) -> Optional[float]:
 def load_run(events_path: str) -> RunData:
     """Group the log's metrics by job start and collect the restart, hang and preemption markers."""
     data = RunData()
-    seg: Optional[Segment] = None
-    last_step: Optional[int] = None
-    down_since: Optional[float] = None  # the job is not running: from a failed exit to the next start
+    seg: Segment | None = None
+    last_step: int | None = None
+    down_since: float | None = None  # the job is not running: from a failed exit to the next start
     for ev in read_events(events_path):
         name, t = ev.get("event"), _num(ev.get("time"))
         if t is None:
@@ -149,6 +173,8 @@ def load_run(events_path: str) -> RunData:
             td = _num(ev.get("detected_time")) or t  # the event itself comes after the stack dump
             data.markers.append(Marker("hang", td, step if step is not None else last_step, "hang"))
             age = _num(ev.get("heartbeat_age_s"))
+            if age is None:  # judged on silence of its output (no heartbeat)
+                age = _num(ev.get("output_idle_s"))
             if age is not None:
                 data.hung.append((td - age, td))
         elif sup and name == "preempt":
@@ -157,7 +183,7 @@ def load_run(events_path: str) -> RunData:
             data.markers.append(Marker("quarantine", t, step, f"quarantined step {step}"))
         elif sup and name == "summary":
             data.summaries.append(ev)
-        elif not sup and name == METRICS_EVENT and step is not None:
+        elif not sup and name in STEP_EVENTS and step is not None:
             if seg is None:  # a job run without the supervisor (or before it logged its start)
                 seg = Segment(index=len(data.segments) + 1, start_time=t)
                 data.segments.append(seg)
@@ -179,7 +205,7 @@ def load_run(events_path: str) -> RunData:
 _COLORS = {"restart": "#d62728", "failure": "#d62728", "hang": "#ff7f0e", "preempt": "#9467bd", "quarantine": "#111111"}
 
 
-def plot_report(events_path: str, output: str, title: Optional[str] = None, dpi: int = 110) -> str:
+def plot_report(events_path: str, output: str, title: str | None = None, dpi: int = 110) -> str:
     """Write a PNG with three panels: loss vs step, step time vs step, step reached vs wall time.
 
     Each start of the job is its own line, so the steps a restart redid show as overlapping segments; restarts
@@ -207,7 +233,6 @@ def plot_report(events_path: str, output: str, title: Optional[str] = None, dpi:
     FigureCanvasAgg(fig)
     ax_loss, ax_time, ax_wall = fig.subplots(3, 1)
     palette = ["#1f77b4", "#2ca02c", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#9edae5"]
-    have_metrics = any(s.steps for s in run.segments)
     for seg in run.segments:
         if not seg.steps:
             continue
@@ -233,15 +258,17 @@ def plot_report(events_path: str, output: str, title: Optional[str] = None, dpi:
         ax_wall.plot(
             [s["time"] - t0 for s in run.saves], [s["step"] for s in run.saves], "|", color="#555555", ms=6, alpha=0.6
         )
-    if not have_metrics:
+    why_empty = run.empty_reason()
+    if why_empty:
         ax_loss.text(
             0.5,
             0.5,
-            "no 'metrics' events in the log",
+            "\n".join(textwrap.wrap(why_empty, 70)),
             ha="center",
             va="center",
             transform=ax_loss.transAxes,
             color="#777777",
+            fontsize=9,
         )
     losses = [v for seg in run.segments for v in seg.loss if v == v]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 30:
@@ -261,7 +288,7 @@ def plot_report(events_path: str, output: str, title: Optional[str] = None, dpi:
     wall_legend = [
         Line2D([], [], color=_COLORS["failure"], ls="", marker="x", label="job killed / failed"),
         Line2D([], [], color=_COLORS["hang"], ls="", marker="x", label="hung job killed"),
-        Patch(color=_COLORS["hang"], alpha=0.3, label="hung (no heartbeat)"),
+        Patch(color=_COLORS["hang"], alpha=0.3, label="hung (no heartbeat / output)"),
         Patch(color=_COLORS["restart"], alpha=0.2, label="down (backoff + restart)"),
         Line2D([], [], color="#555555", ls="", marker="|", label="checkpoint saved"),
     ]
@@ -284,10 +311,13 @@ def _title(run: RunData) -> str:
     st = run.stats()
     if run.summaries:
         s = run.summaries[-1]
+        lost = s.get("lost_steps")
+        ratio = s.get("effective_ratio")
+        redone = "unknown steps redone" if lost is None else f"{lost} steps redone"
+        effective = "effective training time unknown" if ratio is None else f"{100 * float(ratio):.0f}% effective"
         return (
             f"resumekit run: {s.get('starts')} starts, {s.get('failures')} failures (hangs: {s.get('hangs')}), "
-            f"{s.get('lost_steps')} steps redone, {100 * float(s.get('effective_ratio') or 0):.0f}% effective "
-            "training time"
+            f"{redone}, {effective}" + ("" if ratio is None else " training time")
         )
     return f"resumekit run: {st['segments']} starts, {st['restarts']} restarts (hangs: {st['hangs']})"
 

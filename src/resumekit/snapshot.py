@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -26,14 +26,14 @@ class StagingBuffers:
     """
 
     def __init__(self) -> None:
-        self._bufs: Dict[str, torch.Tensor] = {}
+        self._bufs: dict[str, torch.Tensor] = {}
 
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
-    def snapshot(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        out: Dict[str, torch.Tensor] = {}
+    def snapshot(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
         devices = set()
         for name, t in tensors.items():
             t = t.detach()
@@ -56,7 +56,7 @@ class StagingBuffers:
         self._bufs.clear()
 
 
-def to_host(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The synchronous path: CPU contiguous views where possible (no copy for CPU contiguous tensors)."""
     return {k: t.detach().resolve_conj().resolve_neg().cpu().contiguous() for k, t in tensors.items()}
 
@@ -66,15 +66,15 @@ class BackgroundPersister:
 
     def __init__(self, name: str = "resumekit-persist") -> None:
         self._name = name
-        self._thread: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._lock = threading.Lock()
 
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, job: Callable[[], None]) -> float:
+    def submit(self, job: Callable[[], object]) -> float:  # the job's return value is ignored
         """Wait for the previous job, then start ``job``; returns the seconds spent waiting."""
         waited = self.wait(raise_error=True)
 
@@ -105,5 +105,5 @@ class BackgroundPersister:
             raise err
 
     @property
-    def pending_error(self) -> Optional[BaseException]:
+    def pending_error(self) -> BaseException | None:
         return self._error

@@ -6,8 +6,9 @@ Ground layer: imports nothing from resumekit but the error types, and no torch.
 from __future__ import annotations
 
 import errno as _errno
+import os
 import re
-from typing import Optional
+import stat as _stat
 
 from .errors import ConfigError
 
@@ -23,7 +24,7 @@ _ERRNO_HINTS = {
 }
 
 
-def format_bytes(n: Optional[float], *, sep: str = " ", missing: str = "?") -> str:
+def format_bytes(n: float | None, *, sep: str = " ", missing: str = "?") -> str:
     """``1536`` -> ``"1.5 KiB"`` (powers of 1024); ``missing`` for None. ``sep`` goes between number and unit."""
     if n is None:
         return missing
@@ -58,9 +59,52 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def errno_hint(err: Optional[int], default: str = "check the storage") -> str:
+def errno_hint(err: int | None, default: str = "check the storage") -> str:
     """What to do about an OS error number met while writing a checkpoint (``default`` for the others)."""
     return _ERRNO_HINTS.get(err or 0, default)
 
 
-__all__ = ["format_bytes", "parse_size", "one_line", "errno_hint"]
+_KINDS = (
+    (_stat.S_ISDIR, "a directory"),
+    (_stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (_stat.S_ISCHR, "a character device"),
+    (_stat.S_ISBLK, "a block device"),
+    (_stat.S_ISSOCK, "a socket"),
+    (_stat.S_ISLNK, "a symlink"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """``"a FIFO (named pipe)"``, ``"a directory"``, ...: what a non-regular file is, for messages."""
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def open_regular(path: str) -> int:
+    """Open ``path`` for reading only if it is a regular file; returns the descriptor (blocking mode).
+
+    ``O_NOFOLLOW`` refuses a symlink in the last component and ``O_NONBLOCK`` makes opening a FIFO or a device
+    return at once instead of waiting for a writer, so a hostile file can neither hang the caller nor make it read
+    something else; the descriptor's own ``fstat`` decides, so a swap between a check and the open changes nothing.
+
+    Raises:
+        IsADirectoryError, OSError: ``path`` is not a regular file (``errno`` ``EINVAL`` with the kind in the text,
+            ``ELOOP`` for a symlink), or cannot be opened.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode):
+            raise OSError(_errno.EINVAL, f"{file_kind(st.st_mode)}, not a regular file", path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+__all__ = ["format_bytes", "parse_size", "one_line", "errno_hint", "file_kind", "open_regular"]

@@ -10,6 +10,18 @@ quoted), only that value is replaced in the original text, and the result is par
 else changed. So comments, key order, quoting, indentation and spacing stay byte-for-byte as they were (a full
 ruamel dump would normalise ``~`` and extra spaces). The write is atomic: temp file, fsync, rename, fsync of the
 directory. ruamel.yaml is an optional dependency (``pip install 'resumekit[yaml]'``).
+
+``null`` is not "from scratch" for the frameworks: LLaMA-Factory (``resume_from_checkpoint is None`` and
+``overwrite_output_dir`` false) and the HF examples then call ``get_last_checkpoint(output_dir)``, which takes the
+highest ``checkpoint-N`` without looking inside. So whenever the directory holds no valid checkpoint, the invalid
+ones are first moved into ``output_dir/quarantine/`` (renamed, never deleted; :meth:`Layout.hide_invalid`): after
+that the framework's own search finds nothing, and ``null`` does mean a fresh start.
+
+LLaMA-Factory does not expand ``${VAR}`` in its YAML (OmegaConf leaves an unknown interpolation as text), so a
+recipe's ``output_dir: ${train_output}`` makes it write into a folder literally named ``${train_output}``.
+``expand=True`` (what ``resumekit run --config`` uses) writes expanded paths: the new ``resume_from_checkpoint``
+and ``output_dir`` itself, an unset variable being a one-line error naming the key. :func:`restore_config` puts the
+user's text back after the run.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Any
 
 from .errors import ConfigError, ResumekitError
 from .layouts import CheckpointInfo, get_layout, resolve_layout
@@ -47,21 +59,31 @@ class ResolveResult:
         searched: the directories searched for checkpoints.
         key_added: the key was absent and has been added.
         key_present: the key was in the file before.
+        dir_old: ``dir_key``'s value as written before (None when absent).
+        dir_new: its value after: the expanded path with ``expand``, else unchanged.
+        hidden: invalid checkpoints moved out of the framework's sight (``quarantine/``), as dicts.
+        original_text: the file's text before the edit (for :func:`restore_config`); None when nothing was read.
+        new_text: the file's text after the edit (what was, or would be, written).
     """
 
     yaml_path: str
     key: str
-    old: Optional[str]
-    new: Optional[str]
+    old: str | None
+    new: str | None
     changed: bool
     written: bool = False
-    checkpoint: Optional[CheckpointInfo] = None
-    skipped: List[CheckpointInfo] = field(default_factory=list)
-    searched: List[str] = field(default_factory=list)
+    checkpoint: CheckpointInfo | None = None
+    skipped: list[CheckpointInfo] = field(default_factory=list)
+    searched: list[str] = field(default_factory=list)
     key_added: bool = False
     key_present: bool = True
+    dir_old: str | None = None
+    dir_new: str | None = None
+    hidden: list[dict[str, Any]] = field(default_factory=list)
+    original_text: str | None = field(default=None, repr=False)
+    new_text: str | None = field(default=None, repr=False)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "yaml": self.yaml_path,
             "key": self.key,
@@ -74,10 +96,14 @@ class ResolveResult:
             "searched": list(self.searched),
             "checkpoint": self.checkpoint.as_dict() if self.checkpoint else None,
             "skipped": [s.as_dict() for s in self.skipped],
+            "dir_old": self.dir_old,
+            "dir_new": self.dir_new,
+            "hidden": list(self.hidden),
         }
 
 
-def _yaml():
+# ruamel's round-trip YAML object and the CommentedMap it loads are typed as Any: ruamel is an optional dependency.
+def _yaml() -> Any:
     try:
         from ruamel.yaml import YAML
     except ImportError:
@@ -95,11 +121,13 @@ def resolve_config(
     dir_key: str = "output_dir",
     layout: str = "hf",
     *,
-    checkpoint: Optional[str] = None,
+    checkpoint: str | None = None,
     fresh: bool = False,
     dry_run: bool = False,
     full: bool = True,
-    base_dir: Optional[str] = None,
+    base_dir: str | None = None,
+    expand: bool = False,
+    hide_invalid: bool = True,
 ) -> ResolveResult:
     """Set ``key`` in a YAML file to the newest valid checkpoint under the run's directory, or to null.
 
@@ -121,6 +149,10 @@ def resolve_config(
         dry_run: compute the result without writing.
         full: verify checksums / CRCs (False: sizes and headers only).
         base_dir: the directory relative paths are resolved against.
+        expand: write paths the framework can open as they are: ``$VAR``/``${VAR}``/``~`` expanded in the new
+            value and in ``dir_key`` (for frameworks that do not expand them, such as LLaMA-Factory).
+        hide_invalid: when a searched directory holds no valid checkpoint, move its invalid ones into
+            ``quarantine/`` (not with ``dry_run``), so the framework's own search cannot pick one.
 
     Returns:
         A :class:`ResolveResult`.
@@ -132,7 +164,7 @@ def resolve_config(
     """
     y = _yaml()
     real = os.path.realpath(yaml_path)
-    with open(real, "r", encoding="utf-8", newline="") as f:
+    with open(real, encoding="utf-8", newline="") as f:
         text = f.read()
     data = _load(y, text, yaml_path)
     base = base_dir or os.getcwd()
@@ -151,49 +183,120 @@ def resolve_config(
     if dir_raw is not None and not isinstance(dir_raw, str):
         raise ConfigError(f"{yaml_path}: {dir_key} is a {type(dir_raw).__name__}, expected a path")
 
-    searched: List[str] = []
-    skipped: List[CheckpointInfo] = []
-    best: Optional[CheckpointInfo] = None
+    searched: list[str] = []
+    skipped: list[CheckpointInfo] = []
+    hidden: list[dict[str, Any]] = []
+    best: CheckpointInfo | None = None
+    hide = hide_invalid and not dry_run
     if fresh:
-        new: Optional[str] = None
+        new: str | None = None
     elif checkpoint is not None:
         new = checkpoint
     else:
         best, new = _search(
-            old, str(dir_raw) if dir_raw else None, key, dir_key, layout, yaml_path, base, full, searched, skipped
+            old,
+            str(dir_raw) if dir_raw else None,
+            key,
+            dir_key,
+            layout,
+            yaml_path,
+            base,
+            full,
+            searched,
+            skipped,
+            hidden if hide else None,
+            expand,
         )
+    dir_new = str(dir_raw) if dir_raw is not None else None
+    if expand and dir_new is not None and _needs_expansion(dir_new):
+        dir_new = _expand(dir_new, dir_key, yaml_path, base)
+    if expand and new is not None and _needs_expansion(new):
+        new = _expand(new, key, yaml_path, base)
 
     shown_old = str(data.get(key)).lower() if flag else old
     result = ResolveResult(
-        yaml_path, key, shown_old, new, False, checkpoint=best, skipped=skipped, searched=searched, key_present=present
+        yaml_path,
+        key,
+        shown_old,
+        new,
+        False,
+        checkpoint=best,
+        skipped=skipped,
+        searched=searched,
+        key_present=present,
+        dir_old=str(dir_raw) if dir_raw is not None else None,
+        dir_new=dir_new,
+        hidden=hidden,
+        original_text=text,
+        new_text=text,
     )
     if new is not None and old is not None and new != old and _same_path(new, old, key, yaml_path, base):
         result.new = new = old  # same checkpoint, spelled differently: leave the file alone
-    if (new == old and not flag) or (not present and new is None):
+    key_same = (new == old and not flag) or (not present and new is None)
+    dir_same = dir_new == result.dir_old
+    if key_same and dir_same:
         return result
     result.changed = True
-    result.key_added = not present
-    new_text = _splice(y, text, data, key, dir_key, new, yaml_path)
+    new_text = text
+    if not dir_same:
+        new_text = _splice(y, new_text, _load(y, new_text, yaml_path), dir_key, dir_key, dir_new, yaml_path)
+    if not key_same:
+        result.key_added = not present
+        new_text = _splice(y, new_text, _load(y, new_text, yaml_path), key, dir_key, new, yaml_path)
+    result.new_text = new_text
     if not dry_run:
         _write_atomic(real, new_text)
         result.written = True
     return result
 
 
+def restore_config(yaml_path: str, original_text: str, written_text: str) -> bool:
+    """Put a YAML back as it was before :func:`resolve_config` rewrote it, unless someone edited it since.
+
+    ``resumekit run --config`` calls it when the run ends, so the user's file keeps their own values (a plain
+    ``llamafactory-cli train`` later does not silently resume from this run's checkpoint, and
+    ``output_dir: ${train_output}`` stays portable). The file is restored byte for byte, atomically, only when it
+    still holds exactly what was written; a file changed by someone else is left alone.
+
+    Args:
+        yaml_path: the YAML file.
+        original_text: its text before the first rewrite.
+        written_text: the text last written.
+
+    Returns:
+        True when the file was restored.
+
+    Raises:
+        OSError: the file could not be read or written.
+    """
+    real = os.path.realpath(yaml_path)
+    with open(real, encoding="utf-8", newline="") as f:
+        current = f.read()
+    if current != written_text or current == original_text:
+        return False
+    _write_atomic(real, original_text)
+    return True
+
+
 def _search(
-    old: Optional[str],
-    dir_raw: Optional[str],
+    old: str | None,
+    dir_raw: str | None,
     key: str,
     dir_key: str,
     layout: str,
     where: str,
     base: str,
     full: bool,
-    searched: List[str],
-    skipped: List[CheckpointInfo],
-) -> Tuple[Optional[CheckpointInfo], Optional[str]]:
-    """The newest valid checkpoint for a config and how to write its path; (None, None) when there is none."""
-    dirs: List[Tuple[str, str]] = []  # (as written in the YAML, expanded)
+    searched: list[str],
+    skipped: list[CheckpointInfo],
+    hidden: list[dict[str, Any]] | None = None,
+    expand: bool = False,
+) -> tuple[CheckpointInfo | None, str | None]:
+    """The newest valid checkpoint for a config and how to write its path; (None, None) when there is none.
+
+    With ``hidden`` (a list to fill), a directory without any valid checkpoint has its invalid ones moved aside.
+    """
+    dirs: list[tuple[str, str]] = []  # (as written in the YAML, expanded)
     if dir_raw:
         dirs.append((dir_raw, _expand(dir_raw, dir_key, where, base)))
     old_is_ckpt = False
@@ -212,10 +315,13 @@ def _search(
         if not os.path.isdir(path):
             continue
         st = open_storage(path, create=False)
-        found, skip = resolve_layout(st, layout).latest(st, full=full)
+        lay = resolve_layout(st, layout)
+        found, skip = lay.latest(st, full=full)
         skipped.extend(skip)
         if found is not None:
-            return found, written_as.rstrip("/") + "/" + found.name
+            return found, (path if expand else written_as).rstrip("/") + "/" + found.name
+        if hidden is not None and skip:
+            hidden.extend(h.as_dict() for h in lay.hide_invalid(st, full=full, found=(None, skip)))
     if old and old_is_ckpt:
         checked = _validate_path(_expand(old, key, where, base), layout, full)
         if checked is not None and checked.valid:
@@ -225,14 +331,18 @@ def _search(
     return None, None
 
 
-def _load(y, text: str, where: str):
+def _load(y: Any, text: str, where: str) -> Any:
     try:
         data = y.load(text)
-    except Exception as e:  # ruamel raises a family of YAMLError subclasses
+    except Exception as e:  # noqa: BLE001 - ruamel raises a family of YAMLError subclasses
         raise ConfigError(f"{where} is not valid YAML: {e}") from None
     if data is None or not hasattr(data, "lc") or not isinstance(data, dict):
         raise ConfigError(f"{where} is not a YAML mapping of options")
     return data
+
+
+def _needs_expansion(value: str) -> bool:
+    return "$" in value or value.startswith("~")
 
 
 def _expand(value: str, key: str, where: str, base: str) -> str:
@@ -253,7 +363,7 @@ def _same_path(a: str, b: str, key: str, where: str, base: str) -> bool:
         return False
 
 
-def _as_checkpoint(path: str, layout: str) -> Optional[CheckpointInfo]:
+def _as_checkpoint(path: str, layout: str) -> CheckpointInfo | None:
     """The checkpoint ``path`` names, when its parent's layout lists it as one; else None."""
     parent, name = os.path.split(path.rstrip("/"))
     if not name or not os.path.isdir(parent):
@@ -263,7 +373,7 @@ def _as_checkpoint(path: str, layout: str) -> Optional[CheckpointInfo]:
     return next((i for i in lay.list(st) if i.name == name), None)
 
 
-def _validate_path(path: str, layout: str, full: bool) -> Optional[CheckpointInfo]:
+def _validate_path(path: str, layout: str, full: bool) -> CheckpointInfo | None:
     info = _as_checkpoint(path, layout)
     if info is None:
         return None
@@ -275,7 +385,7 @@ def _validate_path(path: str, layout: str, full: bool) -> Optional[CheckpointInf
 # --- the surgical edit ------------------------------------------------------------------------------------------
 
 
-def format_scalar(value: Optional[str], style: Optional[str]) -> str:
+def format_scalar(value: str | None, style: str | None) -> str:
     """YAML text for ``value``: ``null``, or the string quoted like the old value (``'``, ``"``, or plain when safe)."""
     if value is None:
         return "null"
@@ -295,7 +405,7 @@ def _plain_ok(value: str) -> bool:
     return not re.fullmatch(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?", value)
 
 
-def _splice(y, text: str, data, key: str, dir_key: str, new: Optional[str], where: str) -> str:
+def _splice(y: Any, text: str, data: Any, key: str, dir_key: str, new: str | None, where: str) -> str:
     lines = text.splitlines(keepends=True)
     eol = "\r\n" if text.endswith("\r\n") or "\r\n" in text[:200] else "\n"
     if key in data:
@@ -329,7 +439,7 @@ def _splice(y, text: str, data, key: str, dir_key: str, new: Optional[str], wher
     return out
 
 
-def _value_span(line: str, key_col: int) -> Tuple[int, int, Optional[str]]:
+def _value_span(line: str, key_col: int) -> tuple[int, int, str | None]:
     """(start, end, quote style) of the scalar value on a ``key: value`` line; end excludes comments/EOL."""
     i = key_col
     if line[i] in "'\"":

@@ -12,8 +12,10 @@ run and an interrupted-and-resumed run must end with bit-identical floats. It be
 
 Fault switches (each fires once, remembered by a marker file in the checkpoint dir, so a restart gets past it):
 ``--crash-at K`` exits 3 after step K; ``--hang-at K`` starts a detached child and sleeps forever after step K.
-A file ``poison-step`` holding N in the checkpoint dir makes every load of step N raise (a checkpoint that
-crashes the job on load, deterministically). ``--ignore-term`` ignores SIGTERM (to test the grace kill).
+A file ``poison-step`` holding N in the checkpoint dir makes every start from step N raise right after it reported
+loading it (a checkpoint that loads but crashes the job before its first step, deterministically).
+``--ignore-term`` ignores SIGTERM (to test the grace kill); ``--startup-time S`` sleeps S seconds after the restore
+report, before the first step (a slow start-up, to kill the job in).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any
 
 from resumekit.events import ENV_DIR, ENV_RESUME_FROM, EventLog, Heartbeat
 from resumekit.format import FileEntry, Manifest, new_hasher, step_dirname
@@ -39,11 +41,11 @@ POISON_FILE = "poison-step"
 CHILD_PIDFILE = "child.pid"
 
 
-def init_state() -> Dict[str, Any]:
+def init_state() -> dict[str, Any]:
     return {"step": 0, "w": 0.0, "b": 0.0, "h": 0}
 
 
-def train_step(state: Dict[str, Any]) -> float:
+def train_step(state: dict[str, Any]) -> float:
     """One SGD step on a batch derived from the step number only; returns the loss."""
     s = state["step"] + 1
     lr = 0.02
@@ -67,7 +69,7 @@ def train_step(state: Dict[str, Any]) -> float:
     return loss
 
 
-def straight_run(steps: int) -> Dict[str, Any]:
+def straight_run(steps: int) -> dict[str, Any]:
     """The final state of an uninterrupted run (what every interrupted run must end with)."""
     state = init_state()
     while state["step"] < steps:
@@ -75,11 +77,11 @@ def straight_run(steps: int) -> Dict[str, Any]:
     return state
 
 
-def save_checkpoint(root: str, state: Dict[str, Any], payload: int = 0, pause: float = 0.0) -> str:
+def save_checkpoint(root: str, state: dict[str, Any], payload: int = 0, pause: float = 0.0) -> str:
     """Write a real native checkpoint: data files durable first, manifest last (LocalStorage's commit)."""
     storage = LocalStorage(root)
     tx = storage.begin(step_dirname(state["step"]))
-    files: Dict[str, FileEntry] = {}
+    files: dict[str, FileEntry] = {}
     try:
         blobs = [(STATE_FILE, json.dumps(state).encode())]
         if payload:
@@ -98,7 +100,7 @@ def save_checkpoint(root: str, state: Dict[str, Any], payload: int = 0, pause: f
         raise
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
+def load_checkpoint(path: str) -> dict[str, Any]:
     with open(os.path.join(path, STATE_FILE)) as f:
         return json.load(f)
 
@@ -114,7 +116,7 @@ def _once(root: str, name: str) -> bool:
     return True
 
 
-def _poison(root: str) -> Optional[int]:
+def _poison(root: str) -> int | None:
     try:
         with open(os.path.join(root, POISON_FILE)) as f:
             return int(f.read().strip())
@@ -122,7 +124,7 @@ def _poison(root: str) -> Optional[int]:
         return None
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: list | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", default=os.environ.get(ENV_DIR))
     p.add_argument("--steps", type=int, default=100)
@@ -133,6 +135,7 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--crash-at", type=int, default=None)
     p.add_argument("--hang-at", type=int, default=None)
     p.add_argument("--ignore-term", action="store_true")
+    p.add_argument("--startup-time", type=float, default=0.0)
     p.add_argument("--metrics", action="store_true", help="log a metrics event every step")
     args = p.parse_args(argv)
     root = args.dir
@@ -148,16 +151,15 @@ def main(argv: Optional[list] = None) -> int:
 
     resume = os.environ.get(ENV_RESUME_FROM, "")
     if resume:
-        with open(os.path.join(resume, "manifest.json")) as f:
-            step = json.load(f)["step"]
-        if step == _poison(root):
-            raise RuntimeError(f"poisoned checkpoint {resume} (step {step}) crashes on load")
         state = load_checkpoint(resume)
         log.emit("restore", step=state["step"], path=resume)
+        if state["step"] == _poison(root):
+            raise RuntimeError(f"poisoned checkpoint {resume} (step {state['step']}) crashes after loading")
     else:
         state = init_state()
         log.emit("restore", step=0, path=None)
     beat.beat(state["step"], force=True)
+    time.sleep(args.startup_time)
     last_saved = state["step"] if resume else None
 
     def save() -> None:

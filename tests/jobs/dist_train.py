@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     if a.restore_only:
         restored = {"loader": state["loader"].state_dict(), "sched": state["sched"].state_dict()}
         seen = []
-        for _, (idx, _, _) in zip(range(a.peek), loader):
+        for _, (idx, _, _) in zip(range(a.peek), loader, strict=False):  # the first a.peek batches only
             seen.append(idx.tolist())
         with open(os.path.join(a.dir, f"restored_{suffix}.json"), "w") as f:
             json.dump({"step": step, "world": world, "next": seen, "full": full_digest(state), **restored}, f)
@@ -201,8 +201,9 @@ _STEP = [0]
 
 def _inject_failures(plan: dict) -> None:
     """Make this rank's save fail with ENOSPC at the planned steps, in the planned phase."""
-    import resumekit.distributed.sharded as rd
     from torch.distributed.checkpoint import FileSystemWriter
+
+    import resumekit.distributed.sharded as rd
 
     def boom(phase: str) -> None:
         if plan.get(_STEP[0]) == phase:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import pytest
 
@@ -25,16 +25,16 @@ class Procs:
     """Starts ``resumekit run`` in its own session and makes sure nothing it started survives the test."""
 
     def __init__(self) -> None:
-        self.started: List[subprocess.Popen] = []
-        self.dirs: List[Path] = []
+        self.started: list[subprocess.Popen] = []
+        self.dirs: list[Path] = []
 
     def run(
         self,
         directory: Path,
         *args: str,
-        job: Optional[List[str]] = None,
-        env: Optional[dict] = None,
-        command: Optional[List[str]] = None,
+        job: list[str] | None = None,
+        env: dict | None = None,
+        command: list[str] | None = None,
     ) -> subprocess.Popen:
         self.dirs.append(directory)
         cmd = [PY, "-m", "resumekit", "run", "--dir", str(directory), *args, "--"]
@@ -79,16 +79,16 @@ def procs():
     p.cleanup()
 
 
-def events_of(directory: Path, name: Optional[str] = None) -> List[Dict[str, Any]]:
+def events_of(directory: Path, name: str | None = None) -> list[dict[str, Any]]:
     evs = read_events(str(directory / "events.jsonl"))
     return [e for e in evs if name is None or e.get("event") == name]
 
 
-def final_state(directory: Path) -> Dict[str, Any]:
+def final_state(directory: Path) -> dict[str, Any]:
     return json.loads((directory / ckptjob.FINAL_FILE).read_text())
 
 
-def read_beat(directory: Path) -> Dict[str, Any]:
+def read_beat(directory: Path) -> dict[str, Any]:
     try:
         return json.loads((directory / ".heartbeat").read_text())
     except (OSError, ValueError):
@@ -100,11 +100,11 @@ def finish(p: subprocess.Popen, timeout: float = 60) -> tuple:
     return p.returncode, out, err
 
 
-def summary_of(out: str) -> Dict[str, Any]:
+def summary_of(out: str) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_cli(*args: str, env: Optional[dict] = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [PY, "-m", "resumekit", "run", *args],
         capture_output=True,

@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from supervisor_jobs import (
+    PY,
+    ckptjob,
+    events_of,
+    final_state,
+    finish,
+    procs,  # noqa: F401 - a fixture, used as an argument
+    summary_of,
+)
 
 from resumekit.supervisor import quarantine
-from supervisor_jobs import procs  # noqa: F401 - a fixture, used as an argument
-from supervisor_jobs import PY, ckptjob, events_of, final_state, finish, summary_of
 
 
 @pytest.mark.timeout(60)

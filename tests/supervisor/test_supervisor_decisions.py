@@ -27,7 +27,7 @@ def test_backoff_is_bounded_by_the_cap_and_the_jitter(restart, base, cap, jitter
 
 
 def test_backoff_doubles_without_jitter():
-    assert [restart_backoff(r, 1.0, 10.0, 0.0, 0.7) for r in range(0, 7)] == [0, 1, 2, 4, 8, 10, 10]
+    assert [restart_backoff(r, 1.0, 10.0, 0.0, 0.7) for r in range(7)] == [0, 1, 2, 4, 8, 10, 10]
     assert restart_backoff(3, 1.0, 60.0, 0.5, 0.999999) == pytest.approx(2.0, rel=1e-5)
 
 
@@ -73,3 +73,51 @@ def test_hang_target_is_the_beating_process_only_when_it_belongs_to_the_job():
 def test_grace_expired():
     assert not grace_expired(None, 1000.0, 30)
     assert not grace_expired(100.0, 130.0, 30) and grace_expired(100.0, 130.5, 30)
+
+
+def test_exit_cause_tells_outside_kills_from_crashes():
+    from resumekit.supervisor.decisions import child_signal, exit_cause, has_traceback
+
+    tb = 'x\nTraceback (most recent call last):\n  File "t.py", line 1\nRuntimeError: boom\n'
+    assert has_traceback(tb) and not has_traceback("Killed\n")
+    assert exit_cause(0) == "ok"
+    assert exit_cause(-signal.SIGKILL) == "outside-signal"  # OOM killer, preemption: no traceback
+    assert exit_cause(137) == "outside-signal" and exit_cause(143) == "outside-signal"  # through a shell
+    assert exit_cause(-signal.SIGKILL, traceback=True) == "crash"
+    assert exit_cause(1, traceback=True) == "crash" and exit_cause(1) == "crash"
+    assert exit_cause(-signal.SIGSEGV) == "crash" and exit_cause(-signal.SIGBUS) == "crash"
+    assert exit_cause(-signal.SIGKILL, hung=True) == "hang" and exit_cause(-15, preempted=True) == "preempted"
+    torchrun = tb + "Root Cause (first observed failure):\n  exitcode  : -9 (pid: 4242)\n"
+    assert child_signal(torchrun) == signal.SIGKILL and child_signal("exitcode  : 1 (pid: 1)") is None
+    assert exit_cause(1, traceback=True, worker_signal=child_signal(torchrun)) == "outside-signal"
+
+
+def test_crash_loop_counts_only_crashes_after_a_reported_load():
+    from resumekit.supervisor.decisions import FROM_SCRATCH, UNKNOWN, crash_loop_verdict, evidence_of
+
+    ck = "/ckpt/step_10"
+    assert evidence_of("crash", False, True, ck, True) == ck
+    assert evidence_of("crash", True, True, ck, True) == ""  # progress ends the streak
+    assert evidence_of("ok", False, True, ck, True) == ""
+    for cause in ("outside-signal", "hang", "preempted"):
+        assert evidence_of(cause, False, True, ck, True) is None  # no evidence either way
+    assert evidence_of("crash", False, True, None, True) == FROM_SCRATCH
+    assert evidence_of("crash", False, False, None, True) == UNKNOWN  # the job said nothing
+    assert evidence_of("crash", False, False, None, False) == FROM_SCRATCH  # there was nothing to load
+    assert crash_loop_verdict([ck, ck], 3) == ("continue", None)
+    assert crash_loop_verdict([ck, ck, ck], 3) == ("quarantine", ck)
+    assert crash_loop_verdict([UNKNOWN, ck, ck], 2) == ("quarantine", ck)
+    assert crash_loop_verdict([ck, UNKNOWN, ck], 3) == ("give-up", UNKNOWN)
+    assert crash_loop_verdict([FROM_SCRATCH] * 2, 2) == ("give-up", FROM_SCRATCH)
+
+
+def test_hang_reason_heartbeat_output_and_file_activity():
+    from resumekit.supervisor.decisions import hang_reason
+
+    now = 1000.0
+    assert hang_reason(None, now, 99.0, 0.0, 0.0) is None  # off
+    assert "no heartbeat for 11.0 s" in hang_reason(10, now, 11.0, now, 0.0)  # output does not count with a beat
+    assert hang_reason(10, now, 11.0, 0.0, now - 5) is None  # a save still writing is not a hang
+    assert hang_reason(10, now, 9.0, 0.0, 0.0) is None
+    assert "no output for 11.0 s" in hang_reason(10, now, None, now - 11, now - 12)
+    assert hang_reason(10, now, None, now - 9, now - 12) is None

@@ -8,12 +8,18 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import List
 
 import pytest
-
-from supervisor_jobs import procs  # noqa: F401 - a fixture, used as an argument
-from supervisor_jobs import PY, ckptjob, events_of, final_state, finish, read_beat, summary_of
+from supervisor_jobs import (
+    PY,
+    ckptjob,
+    events_of,
+    final_state,
+    finish,
+    procs,  # noqa: F401 - a fixture, used as an argument
+    read_beat,
+    summary_of,
+)
 
 
 @pytest.mark.timeout(240)
@@ -43,7 +49,7 @@ def test_random_sigkills_including_mid_save_end_equal_to_a_straight_run(tmp_path
         ],
     )
     rng = random.Random(1234)
-    killed: List[int] = []
+    killed: list[int] = []
     mid_save = 0
     deadline = time.monotonic() + 200
     while len(killed) < n_kills and p.poll() is None and time.monotonic() < deadline:

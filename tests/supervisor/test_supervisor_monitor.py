@@ -7,10 +7,18 @@ import time
 from pathlib import Path
 
 import pytest
+from supervisor_jobs import (
+    PY,
+    ckptjob,
+    events_of,
+    final_state,
+    finish,
+    procs,  # noqa: F401 - a fixture, used as an argument
+    read_beat,
+    summary_of,
+)
 
 from resumekit.supervisor import pid_alive
-from supervisor_jobs import procs  # noqa: F401 - a fixture, used as an argument
-from supervisor_jobs import PY, ckptjob, events_of, final_state, finish, read_beat, summary_of
 
 
 @pytest.mark.timeout(60)
@@ -33,7 +41,7 @@ def test_hung_job_is_dumped_killed_with_its_detached_child_and_restarted(tmp_pat
     (hang,) = events_of(d, "hang")
     assert hang["step"] == 12
     assert timeout < hang["heartbeat_age_s"] <= timeout + 2
-    kill = [e for e in events_of(d, "kill") if e["reason"] == "hang"][0]
+    kill = next(e for e in events_of(d, "kill") if e["reason"] == "hang")
     assert child in kill["pids"] and kill["time"] - hang["time"] < 2
     if hang["dump"].startswith("SIGUSR1"):
         assert "ckptjob.py" in err and "most recent call first" in err  # faulthandler's dump on the job's stderr
@@ -48,7 +56,8 @@ def test_hung_job_is_dumped_killed_with_its_detached_child_and_restarted(tmp_pat
 def test_sigterm_makes_the_job_save_and_a_second_run_resumes_without_losing_a_step(tmp_path, procs):
     d = tmp_path / "ckpt"
     job = ["--steps", "200", "--save-every", "50", "--step-time", "0.01"]
-    p = procs.run(d, "--grace", "5", "--json", job=job)
+    # Issue 12: a forwarded SIGTERM now ends `resumekit run` with 143 by default; this test is about the save.
+    p = procs.run(d, "--grace", "5", "--preempt-exit-code", "0", "--json", job=job)
     t_end = time.monotonic() + 30
     while (read_beat(d).get("step") or 0) < 23 and time.monotonic() < t_end:
         time.sleep(0.005)
@@ -83,7 +92,7 @@ def test_a_job_that_ignores_sigterm_is_killed_after_the_grace_period_and_not_res
         time.sleep(0.01)
     t0 = time.monotonic()
     p.send_signal(signal.SIGTERM)
-    rc, out, err = finish(p)
+    rc, out, _err = finish(p)
     assert rc == 128 + signal.SIGKILL
     assert 0.5 <= time.monotonic() - t0 < 4
     assert [e["reason"] for e in events_of(d, "kill")] == ["grace period expired"]
@@ -102,7 +111,7 @@ def test_leftover_processes_of_a_finished_job_are_killed(tmp_path, procs):
         f"open({str(pidfile)!r}, 'w').write(f'{{a.pid}} {{b.pid}}')"
     )
     p = procs.run(d, command=[PY, "-c", script])
-    rc, out, err = finish(p)
+    rc, _out, err = finish(p)
     assert rc == 0, err
     pids = [int(x) for x in pidfile.read_text().split()]
     assert not any(pid_alive(x) for x in pids), "a process the job left behind survived"
@@ -113,7 +122,10 @@ def test_leftover_processes_of_a_finished_job_are_killed(tmp_path, procs):
 @pytest.mark.timeout(30)
 def test_a_job_that_never_beats_is_never_hung_and_sigterm_during_backoff_stops(tmp_path, procs):
     d = tmp_path / "ckpt"
-    p = procs.run(d, "--hang-timeout", "0.3", "--json", command=[PY, "-c", "import time; time.sleep(1.0)"])
+    # Issue 11: a job without a heartbeat is watched through its output (it was never judged hung): this one
+    # writes a line every 0.1 s, so it is alive.
+    busy = "import time\nfor _ in range(10):\n    print('working', flush=True); time.sleep(0.1)"
+    p = procs.run(d, "--hang-timeout", "0.3", "--json", command=[PY, "-c", busy])
     rc, out, err = finish(p)
     assert rc == 0 and summary_of(out)["hangs"] == 0, err
     p = procs.run(d, "--backoff", "30", "--backoff-max", "30", "--json", command=[PY, "-c", "raise SystemExit(4)"])

@@ -6,9 +6,9 @@ import json
 import sys
 
 import pytest
+from supervisor_jobs import PY, ckptjob, events_of, run_cli
 
 from resumekit.supervisor import Supervisor, SupervisorOptions
-from supervisor_jobs import PY, ckptjob, events_of, run_cli
 
 
 @pytest.mark.timeout(30)
@@ -64,8 +64,7 @@ def test_config_gives_the_root_and_gets_the_checkpoint_before_each_start(tmp_pat
 
 
 def test_environment_hand_off_modelarts_counters_and_tracker_repair(tmp_path, monkeypatch):
-    from resumekit.layouts import NativeLayout, register
-    from resumekit.layouts import _REGISTRY
+    from resumekit.layouts import _REGISTRY, NativeLayout, register
 
     class TrackedNative(NativeLayout):  # a native layout with a tracker, to see repair() called before starts
         name = "test-tracked"
@@ -124,7 +123,8 @@ def test_resume_never_and_invalid_newest_checkpoint_is_skipped_and_logged(tmp_pa
     with open(d / "step_000000008" / "state.json", "r+b") as f:  # bit rot in the newest checkpoint
         f.write(b"X")
     out = tmp_path / "resume.txt"
-    code = f"import os; open({str(out)!r}, 'w').write(os.environ['RESUMEKIT_RESUME_FROM'])"
+    # Issue 11: with nothing to resume, RESUMEKIT_RESUME_FROM is unset (it was "").
+    code = f"import os; open({str(out)!r}, 'w').write(os.environ.get('RESUMEKIT_RESUME_FROM', '<unset>'))"
     assert Supervisor(SupervisorOptions(command=[PY, "-c", code], directory=str(d), quiet=True)).run() == 0
     assert out.read_text() == str(d / "step_000000004")
     (skip,) = events_of(d, "skip_invalid")
@@ -132,4 +132,4 @@ def test_resume_never_and_invalid_newest_checkpoint_is_skipped_and_logged(tmp_pa
     assert (
         Supervisor(SupervisorOptions(command=[PY, "-c", code], directory=str(d), quiet=True, resume="never")).run() == 0
     )
-    assert out.read_text() == ""
+    assert out.read_text() == "<unset>"

@@ -6,10 +6,10 @@ import os
 import socket
 
 import pytest
+from supervisor_jobs import PY, events_of, run_cli
 
 from resumekit.events import read_events
 from resumekit.supervisor import PrecheckError, Supervisor, SupervisorOptions, check_directory, check_free_space
-from supervisor_jobs import PY, events_of, run_cli
 
 
 @pytest.mark.timeout(30)
@@ -55,7 +55,7 @@ def test_precheck_unwritable_directory_in_process(tmp_path, monkeypatch):
 def test_precheck_not_enough_free_space(tmp_path):
     r = run_cli("--dir", str(tmp_path), "--min-free", "1000000TiB", "--", PY, "-c", "pass")
     assert r.returncode == 1
-    line = [ln for ln in r.stderr.splitlines() if "not enough free space" in ln][0]
+    line = next(ln for ln in r.stderr.splitlines() if "not enough free space" in ln)
     assert line.startswith(f"resumekit run: not enough free space at {tmp_path}: ")
     assert "need 1000000.0 TiB (--min-free); free some space (resumekit gc) or lower --min-free" in line
 
@@ -127,7 +127,7 @@ def test_a_failed_hardware_check_is_retried_within_the_restart_budget(tmp_path, 
         return {"kind": "cuda", "count": gpus, "need": gpus, "bad": []}
 
     monkeypatch.setattr(sv, "check_hardware", flaky)
-    opts = dict(command=[PY, "-c", "pass"], directory=str(tmp_path), gpus=2, backoff=0.01, quiet=True)
+    opts = {"command": [PY, "-c", "pass"], "directory": str(tmp_path), "gpus": 2, "backoff": 0.01, "quiet": True}
     sup = Supervisor(SupervisorOptions(max_restarts=5, **opts))
     assert sup.run() == 0
     assert calls == [2, 2, 2] and sup.summary.precheck_retries == 2 and sup.summary.starts == 1

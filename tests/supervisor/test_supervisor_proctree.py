@@ -9,10 +9,10 @@ import sys
 import time
 
 import pytest
+from supervisor_jobs import PY
 
 from resumekit.supervisor import descendants
 from resumekit.supervisor.proctree import kill_tree, pid_alive, reap, send_signal, set_subreaper, signal_name
-from supervisor_jobs import PY
 
 # A parent that starts a child in a new session (it leaves the parent's process group, as helpers that call
 # setsid do), prints the child's pid and sleeps.

@@ -51,9 +51,45 @@ def test_summary_arithmetic_on_a_known_run():
     st.floats(0, 1e3),
 )
 def test_summary_is_always_sane(rows, wall, saves):
-    attempts = [_att(i + 1, r, l, a, a + dur, rc=rc, backoff_s=b) for i, (r, l, a, dur, rc, b) in enumerate(rows)]
+    attempts = [_att(i + 1, r, last, a, a + dur, rc=rc, backoff_s=b) for i, (r, last, a, dur, rc, b) in enumerate(rows)]
     s = summarize(attempts, exit_code=0, outcome="x", wall_s=wall, save_blocking_s=saves)
-    assert 0.0 <= s.effective_ratio <= 1.0
-    assert s.lost_steps >= 0 and s.restarts == max(0, len(attempts) - 1)
+    # Issue 11: a figure that cannot be known is None ("unknown"), not 0 or a guess.
+    assert s.effective_ratio is None or 0.0 <= s.effective_ratio <= 1.0
+    assert (s.lost_steps is None) == (len(attempts) > 1 and all(a.last_step is None for a in attempts))
+    assert (s.lost_steps is None or s.lost_steps >= 0) and s.restarts == max(0, len(attempts) - 1)
     assert s.failures == sum(a.returncode != 0 for a in attempts)
     json.dumps(s.as_dict())
+
+
+def test_what_cannot_be_known_is_unknown_not_zero():
+    # A framework without an integration: killed twice, never reported a step.
+    quiet = [_att(1, None, None, 0.0, 10.0), _att(2, None, None, 11.0, 20.0), _att(3, None, None, 21.0, 30.0, rc=0)]
+    s = summarize(quiet, exit_code=0, outcome="success", wall_s=30.0, save_blocking_s=None)
+    assert s.lost_steps is None and s.redone_s is None and s.startup_s is None and s.effective_ratio is None
+    assert lost_steps_of(quiet) is None
+    text = s.format_text()
+    assert "lost steps unknown" in text and "effective training time unknown" in text and "saves unknown" in text
+    assert json.loads(json.dumps(s.as_dict()))["lost_steps"] is None
+    # A job that reports steps but never got past its first one trained nothing: 0%, not 78%.
+    stuck = [_att(1, 10, 10, 0.0, 10.0), _att(2, 10, 10, 11.0, 20.0, backoff_s=1.0)]
+    s = summarize(stuck, exit_code=1, outcome="gave-up", wall_s=20.0, save_blocking_s=0.0)
+    assert s.lost_steps == 0 and s.effective_ratio == 0.0
+
+
+def test_report_says_why_the_loss_plot_is_empty(tmp_path):
+    from resumekit.events import EventLog
+    from resumekit.report import load_run
+
+    ev = str(tmp_path / "events.jsonl")
+    EventLog(ev, source="supervisor").emit("start", attempt=1, restart_count=0, pid=1)
+    assert "did not report its steps or loss" in load_run(ev).empty_reason()
+    EventLog(ev).emit("save", step=4, blocking_s=0.1)
+    assert "logged saves but not its loss" in load_run(ev).empty_reason()
+    EventLog(ev).emit("step", step=5)
+    assert "reported steps but no loss" in load_run(ev).empty_reason()
+    EventLog(ev).emit("step", step=6, loss=0.5)
+    assert load_run(ev).empty_reason() is None
+    EventLog(ev, source="supervisor").emit("summary", starts=1, lost_steps=None, effective_ratio=None)
+    from resumekit.report import _title
+
+    assert "unknown steps redone, effective training time unknown" in _title(load_run(ev))

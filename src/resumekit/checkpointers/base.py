@@ -15,21 +15,27 @@ and for a restore (every rank makes the same calls in the same order: an impleme
 
     for cand in cp.candidates(root_or_path):        # newest first
         opened = cp.open(cand)                      # verify; CorruptCheckpointError/OSError: skip it
-        loaded = cp.load(opened, state, ...)        # all-or-nothing into the live objects
+        loaded = cp.load(opened, state, ...)        # all-or-nothing into the live objects; a
+                                                    # CorruptCheckpointError here changed nothing: skip it too
+
+Only the root's writer (the holder of its lease, see :mod:`resumekit.storage.lease`) calls ``clean_stale_tmp``;
+readers never remove anything.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Protocol
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..format import MANIFEST, TMP_PREFIX, parse_step_dirname
 from ..layouts.base import CheckpointInfo, order_by_step
 from ..layouts.native import NativeLayout
 from ..storage import Storage, open_parent, open_storage
-from ..verify import check_checkpoint
+from ..storage.resave import recover_resaves
+from ..storage.steps import valid_manifest
 
 log = logging.getLogger("resumekit")
 
@@ -48,8 +54,8 @@ class Snapshot:
 
     step: int
     name: str
-    metadata: Dict[str, Any]
-    entries: List[str]
+    metadata: dict[str, Any]
+    entries: list[str]
     payload: Any = None
 
 
@@ -124,13 +130,13 @@ class Checkpointer(Protocol):
     #: this process beats the node's heartbeat (local rank 0)
     leads_node: bool
 
-    def event_fields(self) -> Dict[str, Any]:
+    def event_fields(self) -> dict[str, Any]:
         """Extra fields for the ``save``/``restore`` events (e.g. the world size)."""
 
     def needs_agreement(self, handle_sigterm: bool, clock_based: bool) -> bool:
         """Whether a save decision can differ between processes and must be agreed at every step."""
 
-    def agree(self, preempt: bool, due: bool) -> Tuple[bool, bool]:
+    def agree(self, preempt: bool, due: bool) -> tuple[bool, bool]:
         """(any process preempted, any process due)."""
 
     def honours_resume_env(self) -> bool:
@@ -141,30 +147,36 @@ class Checkpointer(Protocol):
         step: int,
         state: Mapping[str, Any],
         *,
-        metadata: Dict[str, Any],
+        metadata: dict[str, Any],
         stage: bool,
         rng: bool,
         skip_if_committed: bool,
-    ) -> Optional[Snapshot]:
+    ) -> Snapshot | None:
         """Capture ``state`` (host copies when ``stage``, for a background persist); None when
         ``skip_if_committed`` and the step is already committed under the root."""
 
     def persist(self, snap: Snapshot, *, background: bool) -> Committed:
         """Write, make durable and commit a snapshot (on the background thread when ``background``)."""
 
-    def candidates(self, path: Optional[str] = None) -> List[Candidate]:
+    def candidates(self, path: str | None = None) -> list[Candidate]:
         """Restore candidates, newest first: the root's (``path`` None) or those at a user-named path."""
 
     def open(self, cand: Candidate) -> Opened:
         """Verify a candidate. Raises CorruptCheckpointError (or OSError) when it must not be loaded."""
 
     def load(
-        self, opened: Opened, state: MutableMapping[str, Any], *, only: Optional[Sequence[str]], strict: bool, rng: bool
-    ) -> List[str]:
-        """Apply a verified checkpoint to ``state``; returns the entries loaded."""
+        self, opened: Opened, state: MutableMapping[str, Any], *, only: Sequence[str] | None, strict: bool, rng: bool
+    ) -> list[str]:
+        """Apply a verified checkpoint to ``state``; returns the entries loaded.
+
+        All or nothing: everything is decoded and validated first (entries, shapes, dtypes, RNG states, devices,
+        plain values). A :class:`CorruptCheckpointError` is raised only before the first live object changes, so
+        the caller may try an older checkpoint; a :class:`StateMismatchError` says the checkpoint does not fit.
+        """
 
     def clean_stale_tmp(self) -> None:
-        """Remove in-progress directories left by killed saves (the caller is the only writer)."""
+        """Finish interrupted re-saves and remove in-progress directories left by killed saves (the caller holds
+        the root's writer lease: it is the only writer)."""
 
     def release(self) -> None:
         """Free staging buffers."""
@@ -173,17 +185,13 @@ class Checkpointer(Protocol):
 # ------------------------------------------------------------------------------------ shared by implementations
 def is_committed(storage: Storage, name: str) -> bool:
     """``name`` holds a committed checkpoint whose files pass the quick check (manifest, sizes)."""
-    if not storage.exists(f"{name}/{MANIFEST}"):
-        return False
-    try:
-        check_checkpoint(storage, name, full=False)
-    except (CorruptCheckpointError, OSError):
-        return False
-    return True
+    return valid_manifest(storage, name) is not None
 
 
 def remove_stale_tmp(storage: Storage) -> None:
-    """Remove every in-progress (``.tmp-``) directory under the root: only its one writer may call this."""
+    """Finish interrupted re-saves (:func:`~resumekit.storage.resave.recover_resaves`), then remove every
+    in-progress (``.tmp-``) directory under the root: only its one writer (the lease holder) may call this."""
+    recover_resaves(storage)
     for e in storage.listdir(""):
         if e.name.startswith(TMP_PREFIX):
             try:
@@ -192,14 +200,14 @@ def remove_stale_tmp(storage: Storage) -> None:
                 log.warning("could not remove stale %s: %s", storage.join(e.name), err)
 
 
-def root_candidates(storage: Storage) -> List[Candidate]:
+def root_candidates(storage: Storage) -> list[Candidate]:
     """Every ``step_N`` directory under ``storage``, newest first (unverified)."""
     return [
         Candidate(storage.uri, i.name, i.step, i.path) for i in reversed(order_by_step(NativeLayout().list(storage)))
     ]
 
 
-def candidates_at(path: str) -> List[Candidate]:
+def candidates_at(path: str) -> list[Candidate]:
     """What a user-named path offers: a ``step_N`` directory with a manifest is one explicit candidate (an invalid
     one is an error); anything else is taken as a run directory whose checkpoints are tried newest first."""
     parent, name = open_parent(path)
@@ -210,14 +218,25 @@ def candidates_at(path: str) -> List[Candidate]:
 
 
 def first_valid(
-    cp: Checkpointer, candidates: Sequence[Candidate], on_skip: Callable[[CheckpointInfo, str], None]
-) -> Optional[Opened]:
+    cp: Checkpointer,
+    candidates: Sequence[Candidate],
+    on_skip: Callable[[CheckpointInfo, str], None],
+    accept: Callable[[Opened], Any] | None = None,
+) -> Opened | None:
     """Open candidates newest first and return the first valid one. An invalid one is passed to ``on_skip`` with
     its reason, except one the user named (a step directory), whose error is raised. With a collective
-    checkpointer every rank walks the same list and gets the same verdicts."""
+    checkpointer every rank walks the same list and gets the same verdicts.
+
+    Args:
+        accept: called with each opened candidate (e.g. loading it); a CorruptCheckpointError it raises (before
+            changing anything) skips the candidate like a failed verification.
+    """
     for cand in candidates:
         try:
-            return cp.open(cand)
+            opened = cp.open(cand)
+            if accept is not None:
+                accept(opened)
+            return opened
         except CorruptCheckpointError as e:
             if cand.explicit:
                 raise
@@ -229,14 +248,19 @@ def first_valid(
     return None
 
 
-def first_valid_at(cp: Checkpointer, path: str, on_skip: Callable[[CheckpointInfo, str], None]) -> Opened:
+def first_valid_at(
+    cp: Checkpointer,
+    path: str,
+    on_skip: Callable[[CheckpointInfo, str], None],
+    accept: Callable[[Opened], Any] | None = None,
+) -> Opened:
     """A user-named checkpoint directory, or the newest valid checkpoint of a run directory.
 
     Raises:
         CorruptCheckpointError: the named step directory is invalid.
         CheckpointNotFoundError: nothing valid there.
     """
-    got = first_valid(cp, cp.candidates(path), on_skip)
+    got = first_valid(cp, cp.candidates(path), on_skip, accept)
     if got is None:
         raise CheckpointNotFoundError(f"no valid resumekit checkpoint at {path.rstrip('/')}: {not_found_reason(path)}")
     return got

@@ -39,19 +39,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
 
 import torch
 
 from ..codec import TreeEncoder
-from ..errors import CheckpointNotFoundError, CheckpointWriteError, ConfigError, CorruptCheckpointError
-from ..format import DIST_FILE, FileEntry, Manifest, new_hasher, step_dirname
-from ..layouts.base import CheckpointInfo
-from ..snapshot import StagingBuffers
-from ..state import RNG_KEY, STATE_KEY, capture_rng, capture_state
-from ..storage import Storage
-from ..units import errno_hint, one_line
-from ..verify import check_checkpoint, hash_file, read_verified
 from ..distributed.context import DistContext
 from ..distributed.dcp_io import (
     describe_failure,
@@ -65,15 +58,22 @@ from ..distributed.loader import load_sharded
 from ..distributed.sharded import is_distributed_checkpoint, write_rank_files
 from ..distributed.staging import ShardStaging
 from ..distributed.statedict import DCP_KEY, DCP_METADATA, dcp_entries, entry_state_dict, split_tensors
+from ..errors import CheckpointNotFoundError, CheckpointWriteError, ConfigError, CorruptCheckpointError
+from ..format import DIST_FILE, FileEntry, Manifest, new_hasher, step_dirname
+from ..layouts.base import CheckpointInfo
+from ..snapshot import StagingBuffers
+from ..state import RNG_KEY, STATE_KEY, capture_rng, capture_state
+from ..storage import Storage
+from ..units import errno_hint, one_line
+from ..verify import check_checkpoint, hash_file, read_verified
 from .base import Candidate, Committed, Opened, Snapshot, candidates_at, is_committed, remove_stale_tmp, root_candidates
 from .native import pause_between_files
-
 
 ENV_ELASTIC_RESTART = "TORCHELASTIC_RESTART_COUNT"
 _RANK_HINT = "check that directory on the failing rank's node"
 
 
-def _write_error(errno_: Optional[int], msg: str) -> CheckpointWriteError:
+def _write_error(errno_: int | None, msg: str) -> CheckpointWriteError:
     """A CheckpointWriteError whose text is ``msg`` (OSError would print "[Errno None]" for a missing errno)."""
     return CheckpointWriteError(errno_, msg) if errno_ else CheckpointWriteError(msg)
 
@@ -88,7 +88,7 @@ class DcpCheckpointer:
 
     collective = True
 
-    def __init__(self, storage: Storage, ctx: Optional[DistContext] = None):
+    def __init__(self, storage: Storage, ctx: DistContext | None = None):
         if not storage.is_local:
             raise ConfigError(
                 f"distributed checkpoints need a local or mounted shared directory (every rank writes its shards "
@@ -113,7 +113,7 @@ class DcpCheckpointer:
         return self.ctx.world_size
 
     # ---------------------------------------------------------------------------------------- coordination
-    def event_fields(self) -> Dict[str, Any]:
+    def event_fields(self) -> dict[str, Any]:
         return {"world_size": self.world}
 
     def needs_agreement(self, handle_sigterm: bool, clock_based: bool) -> bool:
@@ -123,7 +123,7 @@ class DcpCheckpointer:
         that calls ``request_preemption()`` must call it on every rank."""
         return self.world > 1 and (handle_sigterm or clock_based)
 
-    def agree(self, preempt: bool, due: bool) -> Tuple[bool, bool]:
+    def agree(self, preempt: bool, due: bool) -> tuple[bool, bool]:
         p, d = self.ctx.ctl.any_true(preempt, due)
         return p, d
 
@@ -137,19 +137,19 @@ class DcpCheckpointer:
         step: int,
         state: Mapping[str, Any],
         *,
-        metadata: Dict[str, Any],
+        metadata: dict[str, Any],
         stage: bool,
         rng: bool,
         skip_if_committed: bool,
-    ) -> Optional[Snapshot]:
+    ) -> Snapshot | None:
         """Phase 1 (training thread): capture and encode; rank 0 opens the transaction; all ranks agree."""
         name = step_dirname(step)
-        err: Optional[str] = None
-        prep_exc: Optional[BaseException] = None
-        tensors: Dict[str, Any] = {}
+        err: str | None = None
+        prep_exc: BaseException | None = None
+        tensors: dict[str, Any] = {}
         encoded: Any = None
-        rank_tensors: Dict[str, torch.Tensor] = {}
-        entries: Dict[str, Any] = {}
+        rank_tensors: dict[str, torch.Tensor] = {}
+        entries: dict[str, Any] = {}
         try:
             entries = dcp_entries(state)
             modules = {k: v for k, v in entries.items() if isinstance(v, torch.nn.Module)}
@@ -172,7 +172,8 @@ class DcpCheckpointer:
                 skip = skip_if_committed and is_committed(self.storage, name)
                 if not skip:
                     txn = self.storage.begin(name)
-                    tmp_rel = os.path.basename(txn.tmp_path)
+                    # DCP writes to a local root only, whose transactions have a tmp_path; Transaction does not say so.
+                    tmp_rel = os.path.basename(txn.tmp_path)  # type: ignore[attr-defined]
             except Exception as e:  # noqa: BLE001
                 prep_exc, err = e, f"{type(e).__name__}: {e}"
         statuses = self.ctx.ctl.all_gather((err, skip, tmp_rel))
@@ -210,15 +211,15 @@ class DcpCheckpointer:
         t0 = time.perf_counter()
         tmp_path = self.storage.join(p["tmp_rel"] or "")
         where = self.storage.join(snap.name)
-        files: Dict[str, Tuple[int, str]] = {}
-        err: Optional[str] = None
-        failed: List[int] = []
-        errno_: Optional[int] = None
+        files: dict[str, tuple[int, str]] = {}
+        err: str | None = None
+        failed: list[int] = []
+        errno_: int | None = None
         writer = make_writer(tmp_path)
         try:
             with quiet_single_process():
                 dcp.save(p["tensors"], storage_writer=writer, process_group=group, no_dist=not self.ctx.use_dist)
-        except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException (a BaseException) on all ranks
+        except BaseException as e:
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             err, failed, errno_ = describe_failure(e), failed_ranks(e, self.rank), first_errno(e)
@@ -255,7 +256,7 @@ class DcpCheckpointer:
         path, total = result[1]
         return Committed(step=snap.step, path=path, nbytes=total, seconds=time.perf_counter() - t0)
 
-    def _commit(self, snap: Snapshot, reports: List[Any]) -> Tuple[Optional[str], Any]:
+    def _commit(self, snap: Snapshot, reports: list[Any]) -> tuple[str | None, Any]:
         """Rank 0: ``distributed.json``, then the manifest listing every rank's files, then the commit."""
         txn = snap.payload["txn"]
         try:
@@ -283,7 +284,7 @@ class DcpCheckpointer:
             return f"{type(e).__name__}: {e} ({errno_hint(getattr(e, 'errno', None), _RANK_HINT)})", None
 
     # --------------------------------------------------------------------------------------------- restore
-    def candidates(self, path: Optional[str] = None) -> List[Candidate]:
+    def candidates(self, path: str | None = None) -> list[Candidate]:
         """Rank 0 lists, every rank gets the same list (so every rank walks it in step)."""
         plan: Any = None
         if self.rank == 0:
@@ -308,7 +309,7 @@ class DcpCheckpointer:
         """
         st = cand.storage()
         where = st.join(cand.name)
-        reason: Optional[str] = None
+        reason: str | None = None
         try:
             man = check_checkpoint(st, cand.name, full=False)
             if not is_distributed_checkpoint(man):
@@ -340,8 +341,8 @@ class DcpCheckpointer:
         )
 
     def load(
-        self, opened: Opened, state: MutableMapping[str, Any], *, only: Optional[Sequence[str]], strict: bool, rng: bool
-    ) -> List[str]:
+        self, opened: Opened, state: MutableMapping[str, Any], *, only: Sequence[str] | None, strict: bool, rng: bool
+    ) -> list[str]:
         return load_sharded(self.ctx, opened.payload, opened.info.name, state, only=only, strict=strict, rng=rng)
 
     # ------------------------------------------------------------------------------------------- lifecycle

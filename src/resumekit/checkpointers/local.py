@@ -7,17 +7,23 @@ candidates come from both tiers and a remote one is downloaded (verified) into t
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+import logging
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
 
 from ..codec import TreeEncoder
-from ..format import step_dirname
+from ..errors import CorruptCheckpointError
+from ..format import TREE_FILE, step_dirname
 from ..layouts.base import CheckpointInfo
 from ..snapshot import StagingBuffers, to_host
-from ..state import RNG_KEY, STATE_KEY, apply_state, capture_rng, capture_state, restore_rng
+from ..state import RNG_KEY, STATE_KEY, apply_state, capture_rng, capture_state, check_rng, check_state, restore_rng
 from ..storage import Storage
+from ..storage.resave import recover_resaves
 from ..storage.tiered import TieredStorage
 from .base import Candidate, Committed, Opened, Snapshot, candidates_at, is_committed, remove_stale_tmp, root_candidates
 from .native import read_checkpoint, write_checkpoint
+
+log = logging.getLogger("resumekit")
 
 
 class LocalCheckpointer:
@@ -34,16 +40,16 @@ class LocalCheckpointer:
     def __init__(self, storage: Storage):
         self.storage = storage
         self.tier = storage if isinstance(storage, TieredStorage) else None
-        self._staging: Optional[StagingBuffers] = None
+        self._staging: StagingBuffers | None = None
 
     # ---------------------------------------------------------------------------------------- coordination
-    def event_fields(self) -> Dict[str, Any]:
+    def event_fields(self) -> dict[str, Any]:
         return {}
 
     def needs_agreement(self, handle_sigterm: bool, clock_based: bool) -> bool:
         return False
 
-    def agree(self, preempt: bool, due: bool) -> Tuple[bool, bool]:
+    def agree(self, preempt: bool, due: bool) -> tuple[bool, bool]:
         return preempt, due
 
     def honours_resume_env(self) -> bool:
@@ -55,11 +61,11 @@ class LocalCheckpointer:
         step: int,
         state: Mapping[str, Any],
         *,
-        metadata: Dict[str, Any],
+        metadata: dict[str, Any],
         stage: bool,
         rng: bool,
         skip_if_committed: bool,
-    ) -> Optional[Snapshot]:
+    ) -> Snapshot | None:
         name = step_dirname(step)
         if skip_if_committed and is_committed(self.storage, name):
             return None
@@ -82,7 +88,7 @@ class LocalCheckpointer:
         return Committed(step=snap.step, path=res.path, nbytes=res.manifest.total_bytes, seconds=res.seconds)
 
     # --------------------------------------------------------------------------------------------- restore
-    def candidates(self, path: Optional[str] = None) -> List[Candidate]:
+    def candidates(self, path: str | None = None) -> list[Candidate]:
         if path is not None:
             return candidates_at(path)
         if self.tier is None:
@@ -90,7 +96,7 @@ class LocalCheckpointer:
         # Both tiers, newest step first; at each step the local copy before the remote one (no download needed).
         local = {c.step: c for c in root_candidates(self.tier.local)}
         remote = {c.step: c for c in root_candidates(self.tier.remote)}
-        out: List[Candidate] = []
+        out: list[Candidate] = []
         for step in sorted(set(local) | set(remote), reverse=True):
             if step in local:
                 out.append(local[step])
@@ -122,19 +128,31 @@ class LocalCheckpointer:
         return Opened(info=info, payload=tree)
 
     def load(
-        self, opened: Opened, state: MutableMapping[str, Any], *, only: Optional[Sequence[str]], strict: bool, rng: bool
-    ) -> List[str]:
-        tree = opened.payload
-        loaded = apply_state(state, tree.get(STATE_KEY, {}), only=only, strict=strict, where=opened.info.path)
+        self, opened: Opened, state: MutableMapping[str, Any], *, only: Sequence[str] | None, strict: bool, rng: bool
+    ) -> list[str]:
+        tree, where = opened.payload, opened.info.path
+        if not isinstance(tree, dict):
+            raise CorruptCheckpointError(where, f"{TREE_FILE} is not a mapping")
+        # All or nothing: every check (entries, shapes, dtypes, plain values, RNG states) runs before the first live
+        # object changes, so a CorruptCheckpointError here leaves the caller free to try an older checkpoint.
+        check_state(state, tree.get(STATE_KEY, {}), only=only, strict=strict, where=where)
+        if rng and RNG_KEY in tree:
+            check_rng(tree[RNG_KEY], where)
+        loaded = apply_state(state, tree.get(STATE_KEY, {}), only=only, strict=strict, where=where)
         if rng and RNG_KEY in tree:
             restore_rng(tree[RNG_KEY])
         return loaded
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def clean_stale_tmp(self) -> None:
-        # The manager is the only writer of its directory while it runs, so every tmp dir present before its
-        # first save is left over from a killed save.
-        remove_stale_tmp(self.storage)
+        # The manager holds the root's writer lease, so every tmp dir present before its first save is left over
+        # from a killed save, and every keep copy from an interrupted re-save.
+        remove_stale_tmp(self.tier.local if self.tier is not None else self.storage)
+        if self.tier is not None:
+            try:
+                recover_resaves(self.tier.remote)
+            except OSError as e:  # the remote may be unreachable now; the next start tries again
+                log.warning("could not check %s for interrupted re-saves: %s", self.tier.remote.uri, e)
 
     def release(self) -> None:
         if self._staging is not None:

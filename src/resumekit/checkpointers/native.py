@@ -6,20 +6,29 @@ sizes and checksums, then the backend's commit (rename locally, nothing more on 
 
 from __future__ import annotations
 
-import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any
 
 import torch
 
-from ..codec import decode, dumps_tree, map_tensors, read_tensors, write_tensors
+from ..codec import decode_tree, dumps_tree, map_tensors, read_tensors, write_tensors
 from ..errors import CheckpointWriteError, CorruptCheckpointError
-from ..format import DIST_FILE, TENSORS_FILE, TREE_FILE, FileEntry, Manifest, new_hasher, step_dirname
+from ..format import (
+    DIST_FILE,
+    MAX_TREE_BYTES,
+    TENSORS_FILE,
+    TREE_FILE,
+    FileEntry,
+    Manifest,
+    new_hasher,
+    step_dirname,
+)
 from ..storage import Storage
 from ..units import errno_hint
-from ..verify import check_checkpoint
+from ..verify import check_checkpoint, read_capped
 
 # Test hook: seconds to pause between the files of a save, so a fault test can SIGKILL a process while a save is
 # in progress. Read once; zero in production.
@@ -38,8 +47,8 @@ def write_checkpoint(
     storage: Storage,
     step: int,
     tree: Any,
-    tensors: Dict[str, torch.Tensor],
-    metadata: Optional[Mapping[str, Any]] = None,
+    tensors: dict[str, torch.Tensor],
+    metadata: Mapping[str, Any] | None = None,
     entries=(),
 ) -> SaveResult:
     """Persist an encoded state (JSON tree + CPU tensors) as ``step_N`` and commit it.
@@ -49,9 +58,11 @@ def write_checkpoint(
     """
     t0 = time.perf_counter()
     name = step_dirname(step)
-    txn = storage.begin(name)
+    txn = None
     try:
-        files: Dict[str, FileEntry] = {}
+        # Inside the try: an object store's begin() already sends requests, and their failure is a failed save.
+        txn = storage.begin(name)
+        files: dict[str, FileEntry] = {}
         h = new_hasher()
         with txn.open_write(TENSORS_FILE) as f:
             n = write_tensors(f, tensors, h)
@@ -67,7 +78,8 @@ def write_checkpoint(
         man = Manifest(step=step, files=files, metadata=dict(metadata or {}), entries=list(entries))
         path = txn.commit(man.to_json())
     except OSError as e:
-        txn.abort()
+        if txn is not None:
+            txn.abort()
         where = storage.join(name)
         if isinstance(e, CheckpointWriteError):
             raise
@@ -76,7 +88,8 @@ def write_checkpoint(
         # Errors without an errno (object-store failures) would otherwise print as "[Errno None] ...".
         raise (CheckpointWriteError(e.errno, msg) if e.errno is not None else CheckpointWriteError(msg)) from e
     except BaseException:
-        txn.abort()
+        if txn is not None:
+            txn.abort()
         raise
     return SaveResult(step, path, man, time.perf_counter() - t0)
 
@@ -87,7 +100,7 @@ def pause_between_files() -> None:
         time.sleep(_SAVE_PAUSE)
 
 
-def read_checkpoint(storage: Storage, name: str, mapped: Optional[bool] = None) -> Tuple[Manifest, Any]:
+def read_checkpoint(storage: Storage, name: str, mapped: bool | None = None) -> tuple[Manifest, Any]:
     """Load ``name`` verifying sizes first and checksums while reading; returns (manifest, decoded tree).
 
     With ``mapped`` (the default for local storage) tensors are read-only views of a memory map of the file,
@@ -122,16 +135,12 @@ def read_checkpoint(storage: Storage, name: str, mapped: Optional[bool] = None) 
             tensors = read_tensors(f, ent.size, f"{where}/{TENSORS_FILE}", h)
     if h.hexdigest() != ent.xxh3:
         raise CorruptCheckpointError(where, f"{TENSORS_FILE} checksum mismatch: the file was altered or damaged")
-    blob = storage.read_bytes(f"{name}/{TREE_FILE}")
+    blob = read_capped(storage, f"{name}/{TREE_FILE}", MAX_TREE_BYTES, where, TREE_FILE)
     h = new_hasher()
     h.update(blob)
     if h.hexdigest() != man.files[TREE_FILE].xxh3:
         raise CorruptCheckpointError(where, f"{TREE_FILE} checksum mismatch: the file was altered or damaged")
-    try:
-        tree = decode(json.loads(blob), tensors)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(where, f"{TREE_FILE} does not decode: {e}") from None
-    return man, tree
+    return man, decode_tree(blob, tensors, where, TREE_FILE)
 
 
 __all__ = ["write_checkpoint", "read_checkpoint", "SaveResult", "pause_between_files"]

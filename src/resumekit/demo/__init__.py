@@ -13,7 +13,7 @@ Modules:
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
 
 from .core import CrashStats, print_table, tree_diff
 
@@ -22,7 +22,7 @@ def run_demo(
     directory: str,
     crashes: int = 6,
     steps: int = 300,
-    seed: Optional[int] = None,
+    seed: int | None = None,
     nproc: int = 1,
     as_json: bool = False,
     save_every: int = 20,
@@ -42,8 +42,18 @@ def run_demo(
         async_save: the job writes checkpoints in the background.
 
     Returns:
-        0 only if both runs end bitwise identical; else 1.
+        0 only if both runs end bitwise identical; else 1; 2 (nothing run) for an object-store ``directory``.
     """
+    from ..storage import is_remote
+
+    if is_remote(str(directory)):
+        # The kill trigger watches the job's local .tmp- folders and its progress log, which an object store does
+        # not have: the demo would kill nothing mid-save, report PASS, and leave a local tree named "s3:".
+        sys.stderr.write(
+            f"resumekit demo: --dir {directory} is an object store, but the demo needs a local directory (it aims "
+            "its kills at saves in progress, seen as local .tmp- folders); nothing was run\n"
+        )
+        return 2
     # Imported here, not at the top: the workers run as ``python -m resumekit.demo.single`` (and ``.distributed``),
     # and runpy warns on stderr when the package has already imported the module it is asked to run.
     if nproc != 1:

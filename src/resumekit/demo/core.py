@@ -12,8 +12,9 @@ import fnmatch
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 from ..events import EVENTS_FILE, EventTail, read_events
 from ..supervisor.proctree import kill_tree
@@ -23,7 +24,7 @@ SAVING_PREFIX = ".tmp-step_"
 
 
 # ----------------------------------------------------------------------------------------- comparison
-def tree_diff(x: Any, y: Any, path: str = "") -> List[str]:
+def tree_diff(x: Any, y: Any, path: str = "") -> list[str]:
     """Paths where two decoded state trees differ.
 
     Tensors compare by their bytes (so ``-0.0`` differs from ``0.0`` and a NaN equals the same NaN), together with
@@ -41,7 +42,7 @@ def tree_diff(x: Any, y: Any, path: str = "") -> List[str]:
     import numpy as np
     import torch
 
-    diffs: List[str] = []
+    diffs: list[str] = []
 
     def walk(x: Any, y: Any, path: str) -> None:
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
@@ -61,7 +62,7 @@ def tree_diff(x: Any, y: Any, path: str = "") -> List[str]:
         elif isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
             if len(x) != len(y):
                 diffs.append(f"{path} (length)")
-            for i, (u, v) in enumerate(zip(x, y)):
+            for i, (u, v) in enumerate(zip(x, y, strict=False)):  # a length difference is reported above
                 walk(u, v, f"{path}/{i}")
         elif isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
             if not np.array_equal(x, y):
@@ -88,11 +89,11 @@ class CrashStats:
     """``skip_invalid`` events: checkpoints a restore passed over as incomplete or corrupt."""
     steps_redone: int = 0
     """Steps trained again after a kill, because they came after the checkpoint resumed from."""
-    exit_code: Optional[int] = None
+    exit_code: int | None = None
     """The exit status of the supervised command."""
-    attempts: List[Dict[str, Any]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
     """One record per attempt (single process) or per kill (torchrun)."""
-    summary: Dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
     """The supervisor's ``--json`` summary, when it printed one."""
 
 
@@ -109,7 +110,7 @@ def count_events(directory: str, kind: str) -> int:
     return sum(1 for e in read_events(os.path.join(directory, EVENTS_FILE)) if e.get("event") == kind)
 
 
-def print_table(title: str, rows: List[tuple], diffs: List[str], batches: tuple, ok: bool) -> None:
+def print_table(title: str, rows: list[tuple], diffs: list[str], batches: tuple, ok: bool) -> None:
     """Print the demo's human summary: counters, then the two verdicts, then PASS or FAIL.
 
     Args:
@@ -128,7 +129,7 @@ def print_table(title: str, rows: List[tuple], diffs: List[str], batches: tuple,
 
 
 # ------------------------------------------------------------------------------------------ kill loop
-def fresh_run_dirs(directory: str) -> Tuple[str, str]:
+def fresh_run_dirs(directory: str) -> tuple[str, str]:
     """Empty ``straight/`` and ``crashy/`` under ``directory`` (an earlier demo's files are removed).
 
     Args:
@@ -171,8 +172,8 @@ class ProgressTail:
     def __init__(self, directory: str, pattern: str):
         self.directory = directory
         self.pattern = pattern
-        self._tails: Dict[str, EventTail] = {}
-        self.latest: Dict[int, Tuple[int, int]] = {}
+        self._tails: dict[str, EventTail] = {}
+        self.latest: dict[int, tuple[int, int]] = {}
         """pid -> (rank, last step reported), in the order the pids first reported (rank 0 without a rank)."""
 
     def poll(self) -> None:
@@ -209,7 +210,7 @@ def stop_tree(proc: subprocess.Popen, wait: float = 10.0) -> None:
 
 
 # ------------------------------------------------------------------------------------------- workers
-def worker_args(module: str, directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> List[str]:
+def worker_args(module: str, directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> list[str]:
     """The arguments that start a demo job as a module; :func:`parse_worker_args` reads them back.
 
     Args:
@@ -239,7 +240,7 @@ def worker_args(module: str, directory: str, steps: int, save_every: int, seed: 
     return args + (["--async"] if async_save else [])
 
 
-def parse_worker_args(prog: str, argv: Optional[Sequence[str]], *, steps: int, save_every: int) -> argparse.Namespace:
+def parse_worker_args(prog: str, argv: Sequence[str] | None, *, steps: int, save_every: int) -> argparse.Namespace:
     """The command line both demo jobs take: ``--worker --dir D [--steps N] [--save-every K] [--seed S] [--async]``.
 
     Args:

@@ -22,7 +22,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..events import iter_events
 from .core import (
@@ -70,7 +71,7 @@ def train(
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(seed)  # identical initial weights everywhere
-    model = torch.nn.Sequential(
+    model: torch.nn.Module = torch.nn.Sequential(  # a Module: wrapped in DDP below
         torch.nn.Linear(64, width),
         torch.nn.ReLU(),
         torch.nn.Dropout(0.1),
@@ -93,9 +94,12 @@ def train(
     mgr = CheckpointManager(directory, every_steps=save_every, keep_last=3, async_save=async_save)
     state = {"model": model, "optim": opt, "sched": sched, "scaler": scaler, "loader": loader}
     step = mgr.restore(state)
-    per_epoch = loader.resumable_sampler.epoch_length // (16 * world)
+    sampler = loader.resumable_sampler
+    assert sampler is not None  # a map-style dataset always gets one (only an IterableDataset has none)
+    per_epoch = sampler.epoch_length // (16 * world)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    progress = open(os.path.join(directory, f"{PROGRESS_GLOB}{rank}.jsonl"), "a", buffering=1)
+    # Open for the whole loop, which the demo kills on purpose; line buffering puts each line on disk at once.
+    progress = open(os.path.join(directory, f"{PROGRESS_GLOB}{rank}.jsonl"), "a", buffering=1)  # noqa: SIM115
     while step < steps:
         loader.set_epoch(step // per_epoch)
         for idx, xb, yb in loader:
@@ -131,7 +135,7 @@ def train(
     dist.destroy_process_group()
 
 
-def job_args(directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> List[str]:
+def job_args(directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> list[str]:
     """torchrun's arguments after its own options: run :func:`train` on every rank (the arguments are those of
     :func:`resumekit.demo.core.worker_args`).
 
@@ -142,7 +146,7 @@ def job_args(directory: str, steps: int, save_every: int, seed: int, async_save:
 
 
 # ----------------------------------------------------------------------------------------- comparison
-def compare_final(a: str, b: str, step: int) -> List[str]:
+def compare_final(a: str, b: str, step: int) -> list[str]:
     """What differs between two runs' final sharded checkpoints.
 
     Args:
@@ -162,7 +166,7 @@ def compare_final(a: str, b: str, step: int) -> List[str]:
     return sorted(tree_diff(ta, tb, "shards") + tree_diff(ra, rb, "ranks"))
 
 
-def read_progress(directory: str) -> Dict[int, List[Dict[str, Any]]]:
+def read_progress(directory: str) -> dict[int, list[dict[str, Any]]]:
     """rank -> progress records in file order (a torn last line from a kill is skipped).
 
     Args:
@@ -171,7 +175,7 @@ def read_progress(directory: str) -> Dict[int, List[Dict[str, Any]]]:
     Returns:
         Every rank's records.
     """
-    out: Dict[int, List[Dict[str, Any]]] = {}
+    out: dict[int, list[dict[str, Any]]] = {}
     for name in sorted(os.listdir(directory)):
         if not fnmatch.fnmatchcase(name, PROGRESS_PATTERN):
             continue
@@ -180,7 +184,7 @@ def read_progress(directory: str) -> Dict[int, List[Dict[str, Any]]]:
     return out
 
 
-def batch_sequences(directory: str, key: str = "batch") -> Dict[int, Dict[int, Any]]:
+def batch_sequences(directory: str, key: str = "batch") -> dict[int, dict[int, Any]]:
     """rank -> {step -> batch}, the last record winning (a step redone after a kill replaces the lost one).
 
     Args:
@@ -201,7 +205,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_cmd(nproc: int, job: Sequence[str], *, max_restarts: int = 0, port: Optional[int] = None) -> List[str]:
+def torchrun_cmd(nproc: int, job: Sequence[str], *, max_restarts: int = 0, port: int | None = None) -> list[str]:
     """``torchrun`` on this host with a c10d rendezvous on a free port, restarting the group up to N times.
 
     Args:
@@ -227,7 +231,7 @@ def torchrun_cmd(nproc: int, job: Sequence[str], *, max_restarts: int = 0, port:
     ]
 
 
-def torchrun_env(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def torchrun_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for torchrun jobs that restart.
 
     One CPU thread per worker, unbuffered output, and ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: with the agent's
@@ -255,10 +259,10 @@ def run_torchrun_with_kills(
     nproc: int,
     crashes: int,
     rng: random.Random,
-    env: Optional[Dict[str, str]] = None,
+    env: dict[str, str] | None = None,
     timeout: float = 300.0,
-    log_path: Optional[str] = None,
-    last_step: Optional[int] = None,
+    log_path: str | None = None,
+    last_step: int | None = None,
 ) -> CrashStats:
     """Run ``command`` (torchrun, or ``resumekit run -- torchrun ...``) and SIGKILL one random worker ``crashes``
     times.
@@ -285,7 +289,7 @@ def run_torchrun_with_kills(
     """
     stats = CrashStats()
     tail = ProgressTail(directory, PROGRESS_PATTERN)
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child's stdout, for its lifetime
     proc = subprocess.Popen(list(command), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     dead: set = set()
@@ -341,7 +345,7 @@ def run_distributed_demo(
     nproc: int,
     crashes: int = 4,
     steps: int = 120,
-    seed: Optional[int] = None,
+    seed: int | None = None,
     as_json: bool = False,
     save_every: int = 10,
     async_save: bool = False,
@@ -461,7 +465,7 @@ def run_distributed_demo(
 
 
 # --------------------------------------------------------------------------------------- entry point
-def worker_main(argv: Optional[List[str]] = None) -> None:
+def worker_main(argv: list[str] | None = None) -> None:
     """``torchrun ... -m resumekit.demo.distributed --worker --dir D [--steps N] [--save-every K] [--seed S]
     [--async]``.
 

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from itertools import pairwise
 
 from ..events import EVENTS_FILE, iter_events, read_events
 from .core import (
@@ -81,7 +81,8 @@ def train(
     state = {"model": model, "optim": opt, "sched": sched, "scaler": scaler, "loader": loader}
     step = mgr.restore(state)
     per_epoch = -(-len(ds) // 32)  # batches per epoch (the last one may be short)
-    progress = open(os.path.join(directory, PROGRESS), "a", buffering=1)
+    # Open for the whole loop, which the demo kills on purpose; line buffering puts each line on disk at once.
+    progress = open(os.path.join(directory, PROGRESS), "a", buffering=1)  # noqa: SIM115
     while step < steps:
         loader.set_epoch(step // per_epoch)
         for idx, xb, yb in loader:
@@ -108,7 +109,7 @@ def train(
     progress.close()
 
 
-def job_cmd(directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> List[str]:
+def job_cmd(directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> list[str]:
     """The command line that runs :func:`train` in a fresh Python process (the arguments are those of
     :func:`resumekit.demo.core.worker_args`).
 
@@ -119,7 +120,7 @@ def job_cmd(directory: str, steps: int, save_every: int, seed: int, async_save: 
 
 
 # ----------------------------------------------------------------------------------------- comparison
-def compare_final(a: str, b: str, step: int) -> List[str]:
+def compare_final(a: str, b: str, step: int) -> list[str]:
     """Keys whose values differ between two runs' final checkpoints.
 
     Args:
@@ -139,7 +140,7 @@ def compare_final(a: str, b: str, step: int) -> List[str]:
     return sorted(tree_diff(ta, tb))
 
 
-def batch_sequence(directory: str) -> Dict[int, str]:
+def batch_sequence(directory: str) -> dict[int, str]:
     """step -> batch hash, the last record winning (a redone step after a kill overwrites the lost one).
 
     Args:
@@ -151,7 +152,7 @@ def batch_sequence(directory: str) -> Dict[int, str]:
     return {rec["step"]: rec["batch"] for rec in iter_events(os.path.join(directory, PROGRESS))}
 
 
-def progress_attempts(directory: str) -> List[Tuple[int, int, int]]:
+def progress_attempts(directory: str) -> list[tuple[int, int, int]]:
     """(pid, first step, last step) of each attempt, in start order, from the whole progress log.
 
     Args:
@@ -160,7 +161,7 @@ def progress_attempts(directory: str) -> List[Tuple[int, int, int]]:
     Returns:
         One tuple per process that trained.
     """
-    order: Dict[int, List[int]] = {}
+    order: dict[int, list[int]] = {}
     for rec in iter_events(os.path.join(directory, PROGRESS)):  # JSONL reader that skips lines torn by a kill
         order.setdefault(rec["pid"], []).append(rec["step"])
     return [(pid, min(v), max(v)) for pid, v in order.items()]
@@ -269,7 +270,7 @@ def run_with_kills(
         )
     stats.restarts = int(stats.summary.get("restarts", len(stats.attempts) - 1))
     stats.skipped_invalid = count_events(directory, "skip_invalid")
-    for prev, nxt in zip(stats.attempts, stats.attempts[1:]):
+    for prev, nxt in pairwise(stats.attempts):
         stats.steps_redone += max(0, prev["reached"] - nxt["resumed_from"])
     return stats
 
@@ -279,7 +280,7 @@ def run_single_demo(
     *,
     crashes: int = 6,
     steps: int = 300,
-    seed: Optional[int] = None,
+    seed: int | None = None,
     as_json: bool = False,
     save_every: int = 20,
     async_save: bool = False,
@@ -352,7 +353,7 @@ def run_single_demo(
 
 
 # --------------------------------------------------------------------------------------- entry point
-def worker_main(argv: Optional[List[str]] = None) -> None:
+def worker_main(argv: list[str] | None = None) -> None:
     """``python -m resumekit.demo.single --worker --dir D [--steps N] [--save-every K] [--seed S] [--async]``.
 
     Args:

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -25,12 +25,12 @@ class Collectives:
         self.rank = rank
         self.world_size = world_size
 
-    def all_gather(self, obj: Any) -> List[Any]:
+    def all_gather(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
             return [obj]
         import torch.distributed as dist
 
-        out: List[Any] = [None] * self.world_size
+        out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
@@ -43,7 +43,7 @@ class Collectives:
         dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
-    def any_true(self, *flags: bool) -> Tuple[bool, ...]:
+    def any_true(self, *flags: bool) -> tuple[bool, ...]:
         """Element-wise OR over ranks: one tiny all_reduce(MAX) of an int tensor on CPU."""
         if self.world_size == 1:
             return tuple(bool(f) for f in flags)
@@ -79,7 +79,7 @@ class DistContext:
         return self.world_size > 1
 
     @classmethod
-    def create(cls) -> "DistContext":
+    def create(cls) -> DistContext:
         """From the initialised default process group; must be called by every rank (group creation is
         collective). Without an initialised group: a single process (world size 1)."""
         import torch.distributed as dist
@@ -115,7 +115,7 @@ class DistContext:
         )
 
 
-def wants_distributed(option: Optional[bool]) -> bool:
+def wants_distributed(option: bool | None) -> bool:
     """The ``distributed`` option resolved: None means "when torch.distributed is initialised"."""
     if option is not None:
         return bool(option)

@@ -15,7 +15,8 @@ import copy
 import io
 import pickle
 import warnings
-from typing import Any, Iterator, List, Mapping, Optional
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ def recording_writer_cls() -> type:
     class RecordingWriter(FileSystemWriter):
         """DCP's file writer that remembers which files this rank wrote (for the manifest)."""
 
-        written: List[str]
+        written: list[str]
 
         def write_data(self, plan: Any, planner: Any) -> Any:
             self.written = []
@@ -117,8 +118,8 @@ def load_dcp_metadata(data: bytes, where: str, files: Mapping[str, FileEntry]) -
 
 def verified_reader_cls() -> type:
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.planner import LoadItemType
     from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.planner import LoadItemType
 
     class VerifiedReader(FileSystemReader):
         """DCP's file reader with our metadata check instead of ``pickle.load`` and no bytes items."""
@@ -153,7 +154,7 @@ def verified_reader_cls() -> type:
 def describe_failure(e: BaseException) -> str:
     if type(e).__name__ == "CheckpointException" and hasattr(e, "failures"):
         parts = []
-        failures = sorted(e.failures.items())  # type: ignore[attr-defined]
+        failures = sorted(e.failures.items())  # the hasattr() above tells the type checker it exists
         for r, pair in failures:
             exc = pair[0] if isinstance(pair, tuple) else pair
             text = f"{type(exc).__name__}: {exc}"
@@ -162,15 +163,15 @@ def describe_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def failed_ranks(e: BaseException, default: int) -> List[int]:
+def failed_ranks(e: BaseException, default: int) -> list[int]:
     if type(e).__name__ == "CheckpointException" and hasattr(e, "failures"):
-        return sorted(e.failures)  # type: ignore[attr-defined]
+        return sorted(e.failures)
     return [default]
 
 
-def first_errno(e: BaseException) -> Optional[int]:
+def first_errno(e: BaseException) -> int | None:
     if type(e).__name__ == "CheckpointException" and hasattr(e, "failures"):
-        for pair in e.failures.values():  # type: ignore[attr-defined]
+        for pair in e.failures.values():
             exc = pair[0] if isinstance(pair, tuple) else pair
             if getattr(exc, "errno", None):
                 return exc.errno

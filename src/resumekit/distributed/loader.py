@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple
+from collections.abc import MutableMapping, Sequence
+from typing import Any
 
 import torch
 
 from ..errors import CorruptCheckpointError, StateMismatchError
 from ..format import DIST_FILE
-from ..state import RNG_KEY, STATE_KEY, apply_state, restore_rng
+from ..state import RNG_KEY, STATE_KEY, apply_state, check_rng, check_state, restore_rng
 from ..storage import Storage
 from ..verify import read_manifest, read_verified
 from .context import DistContext
@@ -44,10 +45,10 @@ def load_sharded(
     name: str,
     state: MutableMapping[str, Any],
     *,
-    only: Optional[Sequence[str]],
+    only: Sequence[str] | None,
     strict: bool,
     rng: bool,
-) -> List[str]:
+) -> list[str]:
     """Load checkpoint ``name`` of ``st`` into ``state`` on every rank (collective); returns the keys loaded.
 
     Raises:
@@ -59,11 +60,11 @@ def load_sharded(
     where = st.join(name)
     # Phase A (local): read and check everything; no collective may be skipped on an error, so errors are
     # collected and shared before DCP's collective load.
-    err: Optional[BaseException] = None
-    load_flat: Dict[str, Any] = {}
-    pending: List[Tuple[str, Any, Any]] = []
-    tree: Dict[str, Any] = {}
-    keys: List[str] = []
+    err: BaseException | None = None
+    load_flat: dict[str, Any] = {}
+    pending: list[tuple[str, Any, Any]] = []
+    tree: dict[str, Any] = {}
+    keys: list[str] = []
     md: Any = None
     saved_world = 1
     try:
@@ -109,7 +110,7 @@ def load_sharded(
                 current = init_template(key, obj, modules)
             else:
                 current = entry_state_dict(key, obj, modules)
-            template_flat: Dict[str, Any] = {}
+            template_flat: dict[str, Any] = {}
             split_tensors(current, key, template_flat)
             need = ref_keys(saved)
             absent = sorted(set(need) - set(template_flat))
@@ -124,6 +125,12 @@ def load_sharded(
             for k in need:
                 load_flat[k] = template_flat[k]
             pending.append((key, obj, saved))
+        # All or nothing: the other entries and the RNG states are validated here too, before DCP's load and the
+        # apply phase change any live object (a CorruptCheckpointError lets every rank fall back together).
+        rest_keys = [k for k in keys if k not in skeleton and k in rest]
+        check_state(state, rest, only=rest_keys, strict=False, where=where)
+        if rng and RNG_KEY in tree and ctx.rank < saved_world:
+            check_rng(tree[RNG_KEY], where)
     except Exception as e:  # noqa: BLE001
         err = e
     agree_or_raise(ctx, err, where, "reading")
@@ -136,13 +143,13 @@ def load_sharded(
                     process_group=ctx.dcp_group,
                     no_dist=not ctx.use_dist,
                 )
-        except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        except BaseException as e:
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             raise CorruptCheckpointError(where, f"loading the DCP shards failed: {describe_failure(e)}") from None
     # Phase C (local): hand the loaded state to the objects; again agreed before returning.
     err = None
-    loaded: List[str] = []
+    loaded: list[str] = []
     try:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -182,7 +189,7 @@ def load_sharded(
     return loaded
 
 
-def agree_or_raise(ctx: DistContext, err: Optional[BaseException], where: str, phase: str) -> None:
+def agree_or_raise(ctx: DistContext, err: BaseException | None, where: str, phase: str) -> None:
     """Every rank learns whether any rank failed; the failing rank raises its own error, the others an
     error of the same kind naming it (so no rank goes on alone into the next collective)."""
     corrupt = isinstance(err, CorruptCheckpointError)

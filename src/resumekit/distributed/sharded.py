@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import torch
 
-from ..codec import decode, dumps_tree, read_tensors, write_tensors
+from ..codec import decode_tree, dumps_tree, read_tensors, write_tensors
 from ..errors import CorruptCheckpointError
-from ..format import DIST_FILE, TENSORS_FILE, TREE_FILE, Manifest, new_hasher
+from ..format import DIST_FILE, TENSORS_FILE, TREE_FILE, Manifest, new_hasher, parse_json
 from ..storage import Storage, open_parent
 from ..storage.local import _DurableFile as DurableFile
 from ..storage.local import fsync_dir
@@ -29,7 +28,7 @@ def is_distributed_checkpoint(man: Manifest) -> bool:
     return DIST_FILE in man.files
 
 
-def read_rank_tree(st: Storage, name: str, rank: int, man: Manifest) -> Dict[str, Any]:
+def read_rank_tree(st: Storage, name: str, rank: int, man: Manifest) -> dict[str, Any]:
     where = st.join(name)
     rdir = rank_dir(rank)
     trel, jrel = f"{rdir}/{TENSORS_FILE}", f"{rdir}/{TREE_FILE}"
@@ -41,14 +40,10 @@ def read_rank_tree(st: Storage, name: str, rank: int, man: Manifest) -> Dict[str
         tensors = read_tensors(f, ent.size, f"{where}/{trel}", h)
     if h.hexdigest() != ent.xxh3:
         raise CorruptCheckpointError(where, f"{trel} checksum mismatch: the file was altered or damaged")
-    blob = read_verified(st, name, jrel, man)
-    try:
-        return decode(json.loads(blob), tensors)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(where, f"{jrel} does not decode: {e}") from None
+    return decode_tree(read_verified(st, name, jrel, man), tensors, where, jrel)
 
 
-def read_sharded(path: str) -> Tuple[Manifest, Dict[str, torch.Tensor], Dict[int, Any]]:
+def read_sharded(path: str) -> tuple[Manifest, dict[str, torch.Tensor], dict[int, Any]]:
     """Load a whole distributed checkpoint into this one process, without a process group.
 
     For inspection, export and comparisons (``resumekit demo --nproc``): every DCP tensor comes back unsharded
@@ -69,13 +64,31 @@ def read_sharded(path: str) -> Tuple[Manifest, Dict[str, torch.Tensor], Dict[int
             where,
             f"is not a distributed checkpoint (no {DIST_FILE}); use resumekit.checkpointers.native.read_checkpoint",
         )
-    world = int(json.loads(read_verified(st, name, DIST_FILE, man))["world_size"])
-    tensors: Dict[str, torch.Tensor] = {}
+    doc = parse_json(read_verified(st, name, DIST_FILE, man), where, DIST_FILE)
+    world = doc.get("world_size") if isinstance(doc, dict) else None
+    if type(world) is not int or world < 1:
+        raise CorruptCheckpointError(where, f"{DIST_FILE} has no positive integer world_size")
+    tensors: dict[str, torch.Tensor] = {}
     if DCP_METADATA in man.files:
         md = load_dcp_metadata(read_verified(st, name, DCP_METADATA, man), where, man.files)
+        # Sizes come from a file: nothing is allocated before they are known to fit in the shards that hold them.
+        room = sum(e.size for rel, e in man.files.items() if rel.endswith(".distcp"))
+        need = 0
         for key, smd in md.state_dict_metadata.items():
             if not isinstance(smd, TensorStorageMetadata):
                 raise CorruptCheckpointError(where, f"{DCP_METADATA} stores {key!r} as pickled bytes")
+            dims = tuple(smd.size)
+            if not all(type(d) is int and d >= 0 for d in dims) or not isinstance(smd.properties.dtype, torch.dtype):
+                raise CorruptCheckpointError(where, f"{DCP_METADATA} gives {key!r} a malformed size or dtype")
+            count = 1
+            for d in dims:
+                count = min(count * d, room + 1)
+            need += count * torch.empty((), dtype=smd.properties.dtype).element_size()
+            if need > room:
+                raise CorruptCheckpointError(
+                    where, f"{DCP_METADATA} describes more tensor data than its {room} bytes of shards hold"
+                )
+        for key, smd in md.state_dict_metadata.items():
             tensors[key] = torch.empty(tuple(smd.size), dtype=smd.properties.dtype)
         if tensors:
             with quiet_single_process():
@@ -85,13 +98,13 @@ def read_sharded(path: str) -> Tuple[Manifest, Dict[str, torch.Tensor], Dict[int
 
 
 def write_rank_files(
-    tmp_path: str, rank: int, tensors: Dict[str, torch.Tensor], encoded: Any
-) -> Dict[str, Tuple[int, str]]:
+    tmp_path: str, rank: int, tensors: dict[str, torch.Tensor], encoded: Any
+) -> dict[str, tuple[int, str]]:
     """Write and fsync one rank's own files (its non-tensor tree and the tensors DCP does not shard) into the
     step's tmp directory; returns ``{relative path: (size, xxh3)}`` for the manifest."""
     rdir = rank_dir(rank)
     os.makedirs(os.path.join(tmp_path, rdir), exist_ok=True)
-    files: Dict[str, Tuple[int, str]] = {}
+    files: dict[str, tuple[int, str]] = {}
     h = new_hasher()
     with DurableFile(os.path.join(tmp_path, rdir, TENSORS_FILE)) as f:
         n = write_tensors(f, tensors, h)

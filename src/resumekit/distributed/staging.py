@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
@@ -15,7 +15,7 @@ class ShardStaging:
     """
 
     def __init__(self) -> None:
-        self._bufs: Dict[str, Any] = {}
+        self._bufs: dict[str, Any] = {}
 
     @staticmethod
     def _local(t: torch.Tensor) -> torch.Tensor:
@@ -36,12 +36,12 @@ class ShardStaging:
             # from_local would move the buffer to the mesh's device; DCP's own async staging keeps the spec of a
             # device DTensor with a host local shard this way.
             staged = t.detach().to("cpu")
-            staged._local_tensor = buf  # noqa: SLF001 - DTensor has no public "replace the local shard"
+            staged._local_tensor = buf  # type: ignore[attr-defined]  # DTensor has no public "replace the local shard"
             return staged
         return buf
 
-    def snapshot(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
+    def snapshot(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         any_cuda = False
         for k, t in tensors.items():
             src = self._local(t).detach()

@@ -6,7 +6,8 @@ items; here every tensor leaf is replaced by a reference ``{_REF: key}`` and the
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ _REF = "__rk_dcp__"  # marks where a DCP-saved tensor sits in a state dict's JSO
 PLAIN_OPTIM = "__rk_plain_optimizer__"  # an optimizer saved before its first step (no state to shard)
 
 
-def split_tensors(tree: Any, prefix: str, out: Dict[str, torch.Tensor]) -> Any:
+def split_tensors(tree: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
     """Replace every tensor leaf of ``tree`` by a reference ``{_REF: key}`` and put the tensor in ``out[key]``.
 
     The tensors go through DCP (sharded, reshardable), the skeleton through our JSON codec: DCP would otherwise
@@ -53,9 +54,9 @@ def join_tensors(tree: Any, tensors: Mapping[str, Any]) -> Any:
     return tree
 
 
-def ref_keys(tree: Any) -> List[str]:
+def ref_keys(tree: Any) -> list[str]:
     """The DCP keys a skeleton references."""
-    out: List[str] = []
+    out: list[str] = []
 
     def walk(t: Any) -> None:
         if isinstance(t, dict):
@@ -72,7 +73,7 @@ def ref_keys(tree: Any) -> List[str]:
     return out
 
 
-def dcp_entries(state: Mapping[str, Any]) -> Dict[str, Any]:
+def dcp_entries(state: Mapping[str, Any]) -> dict[str, Any]:
     """The entries saved through DCP: modules (plain, DDP, FSDP2) and optimizers."""
     return {k: v for k, v in state.items() if isinstance(v, (torch.nn.Module, torch.optim.Optimizer))}
 

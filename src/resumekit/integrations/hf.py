@@ -9,7 +9,16 @@
   then verifies that checkpoint by checksum instead of by file headers;
 * on SIGTERM (what schedulers and ``resumekit run`` send before killing) it asks the Trainer to save and stop at the
   end of the current step, then exits with status 143 (128 + SIGTERM) so a supervisor sees an interrupted job, not
-  a finished one. A second SIGTERM falls back to the previous handler (by default: terminate now).
+  a finished one. A second SIGTERM falls back to the previous handler (by default: terminate now);
+* the evidence ``resumekit run`` acts on: a ``restore`` event when training begins (the step the Trainer resumed
+  at and the ``checkpoint-N`` it came from; step 0 and no path from scratch), the heartbeat at every step and
+  evaluation batch (``--hang-timeout``), ``metrics`` events at the Trainer's logging steps, ``save`` events.
+
+The Trainer resumes from ``train(resume_from_checkpoint=...)``: pass ``os.environ.get("RESUMEKIT_RESUME_FROM") or
+None`` (the variable is unset when ``resumekit run`` found nothing valid; ``True`` would take the highest
+``checkpoint-N`` unchecked). LLaMA-Factory reads ``resume_from_checkpoint`` from its YAML, which ``resumekit run
+--config`` rewrites. The Trainer restores model, optimizer, scheduler, scaler, data position (it skips the batches
+already seen) and RNGs itself: resumed runs end bitwise equal to straight ones on CPU.
 
 transformers is imported here only; nothing else in resumekit needs it.
 
@@ -25,13 +34,14 @@ import logging
 import os
 import signal
 import threading
-from typing import Dict, Iterable, List, Optional
+from collections.abc import Iterable
 
 from transformers import TrainerCallback
 
 from ..format import FOREIGN_MANIFEST, FileEntry, Manifest, metadata_jsonable
-from ..verify import hash_file
 from ..storage.local import LocalStorage, fsync_dir
+from ..verify import hash_file
+from ._report import JobReporter
 
 log = logging.getLogger("resumekit")
 
@@ -40,7 +50,7 @@ MANIFEST_NAME = FOREIGN_MANIFEST
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 
-def checkpoint_files(ckpt_dir: str) -> List[str]:
+def checkpoint_files(ckpt_dir: str) -> list[str]:
     """Every file under ``ckpt_dir`` as a sorted relative POSIX path, the manifest and temp files excluded."""
     out = []
     for root, dirs, files in os.walk(ckpt_dir):
@@ -53,7 +63,7 @@ def checkpoint_files(ckpt_dir: str) -> List[str]:
     return sorted(out)
 
 
-def fsync_tree(ckpt_dir: str, files: Optional[Iterable[str]] = None) -> None:
+def fsync_tree(ckpt_dir: str, files: Iterable[str] | None = None) -> None:
     """fsync every file and directory of a checkpoint, so the manifest never names data still in the page cache."""
     dirs = {ckpt_dir}
     for rel in files if files is not None else checkpoint_files(ckpt_dir):
@@ -68,7 +78,7 @@ def fsync_tree(ckpt_dir: str, files: Optional[Iterable[str]] = None) -> None:
         fsync_dir(d)
 
 
-def write_manifest(ckpt_dir: str, step: int, metadata: Optional[Dict] = None) -> Manifest:
+def write_manifest(ckpt_dir: str, step: int, metadata: dict | None = None) -> Manifest:
     """Checksum every file of ``ckpt_dir`` and write ``resumekit.manifest.json`` into it atomically (last).
 
     Args:
@@ -80,7 +90,7 @@ def write_manifest(ckpt_dir: str, step: int, metadata: Optional[Dict] = None) ->
         The manifest written.
     """
     storage = LocalStorage(ckpt_dir, create=False)
-    entries: Dict[str, FileEntry] = {}
+    entries: dict[str, FileEntry] = {}
     for rel in checkpoint_files(ckpt_dir):
         size, digest = hash_file(storage, rel)
         entries[rel] = FileEntry(size, digest)
@@ -98,6 +108,7 @@ class ResumekitCallback(TrainerCallback):
         exit_code: the status to exit with once the preemption save is done (None: return from ``train()``).
         sync_preemption: in multi-process runs, agree on the stop request across ranks at every step end (one
             tiny all-reduce), so every rank saves at the same step.
+        heartbeat_interval: seconds between heartbeat touches (``resumekit run --hang-timeout``).
     """
 
     def __init__(
@@ -105,16 +116,19 @@ class ResumekitCallback(TrainerCallback):
         *,
         manifest: bool = True,
         signals: Iterable[int] = (signal.SIGTERM,),
-        exit_code: Optional[int] = PREEMPTED_EXIT_CODE,
+        exit_code: int | None = PREEMPTED_EXIT_CODE,
         sync_preemption: bool = True,
+        heartbeat_interval: float = 1.0,
     ):
         self.manifest = manifest
+        self.heartbeat_interval = heartbeat_interval
+        self.reporter: JobReporter | None = None
         self.signals = tuple(signals)
         self.exit_code = exit_code
         self.sync_preemption = sync_preemption
         self.preempt_requested = False
-        self.preempted_at: Optional[int] = None
-        self._previous: Dict[int, object] = {}
+        self.preempted_at: int | None = None
+        self._previous: dict[int, object] = {}
 
     # --- signals ------------------------------------------------------------------------------------------------
 
@@ -148,8 +162,21 @@ class ResumekitCallback(TrainerCallback):
         self.preempt_requested = False
         self.preempted_at = None
         self._install_handlers()
+        self.reporter = JobReporter(
+            "hf",
+            leads_job=state.is_world_process_zero,
+            leads_node=state.is_local_process_zero,
+            heartbeat_interval=self.heartbeat_interval,
+            metrics_every=0,  # metrics come from on_log, at the Trainer's own logging steps
+        )
+        # The Trainer has loaded the checkpoint by now; it keeps no record of which, so name the checkpoint-N of
+        # the step it resumed at (where it came from, unless resume_from_checkpoint named another directory).
+        step = state.global_step
+        self.reporter.restored(step, resumed_from(args, step) if step else None)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.reporter is not None:
+            self.reporter.step(state.global_step)
         requested = self.preempt_requested
         if self.sync_preemption and args.world_size > 1:
             requested = _any_rank(requested, args)
@@ -159,18 +186,31 @@ class ResumekitCallback(TrainerCallback):
             control.should_training_stop = True
         return control
 
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self.reporter is not None:
+            self.reporter.beat(state.global_step)  # a long evaluation is not a hang
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.reporter is not None and logs:
+            self.reporter.metrics(state.global_step, logs)
+
     def on_save(self, args, state, control, **kwargs):
-        if not self.manifest:
-            return control
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         ckpt_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if self.manifest:
+            self._write_manifest(args, state, ckpt_dir)
+        if self.reporter is not None and os.path.isdir(ckpt_dir):
+            self.reporter.saved(state.global_step, ckpt_dir)  # after the manifest: the checkpoint is complete
+        return control
+
+    def _write_manifest(self, args, state, ckpt_dir: str) -> None:
         if not os.path.isdir(ckpt_dir):
             log.warning(
                 "ResumekitCallback: %s not found after a save (hyperparameter search run dir?); no manifest written",
                 ckpt_dir,
             )
-            return control
+            return
         if state.is_local_process_zero:
             fsync_tree(ckpt_dir)
         _barrier(args)  # every rank's files are durable before rank 0 checksums them
@@ -181,7 +221,6 @@ class ResumekitCallback(TrainerCallback):
                 {"layout": "hf", "writer": "resumekit.integrations.hf", "epoch": state.epoch},
             )
             log.info("resumekit: %s: manifest of %d files written", ckpt_dir, len(man.files))
-        return control
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore_handlers()
@@ -193,6 +232,18 @@ class ResumekitCallback(TrainerCallback):
             )
             raise SystemExit(self.exit_code)
         return control
+
+
+def resumed_from(args, step: int) -> str | None:
+    """The ``checkpoint-N`` a Trainer that resumed at ``step`` came from: ``args.resume_from_checkpoint`` when it
+    names a directory of that step (LLaMA-Factory passes it), else ``output_dir/checkpoint-<step>`` if it exists."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    named = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(named, str) and os.path.basename(os.path.normpath(named)) == f"{PREFIX_CHECKPOINT_DIR}-{step}":
+        return named
+    own = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+    return own if os.path.isdir(own) else None
 
 
 def _barrier(args) -> None:

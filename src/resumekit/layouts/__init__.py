@@ -6,15 +6,21 @@ Every adapter answers the same questions (list, validate, latest, repair); :func
 
 from __future__ import annotations
 
+# Every adapter registers itself on import; detection order is registry.DETECTION_ORDER, not import order.
+from . import (  # noqa: F401
+    deepspeed,
+    hf,
+    lightning,
+    megatron,
+    native,
+    torchfiles,
+    verl,
+)
 from .base import CheckpointInfo, Layout, RepairResult, choose_latest, newest, order_by_step
+from .native import NativeLayout
 
 # _REGISTRY and _ALIASES stay importable for tests and plugins that list the adapters.
 from .registry import _ALIASES, _REGISTRY, detect_layout, get_layout, layout_names, register, resolve_layout  # noqa: F401
-
-# Every adapter registers itself on import; the order here is the detection order (native first).
-from . import native  # noqa: E402,F401,I001
-from . import hf, megatron, verl, deepspeed, lightning, torchfiles  # noqa: E402,F401
-from .native import NativeLayout  # noqa: E402
 
 __all__ = [
     "CheckpointInfo",

@@ -13,8 +13,9 @@ What ``DeepSpeedEngine.save_checkpoint`` writes (deepspeed/runtime/engine.py)::
 
 Rank 0 writes ``latest`` right after its own files, with no barrier before it, so ``latest`` may name a tag whose
 other ranks are still writing. A tag is valid when every rank's file is present and each is a complete torch zip
-archive; with ``full`` the CRCs are checked and the data-parallel size recorded inside the model states
-(``dp_world_size``, read from pickle opcodes without unpickling) must match the number of optimizer files.
+archive, and the data-parallel size recorded inside the model states (``dp_world_size``, read from pickle opcodes
+without unpickling) matches the number of optimizer files: no file name can reveal a missing highest rank. Quick
+and full checks give the same verdict on which files are there; ``full`` also checks every member's CRC.
 
 Candidates are ``global_stepN`` directories, plus whatever other tag ``latest`` names when that tag ends in digits;
 the step is the tag's trailing integer.
@@ -22,16 +23,16 @@ the step is the tag's trailing integer.
 
 from __future__ import annotations
 
+import builtins
 import re
-from typing import Dict, List, Optional, Set, Tuple
 
 from ..storage import Entry, Storage
-from .registry import register
 from ._tracked import TrackedLayout
 from .base import CheckpointInfo, run_check
 from .checks import (
     NOT_SCALAR,
     check_torch_zip,
+    count_missing,
     describe_ranks,
     fail,
     files_of,
@@ -41,6 +42,7 @@ from .checks import (
     scan_pickle_scalars,
     sum_sizes,
 )
+from .registry import register
 
 LATEST = "latest"
 _TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -51,20 +53,20 @@ _ZERO_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt
 _OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
 
 
-def tag_step(tag: str) -> Optional[int]:
+def tag_step(tag: str) -> int | None:
     """The step of a tag: ``global_step1200`` -> 1200; any other tag's trailing integer; None without one."""
     m = _TAG_RE.match(tag) or _TRAILING_INT_RE.search(tag)
     return int(m.group(1)) if m else None
 
 
-def check_tag_dir(storage: Storage, rel: str, where: str, full: bool, shown: Optional[str] = None) -> Dict[str, Entry]:
+def check_tag_dir(storage: Storage, rel: str, where: str, full: bool, shown: str | None = None) -> dict[str, Entry]:
     """Validate one DeepSpeed tag directory; raises CorruptCheckpointError with the reason.
 
     Args:
         storage: the root the directory lives under.
         rel: the tag directory relative to ``storage``.
         where: the checkpoint path for messages.
-        full: CRC-check every file and cross-check the recorded data-parallel size.
+        full: CRC-check every file (the recorded data-parallel size is cross-checked in both modes).
         shown: the prefix used for file names in messages (default ``rel``).
 
     Returns:
@@ -78,9 +80,9 @@ def check_tag_dir(storage: Storage, rel: str, where: str, full: bool, shown: Opt
     def name(n: str) -> str:
         return join(shown, n)
 
-    models: Set[int] = set()
-    zero_models: Set[Tuple[int, int]] = set()
-    optims: Set[Tuple[int, int]] = set()
+    models: set[int] = set()
+    zero_models: set[tuple[int, int]] = set()
+    optims: set[tuple[int, int]] = set()
     bf16 = False
     for n in files:
         if m := _MODEL_RE.match(n):
@@ -114,7 +116,7 @@ def check_tag_dir(storage: Storage, rel: str, where: str, full: bool, shown: Opt
                     where,
                     f"{name(f'{prefix}zero_pp_rank_{gone[0]}_mp_rank_{mp:02d}_optim_states.pt')} is "
                     f"missing (data-parallel ranks 0-{max(dp_ranks)} expected; also missing: "
-                    f"{describe_ranks(gone)})",
+                    f"{describe_ranks(gone, total=count_missing(have, max(dp_ranks) + 1))})",
                 )
         if zero_models:
             have = {d for d, m in zero_models if m == mp}
@@ -128,13 +130,14 @@ def check_tag_dir(storage: Storage, rel: str, where: str, full: bool, shown: Opt
     for n in sorted(files):
         if n.endswith(".pt") and not files[n].is_dir:
             check_torch_zip(storage, join(rel, n), where, full, shown=name(n))
-    if full:
-        _cross_check_dp_size(storage, rel, where, files, optims, name)
+    # Quick too: reading the model states' pickle (not its tensors) is cheap, and a quick check that passes a tag
+    # whose last optimizer shard is missing hands the job a checkpoint it cannot load.
+    _cross_check_dp_size(storage, rel, where, files, optims, name)
     return files
 
 
 def _cross_check_dp_size(
-    storage: Storage, rel: str, where: str, files: Dict[str, Entry], optims: Set[Tuple[int, int]], name
+    storage: Storage, rel: str, where: str, files: dict[str, Entry], optims: set[tuple[int, int]], name
 ) -> None:
     # The model states record dp_world_size; it catches a missing highest rank, which no file name can reveal.
     first = (
@@ -149,7 +152,9 @@ def _cross_check_dp_size(
     have = {d for d, m in optims if m == 0}
     if optims and isinstance(dp, int) and dp > 0 and len(have) != dp:
         gone = missing_ranks(have, dp)
-        detail = f"missing ranks {describe_ranks(gone)}" if gone else f"found {len(have)}"
+        detail = (
+            f"missing ranks {describe_ranks(gone, total=count_missing(have, dp))}" if gone else f"found {len(have)}"
+        )
         raise fail(
             where,
             f"{name(first)} records dp_world_size={dp} but there are {len(have)} *optim_states.pt files ({detail})",
@@ -177,14 +182,14 @@ class DeepSpeedLayout(TrackedLayout):
             return True
         return any(e.name == LATEST and not e.is_dir for e in entries) and any(e.is_dir for e in entries)
 
-    def target_of(self, content: str) -> Optional[str]:
+    def target_of(self, content: str) -> str | None:
         tag = content.strip()
         return tag if tag and "/" not in tag and tag not in (".", "..") else None
 
-    def tracker_value(self, info: Optional[CheckpointInfo]) -> Optional[str]:
+    def tracker_value(self, info: CheckpointInfo | None) -> str | None:
         return info.name if info else None
 
-    def list(self, storage: Storage) -> List[CheckpointInfo]:
+    def list(self, storage: Storage) -> builtins.list[CheckpointInfo]:
         entries = storage.listdir("")
         latest = self.read_tracker(storage) if any(e.name == LATEST for e in entries) else None
         out = []

@@ -23,11 +23,10 @@ checkpoint, its sizes (and, with ``full``, xxh3 checksums) decide instead of the
 
 from __future__ import annotations
 
+import builtins
 import re
-from typing import Dict, List, Optional, Set
 
 from ..storage import Entry, Storage
-from .registry import register
 from .base import CheckpointInfo, Layout, match_step, run_check, step_entries
 from .checks import (
     FOREIGN_MANIFEST,
@@ -41,8 +40,10 @@ from .checks import (
     missing_ranks,
     newest_mtime,
     read_json,
+    read_small,
     sum_sizes,
 )
+from .registry import register
 
 PREFIX = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
@@ -59,7 +60,7 @@ _FSDP_MODEL = re.compile(r"^pytorch_model_fsdp(_\d+)?(_rank\d+)?(\.bin)?$")
 _FSDP_OPTIM = re.compile(r"^optimizer(_\d+)?(_rank\d+)?(\.bin)?$")
 
 
-def parse_checkpoint_dirname(name: str) -> Optional[int]:
+def parse_checkpoint_dirname(name: str) -> int | None:
     """``checkpoint-1200`` -> 1200 (as the Trainer's own ``_re_checkpoint``); None for anything else."""
     return match_step(_DIR_RE, name)
 
@@ -72,7 +73,7 @@ class HFLayout(Layout):
     def detect(self, storage: Storage) -> bool:
         return bool(step_entries(storage, parse_checkpoint_dirname))
 
-    def list(self, storage: Storage) -> List[CheckpointInfo]:
+    def list(self, storage: Storage) -> builtins.list[CheckpointInfo]:
         return self.list_matching(storage, parse_checkpoint_dirname)
 
     def validate(self, storage: Storage, info: CheckpointInfo, full: bool = True) -> CheckpointInfo:
@@ -130,7 +131,7 @@ def check_checkpoint(storage: Storage, name: str, where: str, full: bool) -> dic
 
 
 def _check_weights(
-    storage: Storage, name: str, where: str, files: Dict[str, Entry], full: bool, content: bool, required: bool
+    storage: Storage, name: str, where: str, files: dict[str, Entry], full: bool, content: bool, required: bool
 ) -> None:
     for index in _INDEXES:
         if index in files:
@@ -170,7 +171,7 @@ def _check_weights(
 
 
 def _check_optimizer(
-    storage: Storage, name: str, where: str, files: Dict[str, Entry], full: bool, content: bool
+    storage: Storage, name: str, where: str, files: dict[str, Entry], full: bool, content: bool
 ) -> None:
     if OPTIMIZER in files:
         return  # its zip check runs with every other torch file
@@ -185,14 +186,14 @@ def _check_optimizer(
     )
 
 
-def _check_deepspeed(storage: Storage, name: str, where: str, files: Dict[str, Entry], full: bool) -> None:
+def _check_deepspeed(storage: Storage, name: str, where: str, files: dict[str, Entry], full: bool) -> None:
     if DS_LATEST not in files:
         raise fail(
             where,
             f"{DS_LATEST} is missing next to the DeepSpeed global_step* directory (DeepSpeed writes "
             "it after its files: the save never finished)",
         )
-    tag = storage.read_bytes(join(name, DS_LATEST)).decode("utf-8", "replace").strip()
+    tag = read_small(storage, join(name, DS_LATEST), where, DS_LATEST)
     if not tag or "/" in tag or tag not in files or not files[tag].is_dir:
         raise fail(where, f"{DS_LATEST} names {tag!r}, which is not a directory of this checkpoint")
     # Imported here so that importing this module does not register the deepspeed layout ahead of its turn.
@@ -201,10 +202,10 @@ def _check_deepspeed(storage: Storage, name: str, where: str, files: Dict[str, E
     check_tag_dir(storage, join(name, tag), where, full, shown=tag)
 
 
-def _check_rng(files: Dict[str, Entry], where: str) -> None:
+def _check_rng(files: dict[str, Entry], where: str) -> None:
     if "rng_state.pth" in files:
         return
-    ranks: Set[int] = set()
+    ranks: set[int] = set()
     for n in files:
         m = _RNG_RE.match(n)
         if m:

@@ -23,14 +23,13 @@ parallel sizes recorded in the first rank's ``args`` (read from pickle opcodes, 
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import re
 from dataclasses import replace
-from typing import Dict, List, Optional, Set, Tuple
 
 from ..storage import Entry, Storage
 from ..verify import hash_file
-from .registry import register
 from ._tracked import TrackedLayout
 from .base import CheckpointInfo, match_step, run_check, step_entries
 from .checks import (
@@ -38,13 +37,16 @@ from .checks import (
     check_torch_zip,
     fail,
     files_of,
+    grid_count_missing,
     grid_missing,
+    grid_size,
     join,
     newest_mtime,
     read_json,
     scan_pickle_scalars,
     sum_sizes,
 )
+from .registry import register
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -61,12 +63,12 @@ def iter_dirname(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def parse_iter_dirname(name: str) -> Optional[int]:
+def parse_iter_dirname(name: str) -> int | None:
     """``iter_0001200`` -> 1200, ``iter_10000000`` -> 10000000; None for anything else."""
     return match_step(_ITER_RE, name)
 
 
-def checkpoint_step(name: str) -> Optional[int]:
+def checkpoint_step(name: str) -> int | None:
     """The step of a checkpoint directory of the ``--save`` root: ``iter_N`` -> N, and ``release`` -> 0, since
     Megatron reads a "release" tracker as iteration 0 (converted weights, older than any iteration)."""
     return 0 if name == RELEASE else parse_iter_dirname(name)
@@ -90,7 +92,7 @@ class MegatronLayout(TrackedLayout):
                 return True
         return False
 
-    def target_of(self, content: str) -> Optional[str]:
+    def target_of(self, content: str) -> str | None:
         text = content.strip()
         if text == RELEASE:
             return RELEASE
@@ -100,12 +102,12 @@ class MegatronLayout(TrackedLayout):
             return None
         return iter_dirname(n) if n >= 0 else None
 
-    def tracker_value(self, info: Optional[CheckpointInfo]) -> Optional[str]:
+    def tracker_value(self, info: CheckpointInfo | None) -> str | None:
         if info is None:
             return None
         return RELEASE if info.name == RELEASE else str(info.step)
 
-    def list(self, storage: Storage) -> List[CheckpointInfo]:
+    def list(self, storage: Storage) -> builtins.list[CheckpointInfo]:
         out = [
             replace(i, metadata={"release": True}) if i.name == RELEASE else i
             for i in self.list_matching(storage, checkpoint_step)
@@ -132,7 +134,7 @@ class MegatronLayout(TrackedLayout):
 
 def check_iteration(
     storage: Storage, name: str, where: str, full: bool, siblings_torch_dist=lambda storage, name: False
-) -> Tuple[Dict[str, Entry], str]:
+) -> tuple[dict[str, Entry], str]:
     """Validate one ``iter_*``/``release`` directory; raises CorruptCheckpointError. Returns (files, format)."""
     files = files_of(storage, name)
     if not files:
@@ -168,7 +170,7 @@ def check_iteration(
     raise fail(where, f"no checkpoint files (neither {DIST_CONFIG} + *.distcp nor mp_rank_*/{_MODEL_FILE})")
 
 
-def _check_integrity(storage: Storage, name: str, where: str, files: Dict[str, Entry], full: bool) -> None:
+def _check_integrity(storage: Storage, name: str, where: str, files: dict[str, Entry], full: bool) -> None:
     if INTEGRITY not in files:
         return
     doc = read_json(storage, join(name, INTEGRITY), where, shown=INTEGRITY)
@@ -186,9 +188,9 @@ def _check_integrity(storage: Storage, name: str, where: str, files: Dict[str, E
 
 
 def _check_legacy(
-    storage: Storage, name: str, where: str, files: Dict[str, Entry], mp_dirs: Dict[str, Entry], full: bool
-) -> Dict[str, Entry]:
-    coords: Dict[Tuple[int, ...], str] = {}
+    storage: Storage, name: str, where: str, files: dict[str, Entry], mp_dirs: dict[str, Entry], full: bool
+) -> dict[str, Entry]:
+    coords: dict[tuple[int, ...], str] = {}
     for n in mp_dirs:
         m = _MP_RE.match(n)
         assert m is not None
@@ -203,17 +205,17 @@ def _check_legacy(
         )
     gone = grid_missing(set(coords))
     if gone:
-        sample = sorted(coords)[0]
         width = [len(p) for p in next(iter(mp_dirs))[len("mp_rank_") :].split("_")]
-        missing = "mp_rank_" + "_".join(f"{v:0{w}d}" for v, w in zip(gone[0], width))
-        dims = [max(c[i] for c in coords) + 1 for i in range(len(sample))]
+        missing = "mp_rank_" + "_".join(f"{v:0{w}d}" for v, w in zip(gone[0], width, strict=False))
+        dims = grid_size(coords)
+        absent = grid_count_missing(set(coords))
         raise fail(
             where,
             f"{missing}/ is missing (the rank grid {' x '.join(map(str, dims))} is incomplete: "
-            f"{len(gone)} of {len(coords) + len(gone)} model-parallel ranks absent)",
+            f"{absent} of {len(coords) + absent} model-parallel ranks absent)",
         )
-    all_files: Dict[str, Entry] = dict(files)
-    contents: Dict[str, Set[str]] = {}
+    all_files: dict[str, Entry] = dict(files)
+    contents: dict[str, set[str]] = {}
     for n in sorted(mp_dirs):
         sub = files_of(storage, join(name, n))
         contents[n] = {f for f, e in sub.items() if not e.is_dir}
@@ -240,7 +242,8 @@ def _cross_check_args(storage: Storage, name: str, where: str, first: str, count
     found = scan_pickle_scalars(storage, join(name, first, _MODEL_FILE), keys)
     tp, pp = found.get("tensor_model_parallel_size"), found.get("pipeline_model_parallel_size")
     ep = found.get("expert_model_parallel_size", 1)
-    if not all(isinstance(v, int) and v > 0 for v in (tp, pp, ep)):
+    # spelled out, not all(...): the type checker narrows each name only this way
+    if not (isinstance(tp, int) and isinstance(pp, int) and isinstance(ep, int) and min(tp, pp, ep) > 0):
         return  # args not recorded (or not as plain ints): the name grid is all there is to go on
     if tp * pp * ep != count:
         raise fail(

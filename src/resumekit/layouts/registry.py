@@ -3,14 +3,12 @@ and detection in registration order."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
-
 from ..errors import ConfigError
 from ..storage import Storage, open_storage
 from .base import Layout
 
-_REGISTRY: Dict[str, Layout] = {}
-_ALIASES: Dict[str, str] = {}
+_REGISTRY: dict[str, Layout] = {}
+_ALIASES: dict[str, str] = {}
 
 
 def register(layout: Layout, *aliases: str) -> Layout:
@@ -21,7 +19,7 @@ def register(layout: Layout, *aliases: str) -> Layout:
     return layout
 
 
-def layout_names() -> List[str]:
+def layout_names() -> list[str]:
     return list(_REGISTRY) + list(_ALIASES)
 
 
@@ -33,9 +31,20 @@ def get_layout(name: str) -> Layout:
     return _REGISTRY[key]
 
 
+#: the order in which detection asks the built-in layouts: ours first (a root with ``step_N`` dirs is ours whatever
+#: else lies there), then the frameworks whose markers are most specific; layouts registered by others come last,
+#: in registration order. Explicit, not import order: a sorted import block must not change what is detected.
+DETECTION_ORDER = ("native", "hf", "megatron", "verl", "deepspeed", "lightning", "torchfiles")
+
+
+def _detection_order() -> list[Layout]:
+    rank = {name: i for i, name in enumerate(DETECTION_ORDER)}
+    return sorted(_REGISTRY.values(), key=lambda lay: rank.get(lay.name, len(rank)))
+
+
 def detect_layout(storage: Storage) -> Layout:
-    """The first registered layout whose ``detect`` accepts the root; native when nothing matches."""
-    for layout in _REGISTRY.values():
+    """The first layout (in :data:`DETECTION_ORDER`) whose ``detect`` accepts the root; native when none does."""
+    for layout in _detection_order():
         try:
             if layout.detect(storage):
                 return layout
@@ -44,7 +53,7 @@ def detect_layout(storage: Storage) -> Layout:
     return _REGISTRY["native"]
 
 
-def resolve_layout(storage: Union[Storage, str], name: Optional[str] = "auto") -> Layout:
+def resolve_layout(storage: Storage | str, name: str | None = "auto") -> Layout:
     st = open_storage(storage, create=False) if isinstance(storage, str) else storage
     if not name or name == "auto":
         return detect_layout(st)

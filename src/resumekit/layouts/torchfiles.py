@@ -12,19 +12,19 @@ to load is reported, never executed.
 
 from __future__ import annotations
 
+import builtins
 import re
 from dataclasses import replace
-from typing import List, Optional
 
 from ..storage import Storage
-from .registry import register
 from .base import CheckpointInfo, Layout, match_step, run_check
 from .checks import check_torch_zip, load_weights_only
+from .registry import register
 
 _NAME_RE = re.compile(r"^(?P<stem>[^/]*?)(?P<step>\d+)\.(?:pt|pth|pth\.tar)$")
 
 
-def parse_step(name: str) -> Optional[int]:
+def parse_step(name: str) -> int | None:
     """``ckpt_10.pth`` -> 10, ``ckpt_best_9.pth`` -> 9, ``model_0012.pt`` -> 12; None for other names."""
     return match_step(_NAME_RE, name)
 
@@ -37,12 +37,12 @@ class TorchFilesLayout(Layout):
     def detect(self, storage: Storage) -> bool:
         return any(not e.is_dir and _NAME_RE.match(e.name) for e in storage.listdir(""))
 
-    def list(self, storage: Storage) -> List[CheckpointInfo]:
+    def list(self, storage: Storage) -> builtins.list[CheckpointInfo]:
         return self.list_matching(storage, parse_step, dirs=False)
 
     def validate(self, storage: Storage, info: CheckpointInfo, full: bool = True) -> CheckpointInfo:
-        if info.step < 0 and parse_step(info.name) is not None:  # `verify PATH` of a file list() did not see
-            info = replace(info, step=parse_step(info.name))
+        if info.step < 0 and (step := parse_step(info.name)) is not None:  # `verify PATH` of a file list() missed
+            info = replace(info, step=step)
 
         def check():
             check_torch_zip(storage, info.name, info.path, full, shown=info.name)

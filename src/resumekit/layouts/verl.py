@@ -24,11 +24,10 @@ every rank of one world size W (and ``fsdp_config.json``, when present, agrees),
 
 from __future__ import annotations
 
+import builtins
 import re
-from typing import Dict, List, Optional, Set
 
 from ..storage import Entry, Storage
-from .registry import register
 from ._tracked import TrackedLayout
 from .base import CheckpointInfo, match_step, run_check, step_entries
 from .checks import (
@@ -42,6 +41,7 @@ from .checks import (
     read_json,
     sum_sizes,
 )
+from .registry import register
 
 TRACKER = "latest_checkpointed_iteration.txt"
 DATA_FILE = "data.pt"
@@ -51,7 +51,7 @@ _DIR_RE = re.compile(r"^global_step_(\d+)$")
 _RANK_RE = re.compile(r"^(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt$")
 
 
-def parse_step_dirname(name: str) -> Optional[int]:
+def parse_step_dirname(name: str) -> int | None:
     """``global_step_120`` -> 120; None for anything else."""
     return match_step(_DIR_RE, name)
 
@@ -65,17 +65,17 @@ class VerlLayout(TrackedLayout):
     def detect(self, storage: Storage) -> bool:
         return bool(step_entries(storage, parse_step_dirname))
 
-    def target_of(self, content: str) -> Optional[str]:
+    def target_of(self, content: str) -> str | None:
         try:
             n = int(content.strip())
         except ValueError:
             return None
         return f"global_step_{n}" if n >= 0 else None
 
-    def tracker_value(self, info: Optional[CheckpointInfo]) -> Optional[str]:
+    def tracker_value(self, info: CheckpointInfo | None) -> str | None:
         return str(info.step) if info else None
 
-    def list(self, storage: Storage) -> List[CheckpointInfo]:
+    def list(self, storage: Storage) -> builtins.list[CheckpointInfo]:
         return self.mark_tracked(storage, self.list_matching(storage, parse_step_dirname))
 
     def validate(self, storage: Storage, info: CheckpointInfo, full: bool = True) -> CheckpointInfo:
@@ -86,14 +86,14 @@ class VerlLayout(TrackedLayout):
         return run_check(info, check)
 
 
-def check_step_dir(storage: Storage, name: str, where: str, full: bool) -> Dict[str, Entry]:
+def check_step_dir(storage: Storage, name: str, where: str, full: bool) -> dict[str, Entry]:
     """Validate one ``global_step_N`` directory; raises CorruptCheckpointError. Returns its files (recursively)."""
     files = files_of(storage, name)
     if not files:
         raise fail(where, "the checkpoint directory is missing or empty")
     if "actor" not in files or not files["actor"].is_dir:
         raise fail(where, "actor/ is missing")
-    out: Dict[str, Entry] = {n: e for n, e in files.items() if not e.is_dir}
+    out: dict[str, Entry] = {n: e for n, e in files.items() if not e.is_dir}
     for role in ROLES:
         if role in files and files[role].is_dir:
             for n, e in _check_role(storage, join(name, role), role, where, full).items():
@@ -106,10 +106,10 @@ def check_step_dir(storage: Storage, name: str, where: str, full: bool) -> Dict[
     return out
 
 
-def _check_role(storage: Storage, rel: str, role: str, where: str, full: bool) -> Dict[str, Entry]:
+def _check_role(storage: Storage, rel: str, role: str, where: str, full: bool) -> dict[str, Entry]:
     files = files_of(storage, rel)
-    ranks: Dict[str, Set[int]] = {k: set() for k in KINDS}
-    sizes: Set[int] = set()
+    ranks: dict[str, set[int]] = {k: set() for k in KINDS}
+    sizes: set[int] = set()
     for n in files:
         m = _RANK_RE.match(n)
         if m:
@@ -131,7 +131,7 @@ def _check_role(storage: Storage, rel: str, role: str, where: str, full: bool) -
     for kind in KINDS:
         gone = missing_ranks(ranks[kind], world)
         if gone:
-            hint = " (checkpoint.save_contents without it cannot resume)" if len(gone) == world else ""
+            hint = " (checkpoint.save_contents without it cannot resume)" if not ranks[kind] else ""
             raise fail(where, f"{role}/{kind}_world_size_{world}_rank_{gone[0]}.pt is missing{hint}")
         extra = sorted(r for r in ranks[kind] if r >= world)
         if extra:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Tuple
-
 from .base import Entry, Storage, Transaction
 from .local import LocalStorage
 
@@ -14,7 +12,8 @@ def is_remote(uri: str) -> bool:
 
 
 def open_storage(uri: str, create: bool = True) -> Storage:
-    """A :class:`Storage` for a local path, ``file://`` URI or object-store URI (``s3://bucket/prefix``)."""
+    """A :class:`Storage` for a local path, ``file://`` URI or object-store URI (``s3://bucket/prefix``, or
+    ``obs://bucket/prefix`` for Huawei OBS through the same S3 protocol)."""
     if isinstance(uri, Storage):
         return uri
     uri = str(uri)
@@ -27,7 +26,7 @@ def open_storage(uri: str, create: bool = True) -> Storage:
     return LocalStorage(uri, create=create)
 
 
-def open_parent(path: str) -> Tuple[Storage, str]:
+def open_parent(path: str) -> tuple[Storage, str]:
     """``(storage of the parent, name)`` for a checkpoint path or URI: ``runs/a/step_9`` -> (``runs/a``, ``step_9``).
 
     How a single checkpoint named by the user (``verify PATH``, ``--resume PATH``, ``read_checkpoint(PATH)``) is

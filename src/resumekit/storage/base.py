@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import BinaryIO, List, Optional
+from typing import BinaryIO
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Entry:
     name: str
     is_dir: bool
     size: int = 0
-    mtime: Optional[float] = None
+    mtime: float | None = None
 
 
 class Transaction(abc.ABC):
@@ -52,7 +52,7 @@ class Storage(abc.ABC):
         """The full path or URI of ``rel`` (for messages and for handing to other tools)."""
 
     @abc.abstractmethod
-    def listdir(self, rel: str = "") -> List[Entry]:
+    def listdir(self, rel: str = "") -> list[Entry]:
         """Direct children of ``rel``; an empty list when it does not exist."""
 
     @abc.abstractmethod
@@ -85,13 +85,13 @@ class Storage(abc.ABC):
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         """Replace a small file atomically (trackers, markers)."""
 
-    def free_bytes(self) -> Optional[int]:
+    def free_bytes(self) -> int | None:
         """Free space at the root, or None when the backend has no such notion."""
         return None
 
-    def local_path(self, rel: str = "") -> Optional[str]:
+    def local_path(self, rel: str = "") -> str | None:
         """A local filesystem path for ``rel`` when the backend is local, else None."""
         return None
 
-    def mtime(self, rel: str) -> Optional[float]:
+    def mtime(self, rel: str) -> float | None:
         return None

@@ -1,16 +1,26 @@
-"""Local or mounted (NFS / SFS Turbo) directories: tmp dir, fsync every file, manifest, rename, fsync parent."""
+"""Local or mounted (NFS / SFS Turbo) directories: tmp dir, fsync every file, manifest, rename, fsync parent.
+
+Reading is as careful as writing: only regular files are opened (``lstat`` + ``O_NOFOLLOW|O_NONBLOCK`` and the
+descriptor's own ``fstat``), so a FIFO, a device or a socket planted in a checkpoint gets a verdict instead of
+hanging the reader, and a symlink is followed only at the root's top level (Lightning's ``last.ckpt``) and only to
+a target inside the root: a symlink inside a checkpoint never leads a reader out of it.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
 import shutil
+import stat
 import uuid
-from typing import BinaryIO, List, Optional
+from typing import BinaryIO
 
-from ..errors import CheckpointWriteError
-from ..format import MANIFEST, TMP_PREFIX
+from ..errors import CheckpointWriteError, UnsafeFileError
+from ..events import note_progress
+from ..format import MANIFEST, TMP_PREFIX, keep_dirname
+from ..units import file_kind, open_regular
 from .base import Entry, Storage, Transaction
+from .resave import exchange_dirs, fault_point, promote
 
 _WRITE_BUFFER = 1 << 20
 
@@ -34,10 +44,12 @@ class _DurableFile:
 
     def __init__(self, path: str):
         self.path = path
-        self._f = open(path, "wb", buffering=_WRITE_BUFFER)
+        self._f = open(path, "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115 - held by this writer until close()
 
     def write(self, data) -> int:
-        return self._f.write(data)
+        n = self._f.write(data)
+        note_progress(n or 0)  # a blocking save's heartbeat ticker beats while bytes move
+        return n
 
     def flush(self) -> None:
         self._f.flush()
@@ -67,7 +79,7 @@ class _DurableFile:
                 pass
 
 
-def atomic_write(path: str, data: bytes, mode: Optional[int] = None) -> None:
+def atomic_write(path: str, data: bytes, mode: int | None = None) -> None:
     """Replace ``path`` with ``data`` atomically and durably: temp file, fsync, rename, fsync the directory."""
     d = os.path.dirname(path) or "."
     os.makedirs(d, exist_ok=True)
@@ -88,7 +100,7 @@ def atomic_write(path: str, data: bytes, mode: Optional[int] = None) -> None:
 
 
 class LocalTransaction(Transaction):
-    def __init__(self, storage: "LocalStorage", name: str, tmp_name: str):
+    def __init__(self, storage: LocalStorage, name: str, tmp_name: str):
         self.storage = storage
         self.name = name
         self.tmp_path = os.path.join(storage.root, tmp_name)
@@ -104,16 +116,23 @@ class LocalTransaction(Transaction):
         with _DurableFile(os.path.join(self.tmp_path, MANIFEST)) as f:
             f.write(manifest)
         fsync_dir(self.tmp_path)
-        if os.path.exists(self.final_path):
-            # Only reached when an invalid directory of the same step is in the way (the manager keeps valid
-            # ones): move it aside under a tmp name, which discovery ignores, then remove it.
-            aside = os.path.join(self.storage.root, f"{TMP_PREFIX}replaced-{self.name}-{uuid.uuid4().hex[:8]}")
-            os.rename(self.final_path, aside)
+        root = self.storage.root
+        if not os.path.lexists(self.final_path):
             os.rename(self.tmp_path, self.final_path)
-            shutil.rmtree(aside, ignore_errors=True)
+        elif exchange_dirs(self.tmp_path, self.final_path):
+            # A re-save (the directory in the way is not this run's): the new copy and the old one swapped names
+            # atomically, so the step is never without a copy; the old one now sits under the ignored tmp name.
+            fsync_dir(root)
+            fault_point("resave-exchanged")
+            _remove_any(self.tmp_path)
         else:
-            os.rename(self.tmp_path, self.final_path)
-        fsync_dir(self.storage.root)
+            # No atomic exchange here (NFS, non-Linux): commit under a protected keep name first, then swap. A kill
+            # in between leaves the keep copy whole; the next writer's recover_resaves() completes the swap.
+            keep = keep_dirname(self.name)
+            os.rename(self.tmp_path, os.path.join(root, keep))
+            fsync_dir(root)
+            promote(self.storage, keep, self.name)
+        fsync_dir(root)
         return self.final_path
 
     def abort(self) -> None:
@@ -141,10 +160,10 @@ class LocalStorage(Storage):
     def join(self, rel: str) -> str:
         return os.path.join(self.root, rel) if rel else self.root
 
-    def local_path(self, rel: str = "") -> Optional[str]:
+    def local_path(self, rel: str = "") -> str | None:
         return self.join(rel)
 
-    def listdir(self, rel: str = "") -> List[Entry]:
+    def listdir(self, rel: str = "") -> list[Entry]:
         out = []
         try:
             it = os.scandir(self.join(rel))
@@ -162,17 +181,54 @@ class LocalStorage(Storage):
     def exists(self, rel: str) -> bool:
         return os.path.exists(self.join(rel))
 
-    def size(self, rel: str) -> int:
-        return os.stat(self.join(rel)).st_size
+    def regular_path(self, rel: str) -> str:
+        """The path of the regular file ``rel``, checked without opening it: no symlink below the root except a
+        top-level entry whose target stays inside the root, and the file itself regular.
 
-    def mtime(self, rel: str) -> Optional[float]:
+        Raises:
+            FileNotFoundError: it does not exist.
+            UnsafeFileError: a symlink leads elsewhere, or the file is a FIFO, device, socket or directory.
+        """
+        parts = [p for p in rel.split("/") if p not in ("", ".")]
+        shown = "/".join(parts[1:]) if len(parts) > 1 else rel
+        if not parts or ".." in parts:
+            raise UnsafeFileError(self.join(rel), f"{shown} is not a path inside {self.root}")
+        cur = self.root
+        for i, part in enumerate(parts):
+            cur = os.path.join(cur, part)
+            st = os.lstat(cur)
+            if stat.S_ISLNK(st.st_mode):
+                real, real_root = os.path.realpath(cur), os.path.realpath(self.root)
+                if i > 0 or os.path.commonpath([real, real_root]) != real_root:
+                    where = "inside the checkpoint" if i > 0 else f"leading out of {self.root}"
+                    raise UnsafeFileError(
+                        self.join(rel), f"{shown} is a symlink {where}; a checkpoint must hold its own files"
+                    )
+                cur = real
+                st = os.stat(cur)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(self.join(rel), f"{shown} is {file_kind(st.st_mode)}, not a regular file")
+        return cur
+
+    def size(self, rel: str) -> int:
+        return os.stat(self.regular_path(rel)).st_size
+
+    def mtime(self, rel: str) -> float | None:
         try:
             return os.stat(self.join(rel)).st_mtime
         except FileNotFoundError:
             return None
 
     def open_read(self, rel: str) -> BinaryIO:
-        return open(self.join(rel), "rb", buffering=0)
+        path = self.regular_path(rel)
+        try:
+            fd = open_regular(path)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            # Swapped for a FIFO or a symlink since the check above: the same verdict, without waiting on it.
+            raise UnsafeFileError(self.join(rel), f"{rel} is not a regular file ({e.strerror})") from None
+        return os.fdopen(fd, "rb", buffering=0)
 
     def begin(self, name: str) -> Transaction:
         tmp = f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:10]}"
@@ -210,9 +266,20 @@ class LocalStorage(Storage):
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         atomic_write(self.join(rel), data)
 
-    def free_bytes(self) -> Optional[int]:
+    def free_bytes(self) -> int | None:
         try:
             st = os.statvfs(self.root)
         except OSError:
             return None
         return st.f_bavail * st.f_frsize
+
+
+def _remove_any(path: str) -> None:
+    """Remove a directory tree, or a file or symlink, ignoring errors (what is left is ignored tmp garbage)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

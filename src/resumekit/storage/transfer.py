@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Tuple
+from typing import Any
 
 from ..errors import CorruptCheckpointError
 from ..format import Manifest, new_hasher
@@ -50,7 +50,7 @@ def progress_bar(total: int, desc: str) -> Any:
     )
 
 
-def read_manifest_bytes(storage: Storage, name: str) -> Tuple[bytes, Manifest]:
+def read_manifest_bytes(storage: Storage, name: str) -> tuple[bytes, Manifest]:
     """The raw manifest of ``name`` and its parsed form; CorruptCheckpointError when missing or malformed, or
     when it names another step than the directory."""
     raw, man = verify_read_manifest_bytes(storage, name)

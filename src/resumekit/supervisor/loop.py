@@ -11,12 +11,22 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, TextIO, Tuple
+from typing import Any, TextIO
 
 from ..events import EventLog, EventTail
-from .context import RunContext, RunPaths, StartPlan, modelarts_counters
+from ..storage.uploader import describe_lag, upload_status
+from .context import RunContext, RunPaths, StartPlan, directory_warnings, modelarts_counters
 from .crashloop import GiveUp
-from .decisions import EXIT_NOT_FOUND, EXIT_PRECHECK, describe_exit, exit_code_of, restart_backoff
+from .decisions import (
+    EXIT_NOT_FOUND,
+    EXIT_PRECHECK,
+    describe_exit,
+    exit_code_of,
+    made_progress,
+    preempted_exit_code,
+    resets_budget,
+    restart_backoff,
+)
 from .monitor import JobMonitor, JobStartError
 from .options import SupervisorOptions
 from .planning import StartPlanner
@@ -38,28 +48,39 @@ class Supervisor:
     Args:
         options: what to run and how.
         stderr: where progress lines and the summary go (default: ``sys.stderr``).
+        job_stdout: where the job's stdout is passed on to (default: ``sys.stdout``).
+        job_stderr: where the job's stderr is passed on to (default: ``sys.stderr``).
     """
 
-    def __init__(self, options: SupervisorOptions, *, stderr: Optional[TextIO] = None):
+    def __init__(
+        self,
+        options: SupervisorOptions,
+        *,
+        stderr: TextIO | None = None,
+        job_stdout: TextIO | None = None,
+        job_stderr: TextIO | None = None,
+    ):
         self.opts = options
         self._err = stderr
         self._rng = random.Random(options.seed)
-        self.summary: Optional[RunSummary] = None
-        self.attempts: List[AttemptRecord] = []
-        self._stop_signal: Optional[int] = None
+        self.summary: RunSummary | None = None
+        self.attempts: list[AttemptRecord] = []
+        self._stop_signal: int | None = None
         self._precheck_retries = 0
         self._extra_backoff = 0.0
         self._budget_used = 0
-        self._last_exit: Optional[int] = None
+        self._last_exit: int | None = None
         self._pending_backoff = 0.0
         self._last_plan = StartPlan()
         self._start_error = ""
         self._events_offset0 = 0
         self.paths = RunPaths.for_options(options)
         #: the checkpoint root: --dir, else the output_dir of --config
-        self.directory: Optional[str] = self.paths.directory
+        self.directory: str | None = self.paths.directory
         self.log = EventLog(self.paths.events_path, source="supervisor")
-        ctx = RunContext(options=options, paths=self.paths, log=self.log, say=self._say)
+        ctx = RunContext(
+            options=options, paths=self.paths, log=self.log, say=self._say, job_stdout=job_stdout, job_stderr=job_stderr
+        )
         self.planner = StartPlanner(ctx)
         self.monitor = JobMonitor(ctx)
 
@@ -79,8 +100,8 @@ class Supervisor:
             self._stop_signal = signum
         self.monitor.preempt(signum)
 
-    def _install_signals(self) -> Dict[int, Any]:
-        old: Dict[int, Any] = {}
+    def _install_signals(self) -> dict[int, Any]:
+        old: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
             return old
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,6 +120,9 @@ class Supervisor:
         reaper = self.opts.subreaper and set_subreaper(True)
         if self.directory and not self.opts.directory:
             self._say(f"checkpoint root from --config {self.opts.config}: {self.directory}")
+        for msg in directory_warnings(self.opts, self.paths):
+            self.log.emit("warning", message=msg)
+            self._say(msg)
         self.log.emit(
             "supervisor_start",
             command=self.opts.command,
@@ -114,6 +138,7 @@ class Supervisor:
             heartbeat=self.paths.heartbeat_path,
             **modelarts_counters(),
         )
+        self.monitor.hang_mode.announce()
         outcome, reason, code = "failed", "", EXIT_PRECHECK
         try:
             outcome, reason, code = self._loop()
@@ -125,6 +150,7 @@ class Supervisor:
                 set_subreaper(False)
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+            self.planner.restore_config()
             self.summary = summarize(
                 self.attempts,
                 exit_code=code,
@@ -135,15 +161,18 @@ class Supervisor:
                 quarantined=self.planner.crash_loop.quarantined,
                 precheck_retries=self._precheck_retries,
                 extra_backoff_s=self._extra_backoff,
+                hidden_invalid=self.planner.hidden,
             )
-            self.log.emit("summary", **self.summary.as_dict())
+            # A tiered run: how far the object store is behind the local tier at the end (the uploader's events).
+            lag = upload_status(self.opts.local_tier) if self.opts.local_tier else None
+            self.log.emit("summary", **self.summary.as_dict(), **({"remote_lag": lag} if lag else {}))
             if not self.opts.quiet:
                 err = self._err or sys.stderr
-                err.write(self.summary.format_text() + "\n")
+                err.write(self.summary.format_text() + (f"\n  {describe_lag(lag)}" if lag else "") + "\n")
                 err.flush()
         return code
 
-    def _loop(self) -> Tuple[str, str, int]:
+    def _loop(self) -> tuple[str, str, int]:
         """The restart loop; returns (outcome, reason, exit code)."""
         while True:
             if self._stop_signal is not None:
@@ -178,10 +207,14 @@ class Supervisor:
                 return "failed", self._start_error, self._last_exit or EXIT_NOT_FOUND
             if not rec.failure:
                 if rec.preempted:
+                    # 128 + the signal received (130 after Ctrl-C, 143 after SIGTERM), as a shell reports it, so
+                    # `resumekit run ... && next` stops here; --preempt-exit-code 0 reports success instead.
                     return (
                         "preempted",
                         f"stopped by {signal_name(self._stop_signal or signal.SIGTERM)}",
-                        exit_code_of(rec.returncode),
+                        preempted_exit_code(
+                            self._stop_signal, rec.returncode, signal.SIGTERM, self.opts.preempt_exit_code
+                        ),
                     )
                 return "success", "the job exited 0", 0
             if rec.preempted:
@@ -191,6 +224,7 @@ class Supervisor:
                     else f"exited {exit_code_of(rec.returncode)} after the preemption signal"
                 )
                 return "preempted", f"not restarted: the job was preempted and {why}", exit_code_of(rec.returncode)
+            self._maybe_reset_budget(rec)
             if not self._take_budget():
                 reason = (
                     f"restart budget used up (--max-restarts {self.opts.max_restarts}); last exit "
@@ -201,7 +235,7 @@ class Supervisor:
                 return "gave-up", reason, exit_code_of(rec.returncode)
             self._pending_backoff = self._sleep_backoff(announce=rec)
 
-    def _run_once(self, plan: StartPlan) -> Optional[AttemptRecord]:
+    def _run_once(self, plan: StartPlan) -> AttemptRecord | None:
         """One start: launch, watch until it exits, clean up, account. None when the command cannot start."""
         index = len(self.attempts) + 1
         try:
@@ -219,18 +253,33 @@ class Supervisor:
             self.monitor.running = None
         end = time.time()
         self.monitor.cleanup_leftovers(run)
+        self.monitor.close_output(run)
         rec = self.monitor.record(run, rc, end, backoff_s=self._pending_backoff if index > 1 else 0.0)
         self._pending_backoff = 0.0
         self.attempts.append(rec)
         self._last_exit = exit_code_of(rc)
         return rec
 
-    def _stopped_before_start(self) -> Tuple[str, str, int]:
+    def _stopped_before_start(self) -> tuple[str, str, int]:
         sig = self._stop_signal or signal.SIGTERM
         reason = f"{signal_name(sig)} received while no job was running; not starting it again"
         self.log.emit("preempt", attempt=None, signal=signal_name(sig), job_pid=None)
         self._say(reason)
         return "preempted", reason, self._last_exit if self._last_exit else 128 + sig
+
+    def _maybe_reset_budget(self, rec: AttemptRecord) -> None:
+        """After a window of progress the restart count starts again: the backoff goes back to ``--backoff`` and
+        ``--max-restarts`` counts restarts since then."""
+        progressed = made_progress(None, None, rec.resume_step, rec.last_step)
+        if self._budget_used and resets_budget(progressed, rec.end - rec.start, self.opts.reset_after):
+            self.log.emit(
+                "budget_reset",
+                attempt=rec.index,
+                restarts_before=self._budget_used,
+                ran_s=round(rec.end - rec.start, 3),
+                last_step=rec.last_step,
+            )
+            self._budget_used = 0
 
     def _take_budget(self) -> bool:
         if self._budget_used >= self.opts.max_restarts:
@@ -238,7 +287,7 @@ class Supervisor:
         self._budget_used += 1
         return True
 
-    def _sleep_backoff(self, announce: Optional[AttemptRecord] = None) -> float:
+    def _sleep_backoff(self, announce: AttemptRecord | None = None) -> float:
         delay = restart_backoff(
             self._budget_used, self.opts.backoff, self.opts.backoff_max, self.opts.jitter, self._rng.random()
         )
@@ -261,17 +310,17 @@ class Supervisor:
             time.sleep(min(left, self.opts.poll_interval))
         return delay
 
-    def _save_blocking(self) -> float:
-        """Training time blocked by this run's saves, from the job's ``save`` events."""
-        total = 0.0
+    def _save_blocking(self) -> float | None:
+        """Training time blocked by this run's saves, from the job's ``save`` events; None when the job logged no
+        event at all (it does not report, so its saves are unknown, not free)."""
+        total, reported = 0.0, False
         for ev in EventTail(self.paths.events_path, self._events_offset0).read(final=True):
-            if (
-                ev.get("event") == "save"
-                and ev.get("source") != "supervisor"
-                and isinstance(ev.get("blocking_s"), (int, float))
-            ):
+            if ev.get("source") == "supervisor":
+                continue
+            reported = True
+            if ev.get("event") == "save" and isinstance(ev.get("blocking_s"), (int, float)):
                 total += float(ev["blocking_s"])
-        return total
+        return total if reported or not self.attempts else None
 
 
 __all__ = ["Supervisor"]

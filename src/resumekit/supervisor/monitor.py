@@ -1,5 +1,6 @@
-"""Watching one running job (:class:`JobMonitor`): start it in its own session, forward preemption, judge it hung
-from its heartbeat (dump its stacks, kill its tree), kill what it left behind, and record what it achieved.
+"""Watching one running job (:class:`JobMonitor`): start it in its own session with its output passed through,
+forward preemption, judge it hung (heartbeat, else output and checkpoint activity; dump its stacks, kill its tree),
+kill what it left behind, and record what it reported and why it ended.
 
 The job lives in its own session and process group; everything it started is found through
 :mod:`~resumekit.supervisor.proctree`, including helpers that left the group.
@@ -7,27 +8,27 @@ The job lives in its own session and process group; everything it started is fou
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..events import HEARTBEAT_FILE, EventTail, heartbeat_age
+from .activity import DirActivity, HangMode, hang_detection_mode, scan_interval
 from .context import RunContext, StartPlan, modelarts_counters
 from .decisions import (
     EXIT_NOT_EXECUTABLE,
     EXIT_NOT_FOUND,
-    describe_exit,
     exit_code_of,
     grace_expired,
+    hang_reason,
     hang_target,
-    is_failure,
-    is_hung,
 )
+from .evidence import JobReport, account_attempt, attempt_evidence, failure_line, job_report, read_heartbeat
+from .output import OutputPump
 from .proctree import children, descendants, kill_tree, reap, send_signal, signal_name, wait_gone
 from .summary import AttemptRecord
 
@@ -55,33 +56,18 @@ class RunningJob:
     start: float
     events_offset: int
     plan: StartPlan
-    first_sign: Optional[float] = None
-    preempt_signal: Optional[int] = None
-    preempt_received: Optional[int] = None
-    preempt_time: Optional[float] = None
+    first_sign: float | None = None
+    preempt_signal: int | None = None
+    preempt_received: int | None = None
+    preempt_time: float | None = None
     preempt_logged: bool = False
     kill_now: bool = False
-    killed: Optional[str] = None
+    killed: str | None = None
     hung: bool = False
-    last_beat_step: Optional[int] = None
+    last_beat_step: int | None = None
     baseline_children: set = field(default_factory=set)
-
-
-def read_heartbeat(path: str) -> Dict[str, Any]:
-    """The heartbeat's JSON (``time``, ``step``, ``pid``); {} when missing or torn.
-
-    Args:
-        path: the heartbeat file.
-
-    Returns:
-        Its content.
-    """
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-        return doc if isinstance(doc, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    output: OutputPump | None = None
+    files: DirActivity | None = None
 
 
 def clear_heartbeat(state_dir: str, say: Callable[[str], None]) -> None:
@@ -111,17 +97,42 @@ def clear_heartbeat(state_dir: str, say: Callable[[str], None]) -> None:
         pass
 
 
+def catches_signal(pid: int, signum: int) -> bool | None:
+    """Whether process ``pid`` has a handler installed for ``signum`` (``SigCgt`` in ``/proc/PID/status``); None
+    where that cannot be read (not Linux, process gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def dump_stacks(
-    target: int, tree: Sequence[int], *, out_path: str, settle_s: float, say: Callable[[str], None]
-) -> Tuple[Optional[str], str]:
-    """Python stacks of a hung job before it is killed: py-spy when installed, else SIGUSR1.
+    target: int,
+    tree: Sequence[int],
+    *,
+    out_path: str,
+    settle_s: float,
+    say: Callable[[str], None],
+    signum: int | None = None,
+) -> tuple[str | None, str]:
+    """Python stacks of a hung job before it is killed: py-spy when installed, else the job's own dump signal.
+
+    The signal (the heartbeat's ``dump_signal``, what :class:`~resumekit.manager.CheckpointManager` registers with
+    ``faulthandler``; SIGUSR1 when the job did not say) is sent only to a process that handles it, as
+    ``/proc/PID/status`` shows; where that cannot be read, only when the job announced it. A job without a handler
+    would die of the signal (``exit 138``) without printing anything.
 
     Args:
         target: the process whose stacks matter most (the one that wrote the heartbeat).
         tree: the job's processes; up to 15 others are dumped after ``target``.
         out_path: the file py-spy's dumps go to.
-        settle_s: how long to give ``faulthandler`` to print after SIGUSR1.
+        settle_s: how long to give ``faulthandler`` to print after the signal.
         say: prints one progress line.
+        signum: the signal the job announced for stack dumps in its heartbeat; None: it announced none.
 
     Returns:
         ``(file with the dumps or None, how they were taken)``.
@@ -143,43 +154,15 @@ def dump_stacks(
             return out_path, "py-spy"
         except OSError as e:
             say(f"py-spy dump failed: {e}")
-    # faulthandler.register(SIGUSR1) in the job prints every thread's stack to its stderr; a job without it
-    # dies of SIGUSR1, which is fine: it is about to be killed anyway.
-    if send_signal(target, signal.SIGUSR1):
+    announced = isinstance(signum, int) and not isinstance(signum, bool) and 0 < signum < 65
+    sig = signum if announced else signal.SIGUSR1
+    caught = catches_signal(target, sig)  # type: ignore[arg-type]
+    if not (caught or (caught is None and announced)):
+        return None, "none (the job registered no stack-dump handler; install py-spy to get its stacks)"
+    if send_signal(target, sig):  # type: ignore[arg-type]
         time.sleep(settle_s)
-        return None, "SIGUSR1 (faulthandler output on the job's stderr)"
+        return None, f"{signal_name(sig)} (faulthandler output on the job's stderr)"  # type: ignore[arg-type]
     return None, "none (process gone)"
-
-
-def attempt_evidence(
-    beat: Mapping[str, Any], events: Sequence[Mapping[str, Any]], first_sign: Optional[float]
-) -> Tuple[Optional[int], Optional[int], Optional[float]]:
-    """What an attempt reported about itself, from its last heartbeat and its own events (pure).
-
-    Args:
-        beat: the last heartbeat (:func:`read_heartbeat`).
-        events: the events appended during the attempt.
-        first_sign: the heartbeat's first mtime, if seen.
-
-    Returns:
-        ``(step it restored, highest step reported, time of its first sign of training)``; None where unknown.
-    """
-    steps: List[int] = []
-    if isinstance(beat.get("step"), int):
-        steps.append(beat["step"])
-    restored: Optional[int] = None
-    for ev in events:
-        if ev.get("source") == "supervisor":
-            continue
-        step = ev.get("step")
-        name = ev.get("event")
-        if name == "restore" and isinstance(step, int):
-            restored = step
-        if isinstance(step, int) and name in ("save", "metrics", "restore", "step"):
-            steps.append(step)
-        if name in ("restore", "metrics", "save") and isinstance(ev.get("time"), (int, float)):
-            first_sign = min(first_sign, ev["time"]) if first_sign else ev["time"]
-    return restored, (max(steps) if steps else None), first_sign
 
 
 class JobMonitor:
@@ -192,9 +175,13 @@ class JobMonitor:
     def __init__(self, ctx: RunContext):
         self.opts, self.paths, self.log, self.say = ctx.options, ctx.paths, ctx.log, ctx.say
         #: the attempt in progress (read by the supervisor's signal handler)
-        self.running: Optional[RunningJob] = None
+        self.running: RunningJob | None = None
+        #: how hangs are detected (announced at start; heartbeat once the job beats)
+        self.hang_mode = HangMode(ctx)
+        self._stdout = ctx.job_stdout
+        self._stderr = ctx.job_stderr
 
-    def launch(self, plan: StartPlan, index: int, env: Dict[str, str]) -> RunningJob:
+    def launch(self, plan: StartPlan, index: int, env: dict[str, str]) -> RunningJob:
         """Start the command in a new session and log the start.
 
         Args:
@@ -213,17 +200,33 @@ class JobMonitor:
         offset = EventTail.size_of(self.paths.events_path)
         baseline = set(children())
         start = time.time()
+        pump = OutputPump(self._stdout, self._stderr)
         try:
-            proc = subprocess.Popen(self.opts.command, env=env, start_new_session=True)
+            proc = subprocess.Popen(self.opts.command, env=env, start_new_session=True, **pump.popen_kwargs())
         except (FileNotFoundError, PermissionError) as e:
+            pump.abandon()
             missing = isinstance(e, FileNotFoundError)
             fix = "check the command and PATH" if missing else "is it executable?"
             error = f"cannot start {self.opts.command[0]!r}: {e.strerror}; {fix}"
             self.say(error)
             self.log.emit("start_failed", attempt=index, error=error)
             raise JobStartError(error, EXIT_NOT_FOUND if missing else EXIT_NOT_EXECUTABLE) from None
+        except BaseException:
+            pump.abandon()
+            raise
+        pump.start()
         run = RunningJob(
-            proc=proc, index=index, start=start, events_offset=offset, plan=plan, baseline_children=baseline
+            proc=proc,
+            index=index,
+            start=start,
+            events_offset=offset,
+            plan=plan,
+            baseline_children=baseline,
+            output=pump,
+            files=DirActivity(
+                self.paths.watch_dir if self.opts.hang_timeout else None,
+                scan_interval(self.opts.hang_timeout, self.opts.poll_interval),
+            ),
         )
         self.running = run
         self.log.emit(
@@ -287,6 +290,8 @@ class JobMonitor:
                     run.first_sign = os.stat(self.paths.heartbeat_path).st_mtime
                 except OSError:
                     pass
+                else:
+                    self.hang_mode.note_beat(run.index)
             if run.kill_now and run.killed is None:
                 run.killed = "second SIGINT"
                 self.log.emit("kill", attempt=run.index, pid=proc.pid, reason="second SIGINT")
@@ -301,8 +306,15 @@ class JobMonitor:
                 self.kill(run)
             elif run.preempt_signal is None and run.killed is None and self.opts.hang_timeout:
                 age = heartbeat_age(self.paths.heartbeat_path)
-                if is_hung(age, self.opts.hang_timeout):
-                    self._handle_hang(run, age)  # type: ignore[arg-type]
+                why = hang_reason(
+                    self.opts.hang_timeout,
+                    time.time(),
+                    age,
+                    run.output.last_output if run.output else run.start,
+                    run.files.poll() if run.files else run.start,
+                )
+                if why:
+                    self._handle_hang(run, age, why)
             if now >= next_reap:
                 next_reap = now + 1.0
                 reap([p for p in self._new_children(run) if p != proc.pid])
@@ -326,14 +338,14 @@ class JobMonitor:
             "to save and exit"
         )
 
-    def _handle_hang(self, run: RunningJob, age: float) -> None:
+    def _handle_hang(self, run: RunningJob, age: float | None, why: str) -> None:
         beat = read_heartbeat(self.paths.heartbeat_path)
         pid = beat.get("pid") if isinstance(beat.get("pid"), int) else None
         tree = [run.proc.pid] + descendants(run.proc.pid)
         target = hang_target(pid, tree)
         detected = time.time()
         self.say(
-            f"the job is hung: no heartbeat for {age:.1f} s (--hang-timeout {self.opts.hang_timeout:g}) "
+            f"the job is hung: {why} (--hang-timeout {self.opts.hang_timeout:g}) "
             f"at step {beat.get('step')}; dumping its stacks, then killing it and its children"
         )
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -343,6 +355,7 @@ class JobMonitor:
             out_path=os.path.join(self.paths.state_dir, f"hang-{run.index}-{target}-{stamp}.txt"),
             settle_s=min(1.0, max(0.2, self.opts.poll_interval * 5)),
             say=self.say,
+            signum=beat.get("dump_signal") if pid == target else None,
         )
         run.hung = True
         run.killed = "hang"
@@ -352,7 +365,10 @@ class JobMonitor:
             pid=target,
             job_pid=run.proc.pid,
             step=beat.get("step"),
-            heartbeat_age_s=round(age, 3),
+            heartbeat_age_s=round(age, 3) if age is not None else None,
+            output_idle_s=round(detected - run.output.last_output, 3) if run.output else None,
+            mode=hang_detection_mode(self.opts.hang_timeout, age is not None),
+            reason=why,
             detected_time=round(detected, 6),
             hang_timeout_s=self.opts.hang_timeout,
             dump=method,
@@ -362,12 +378,12 @@ class JobMonitor:
         killed = self.kill(run)
         self.log.emit("kill", attempt=run.index, pid=run.proc.pid, reason="hang", pids=killed)
 
-    def _new_children(self, run: RunningJob) -> List[int]:
+    def _new_children(self, run: RunningJob) -> list[int]:
         # Our children that were not there before the job started: the job, and orphans re-parented to us
         # (subreaper). Children the caller had before are not ours to reap.
         return [p for p in children() if p not in run.baseline_children]
 
-    def kill(self, run: RunningJob) -> List[int]:
+    def kill(self, run: RunningJob) -> list[int]:
         """SIGKILL the job's process group and every descendant, including ones that left the group (setsid).
 
         Args:
@@ -403,8 +419,14 @@ class JobMonitor:
         wait_gone(stray_all, reapable=lambda: self._new_children(run))
         self.log.emit("cleanup", attempt=run.index, pids=stray_all, process_group=group_alive)
 
+    def close_output(self, run: RunningJob) -> None:
+        """Forward what the job wrote last and stop passing its output through (after it and its leftovers are
+        gone; a detached process still holding the streams open costs at most a couple of seconds)."""
+        if run.output is not None:
+            run.output.close()
+
     def record(self, run: RunningJob, rc: int, end: float, backoff_s: float) -> AttemptRecord:
-        """Account for an attempt that ended: what it resumed from, how far it got, how it exited.
+        """Account for an attempt that ended: what it reported loading, how far it got, why it ended.
 
         Args:
             run: the attempt.
@@ -415,28 +437,23 @@ class JobMonitor:
         Returns:
             The attempt's record (also logged as the ``exit`` event).
         """
-        restored, last_step, first_sign = attempt_evidence(
-            read_heartbeat(self.paths.heartbeat_path),
-            EventTail(self.paths.events_path, run.events_offset).read(final=True),
-            run.first_sign,
-        )
-        resume_step = restored if restored is not None else run.plan.resume_step
-        start = run.start
-        failure = is_failure(rc, run.preempt_signal)
-        rec = AttemptRecord(
+        tail = run.output.stderr_tail() if run.output is not None else ""
+        rec, rep = account_attempt(
             index=run.index,
-            resume_step=resume_step,
-            last_step=last_step,
-            start=start,
+            plan=run.plan,
+            start=run.start,
             end=end,
             returncode=rc,
-            failure=failure,
-            hung=run.hung,
-            preempted=run.preempt_signal is not None,
             backoff_s=backoff_s,
-            precheck_s=run.plan.precheck_s,
-            startup_s=(max(0.0, first_sign - start) if first_sign else None),
+            preempt_signal=run.preempt_signal,
+            hung=run.hung,
+            first_sign=run.first_sign,
+            stderr_tail=tail,
+            beat=read_heartbeat(self.paths.heartbeat_path),
+            events=EventTail(self.paths.events_path, run.events_offset).read(final=True),
         )
+        start, failure, cause = run.start, rec.failure, rec.cause
+        resume_step, last_step = rec.resume_step, rec.last_step
         self.log.emit(
             "exit",
             attempt=run.index,
@@ -451,22 +468,25 @@ class JobMonitor:
             duration_s=round(end - start, 3),
             resume_step=resume_step,
             last_step=last_step,
+            cause=cause,
+            reported=rep.reported,
+            loaded=rep.restored_path if rep.restore_reported else None,
+            loaded_reported=rep.restore_reported,
         )
         if failure:
-            what = "was killed as hung" if run.hung else "failed"
-            self.say(
-                f"the job {what}: exit {describe_exit(rc)} after {end - start:.1f} s "
-                f"(last step {last_step}, resumed from {resume_step})"
-            )
+            self.say(failure_line(rec, rep, run.hung))
         return rec
 
 
 __all__ = [
     "JobMonitor",
+    "JobReport",
+    "job_report",
     "JobStartError",
     "RunningJob",
     "attempt_evidence",
     "clear_heartbeat",
+    "catches_signal",
     "dump_stacks",
     "read_heartbeat",
 ]

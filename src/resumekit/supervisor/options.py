@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
 
 from ..errors import ConfigError
 
@@ -17,14 +17,14 @@ class SupervisorOptions:
     command: Sequence[str]
     """The command to supervise, e.g. ``["python", "train.py", "--lr", "1e-3"]``."""
 
-    directory: Optional[str] = None
+    directory: str | None = None
     """Checkpoint root (path or ``s3://bucket/prefix``); default: ``config``'s ``output_dir``. Without either there
     is no resume hand-off and no storage pre-check; the supervisor still restarts the job."""
 
     layout: str = "auto"
     """Checkpoint layout used to find the newest valid checkpoint (``auto`` detects before every start)."""
 
-    config: Optional[str] = None
+    config: str | None = None
     """A LLaMA-Factory / HF YAML whose ``resume_from_checkpoint`` is set before every start (through
     :func:`resumekit.yamlconfig.resolve_config`: comments and order kept, atomic write)."""
 
@@ -35,7 +35,7 @@ class SupervisorOptions:
     max_restarts: int = 10
     """Restarts allowed (failed pre-checks that are retried count too)."""
 
-    hang_timeout: Optional[float] = None
+    hang_timeout: float | None = None
     """Seconds without a heartbeat after which a job that has beaten at least once counts as hung (None: off)."""
 
     grace: float = 30.0
@@ -53,19 +53,33 @@ class SupervisorOptions:
     backoff_max: float = 60.0
     """The largest backoff delay in seconds."""
 
+    reset_after: float = 600.0
+    """An attempt that made progress and ran at least this many seconds resets the backoff to ``backoff`` and gives
+    back the restart budget: ``max_restarts`` then counts restarts since the last such window of progress, so a long
+    job that fails now and then, but gets somewhere every time, is not given up on (0: reset after any progress)."""
+
+    preempt_exit_code: int | None = None
+    """Exit status of ``resumekit run`` after it forwarded SIGTERM/SIGINT and the job saved and stopped: None (the
+    default) for ``128 + signal`` (130 after SIGINT, 143 after SIGTERM), so ``resumekit run ... && next`` stops
+    there; 0 to report such a stop as success."""
+
+    force: bool = False
+    """Let the first start take the checkpoint root's writer lease from a holder that looks alive (it is known to
+    be dead, on another host): exported to the job as ``RESUMEKIT_TAKEOVER=1``."""
+
     jitter: float = 0.5
     """Fraction of each backoff delay that may be removed at random (0: none)."""
 
-    min_free: Optional[int] = None
+    min_free: int | None = None
     """Free bytes required at a local checkpoint root (the floor; 2x the last checkpoint's size also applies)."""
 
-    local_tier: Optional[str] = None
+    local_tier: str | None = None
     """A fast local directory in front of ``directory`` (the job uses ``CheckpointManager(directory,
     local_tier=...)``). Before every start the newest valid checkpoint of either tier is chosen; a newer remote one
     is first downloaded into it (verified, tmp dir + rename), so the job resumes from local disk. Exported as
     ``RESUMEKIT_LOCAL_TIER``; the event log and heartbeat default to it for remote roots."""
 
-    events: Optional[str] = None
+    events: str | None = None
     """Event log path; default ``<directory>/events.jsonl`` for local roots, a local temp dir otherwise."""
 
     hardware_timeout: float = 180.0
@@ -77,10 +91,10 @@ class SupervisorOptions:
     poll_interval: float = 0.1
     """How often the job, its heartbeat and signals are looked at, seconds."""
 
-    env: Optional[Mapping[str, str]] = None
+    env: Mapping[str, str] | None = None
     """Extra environment for the job (on top of the supervisor's own)."""
 
-    seed: Optional[int] = None
+    seed: int | None = None
     """Seed of the backoff jitter (None: random)."""
 
     subreaper: bool = True
@@ -106,10 +120,19 @@ class SupervisorOptions:
             if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "crash_loop" else 0):
                 low = 1 if name == "crash_loop" else 0
                 raise ConfigError(f"SupervisorOptions.{name} must be an integer >= {low}, got {v!r}")
-        for name in ("grace", "backoff", "backoff_max", "hardware_timeout", "remote_timeout"):
+        for name in ("grace", "backoff", "backoff_max", "hardware_timeout", "remote_timeout", "reset_after"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"SupervisorOptions.{name} must be a number of seconds >= 0, got {v!r}")
+        if self.preempt_exit_code is not None and not (
+            isinstance(self.preempt_exit_code, int)
+            and not isinstance(self.preempt_exit_code, bool)
+            and 0 <= self.preempt_exit_code <= 255
+        ):
+            raise ConfigError(
+                "SupervisorOptions.preempt_exit_code must be an exit status 0-255 or None, "
+                f"got {self.preempt_exit_code!r}"
+            )
         if self.backoff_max < self.backoff:
             raise ConfigError(f"SupervisorOptions.backoff_max ({self.backoff_max}) must be >= backoff ({self.backoff})")
         if self.hang_timeout is not None and not (

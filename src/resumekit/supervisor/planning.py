@@ -1,13 +1,21 @@
 """Planning one start of the job (:class:`StartPlanner`): pre-checks, the newest valid checkpoint (pre-downloaded
-into the local tier when there is one), crash-loop handling, tracker repair, the choice of checkpoint, the
-``--config`` rewrite, and the environment that hands it all to the job.
+into the local tier when there is one), crash-loop handling, moving invalid checkpoints out of the framework's
+sight, tracker repair, the choice of checkpoint, the ``--config`` rewrite (and putting it back at the end), and the
+environment that hands it all to the job.
+
+Many frameworks pick their checkpoint by themselves: the HF Trainer and LLaMA-Factory take the highest
+``checkpoint-N`` (``resume_from_checkpoint: null`` or ``true``), Lightning its ``last.ckpt``, DeepSpeed, Megatron
+and VeRL what their tracker names. Before every start the invalid ones they would pick go into ``quarantine/``
+(never deleted; :meth:`~resumekit.layouts.base.Layout.hide_invalid`) and trackers are repaired, so the framework's
+own choice is the newest valid checkpoint, or nothing (a fresh start), whatever the job does with
+``RESUMEKIT_RESUME_FROM``.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from ..events import (
     ENV_DIR,
@@ -18,9 +26,11 @@ from ..events import (
     ENV_RESUME_FROM,
     ENV_RESUME_MODE,
 )
+from ..storage.deadline import ENV_GRACE
 from ..units import format_bytes, one_line
+from .configfile import ConfigRewriter
 from .context import RunContext, StartPlan
-from .crashloop import CrashLoopGuard
+from .crashloop import CrashLoopGuard, hide_out_of_sight
 from .prechecks import (
     PrecheckError,
     check_directory,
@@ -71,10 +81,14 @@ class StartPlanner:
     def __init__(self, ctx: RunContext):
         self.opts, self.paths, self.log, self.say = ctx.options, ctx.paths, ctx.log, ctx.say
         self.crash_loop = CrashLoopGuard(ctx, rediscover=self.discover)
-        self._initial_names: Optional[set] = None  # checkpoints there before the first start
+        self._initial_names: set | None = None  # checkpoints there before the first start
         self._skips_logged: set = set()
+        self._skipped: list = []  # the newer invalid checkpoints of the last discover()
+        #: invalid checkpoints moved out of the framework's sight so far
+        self.hidden = 0
+        self.config = ConfigRewriter(ctx, self._skip_once)
 
-    def plan(self, prev: Optional[AttemptRecord], last_plan: StartPlan) -> StartPlan:
+    def plan(self, prev: AttemptRecord | None, last_plan: StartPlan) -> StartPlan:
         """Pre-checks, crash-loop handling and the choice of checkpoint for the next start.
 
         Args:
@@ -95,7 +109,9 @@ class StartPlanner:
             if self.paths.remote:
                 check_remote(directory, self.opts.remote_timeout)
             else:
-                check_directory(self.paths.local_dir)  # type: ignore[arg-type]
+                # A Lightning version_N the job has not made yet is left for it to make (see check_directory).
+                local_dir: str = self.paths.local_dir  # type: ignore[assignment]
+                check_directory(local_dir, create=not self.paths.lightning_logger_dir)
             if self.opts.local_tier:
                 check_directory(self.opts.local_tier)
             storage = self._open_storage()
@@ -112,6 +128,7 @@ class StartPlanner:
             if prev is not None:
                 best = self.crash_loop.after_attempt(storage, layout, best, prev, last_plan)
                 plan.newest_step = best.step if best else None
+            self._hide_invalid(storage, layout, best)
             if self.opts.local_tier and layout.name == "native":
                 best = self._predownload(storage, best)
             free = storage.free_bytes()
@@ -133,10 +150,11 @@ class StartPlanner:
 
         self._choose_resume(plan, layout, best)
         if self.opts.config:
-            self._resolve_config(plan)
+            self.hidden += self.config.resolve(plan)
+        plan.candidates = bool(plan.resume_path) or best is not None
         return plan
 
-    def job_env(self, plan: StartPlan, index: int) -> Dict[str, str]:
+    def job_env(self, plan: StartPlan, index: int) -> dict[str, str]:
         """The job's environment: the supervisor's own, ``options.env``, and the resume hand-off.
 
         Args:
@@ -149,21 +167,35 @@ class StartPlanner:
         env = dict(os.environ)
         if self.opts.env:
             env.update(self.opts.env)
-        env[ENV_RESUME_FROM] = plan.resume_path
+        if plan.resume_path:
+            env[ENV_RESUME_FROM] = plan.resume_path
+        else:
+            # Unset, not "": jobs pass it straight on (trainer.train(resume_from_checkpoint=...)), and "" is
+            # neither None nor a path to them.
+            env.pop(ENV_RESUME_FROM, None)
         env[ENV_RESTART_COUNT] = str(index - 1)
         env[ENV_DIR] = self.paths.local_dir or self.paths.directory or ""
         env[ENV_HEARTBEAT] = self.paths.heartbeat_path
         env[ENV_EVENTS] = self.paths.events_path
         env[ENV_RESUME_MODE] = "never" if self.opts.resume == "never" else "auto"
+        if self.opts.force and index == 1:
+            # --force: the first start may take the root's writer lease from a holder known to be dead; later
+            # starts follow our own job, whose lease died with it.
+            env["RESUMEKIT_TAKEOVER"] = "1"
+        else:
+            env.pop("RESUMEKIT_TAKEOVER", None)
         if self.opts.local_tier:
             env[ENV_LOCAL_TIER] = self.opts.local_tier
+        # The library cuts remote transfers at the end of this grace period once SIGTERM arrives, so a save stuck on
+        # an unresponsive store ends the job before --grace's SIGKILL would.
+        env[ENV_GRACE] = f"{self.opts.grace:g}"
         if any(os.path.basename(str(a)) == "torchrun" or str(a) == "torch.distributed.run" for a in self.opts.command):
             # torch 2.x elastic restarts can reuse the previous attempt's rendezvous store and fail to connect
             # (pytorch#135712); a fresh store per restart avoids it.
             env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
         return env
 
-    def discover(self, storage: Any) -> Tuple[Any, Any]:
+    def discover(self, storage: Any) -> tuple[Any, Any]:
         """Layout and newest valid checkpoint (checksums verified); newer invalid ones are logged once each.
 
         Args:
@@ -183,6 +215,7 @@ class StartPlanner:
             # here as well would read it from the remote twice.
             full = not (self.opts.local_tier and layout.name == "native")
             best, skipped = layout.latest(storage, full=full)
+            self._skipped = list(skipped)
         except OSError as e:
             raise PrecheckError(
                 "checkpoint", f"cannot list checkpoints under {storage.uri}: {one_line(e)}", retry=self.paths.remote
@@ -199,7 +232,14 @@ class StartPlanner:
             )
         return layout, best
 
-    def _skip_once(self, key: Tuple[Any, Any], shown_path: Any, shown_reason: Any, /, **fields: Any) -> None:
+    def _hide_invalid(self, storage: Any, layout: Any, best: Any) -> None:
+        """Move the invalid checkpoints the framework would pick by itself out of its sight (``quarantine/``)."""
+        hidden = hide_out_of_sight(storage, layout, best, self._skipped, self.log, self.say)
+        self.hidden += hidden
+        if hidden:
+            self._skipped = []
+
+    def _skip_once(self, key: tuple[Any, Any], shown_path: Any, shown_reason: Any, /, **fields: Any) -> None:
         # Every start looks again: an invalid checkpoint is reported the first time it is met, not every start.
         if key in self._skips_logged:
             return
@@ -315,75 +355,18 @@ class StartPlanner:
             return
         if mode == "auto":
             if best is not None:
-                plan.resume_path, plan.resume_step, plan.resume_name = best.path, best.step, best.name
+                plan.resume_path, plan.resume_step = best.path, best.step
             return
         # An explicit checkpoint: used until this run writes a newer one of its own.
         if best is not None and self._initial_names is not None and best.name not in self._initial_names:
-            plan.resume_path, plan.resume_step, plan.resume_name = best.path, best.step, best.name
+            plan.resume_path, plan.resume_step = best.path, best.step
             return
         info = check_resume(mode, self.opts.layout)
         plan.resume_path, plan.resume_step = info.path, info.step
 
-    def _resolve_config(self, plan: StartPlan) -> None:
-        """Point ``--config``'s ``resume_from_checkpoint`` at the chosen checkpoint (or let it search its own
-        ``output_dir`` when we found none), and hand what it chose to the job as well."""
-        # yamlconfig needs ruamel.yaml, an optional extra: imported here, only when --config is used.
-        try:
-            from ..yamlconfig import resolve_config
-        except ImportError as e:
-            raise PrecheckError(
-                "config",
-                f"--config {self.opts.config} needs resumekit.yamlconfig and ruamel.yaml "
-                f"({one_line(e)}); pip install 'resumekit[yaml]'",
-            ) from None
-        kwargs: Dict[str, Any] = {}
-        if self.opts.layout != "auto":
-            kwargs["layout"] = self.opts.layout
-        if plan.resume_path:
-            kwargs["checkpoint"] = plan.resume_path
-        elif self.opts.resume == "never":
-            kwargs["fresh"] = True
-        try:
-            result = resolve_config(self.opts.config, **kwargs)  # type: ignore[arg-type]
-        except Exception as e:  # noqa: BLE001 - any failure to rewrite the YAML stops the start, in one line
-            raise PrecheckError("config", f"cannot update --config {self.opts.config}: {one_line(e)}") from None
-        chosen = getattr(result, "checkpoint", None)
-        if not plan.resume_path and self.opts.resume != "never" and chosen is not None and chosen.path:
-            # Found by the YAML's own search (its output_dir): quarantinable there, if it crash-loops.
-            plan.resume_path, plan.resume_step = chosen.path, chosen.step
-            plan.resume_root, _, plan.resume_name = chosen.path.rstrip("/").rpartition("/")
-        self.log.emit(
-            "config_resolved", config=self.opts.config, resume_from=plan.resume_path or None, result=_jsonable(result)
-        )
-        for sk in getattr(result, "skipped", None) or []:
-            reason = getattr(sk, "reason", "")
-            self._skip_once(
-                (getattr(sk, "name", ""), reason),
-                getattr(sk, "path", "?"),
-                reason,
-                step=getattr(sk, "step", None),
-                path=getattr(sk, "path", None),
-                reason=reason,
-                found_by="config",
-            )
-
-
-def _jsonable(value: Any) -> Any:
-    # The YAML resolver's result goes into an event: whatever it is, it must serialise.
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    for attr in ("as_dict", "to_dict", "_asdict"):
-        fn = getattr(value, attr, None)
-        if callable(fn):
-            try:
-                return fn()
-            except Exception:  # noqa: BLE001
-                break
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return str(value)
+    def restore_config(self) -> None:
+        """Put ``--config`` back as the user wrote it (see :meth:`ConfigRewriter.restore`)."""
+        self.config.restore()
 
 
 __all__ = ["StartPlanner", "checkpoint_size"]

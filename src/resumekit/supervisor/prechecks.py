@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any
 
 from ..units import format_bytes, one_line
 
@@ -34,27 +34,41 @@ class PrecheckError(Exception):
         super().__init__(message)
 
 
-def check_directory(path: str) -> None:
+def check_directory(path: str, create: bool = True) -> None:
     """The checkpoint directory exists or can be created, and a file can be written and removed in it.
 
     Args:
         path: the local checkpoint root.
+        create: make it when missing. With False a missing directory is left for the job to make, and the probe
+            goes to its nearest existing parent: Lightning's loggers number their run directories (``version_0``,
+            ``version_1``, ...) after the ones that exist, so a ``version_0/checkpoints`` made here would send the
+            job to ``version_1``.
 
     Raises:
         PrecheckError: it cannot be created, is not a directory, or is not writable.
     """
     path = os.path.abspath(os.path.expanduser(path))
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise PrecheckError(
-            "directory",
-            f"cannot create checkpoint directory {path}: {e.strerror or e}; "
-            "choose a writable --dir or fix its permissions",
-        ) from None
-    if not os.path.isdir(path):
+    probe_dir = path
+    if create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise PrecheckError(
+                "directory",
+                f"cannot create checkpoint directory {path}: {e.strerror or e}; "
+                "choose a writable --dir or fix its permissions",
+            ) from None
+    else:
+        while not os.path.lexists(probe_dir) and os.path.dirname(probe_dir) != probe_dir:
+            probe_dir = os.path.dirname(probe_dir)
+        if probe_dir != path and not os.path.isdir(probe_dir):
+            raise PrecheckError(
+                "directory",
+                f"cannot create checkpoint directory {path}: {probe_dir} is not a directory; choose another --dir",
+            )
+    if not os.path.isdir(probe_dir):
         raise PrecheckError("directory", f"checkpoint directory {path} is not a directory; choose another --dir")
-    probe = os.path.join(path, f".resumekit-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    probe = os.path.join(probe_dir, f".resumekit-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -75,7 +89,7 @@ def check_directory(path: str) -> None:
         ) from None
 
 
-def check_free_space(where: str, free: Optional[int], last_size: int, min_free: Optional[int]) -> None:
+def check_free_space(where: str, free: int | None, last_size: int, min_free: int | None) -> None:
     """At least twice the last checkpoint's size (a save writes a new one beside it) and ``min_free`` are free.
 
     Args:
@@ -115,7 +129,7 @@ def check_remote(uri: str, timeout: float) -> None:
         PrecheckError: no answer in time, a missing backend, or the listing failed; ``retry`` is set for failures
             a later start may not meet (network), not for ones no restart fixes (a missing bucket, credentials).
     """
-    result: Dict[str, BaseException] = {}
+    result: dict[str, BaseException] = {}
 
     def probe() -> None:
         try:
@@ -220,7 +234,7 @@ sys.exit(0 if count >= need and not out["bad"] else 3)
 """
 
 
-def check_hardware(gpus: int, timeout: float, python: Optional[str] = None) -> Dict[str, Any]:
+def check_hardware(gpus: int, timeout: float, python: str | None = None) -> dict[str, Any]:
     """``gpus`` accelerators are visible and each runs a small kernel; checked in a child Python with torch.
 
     Args:
@@ -251,7 +265,7 @@ def check_hardware(gpus: int, timeout: float, python: Optional[str] = None) -> D
         ) from None
     except OSError as e:
         raise PrecheckError("hardware", f"cannot run the hardware check with {python}: {e}") from None
-    report: Optional[Dict[str, Any]] = None
+    report: dict[str, Any] | None = None
     for line in proc.stdout.splitlines():
         if line.startswith("RESUMEKIT-HW "):
             report = json.loads(line[len("RESUMEKIT-HW ") :])

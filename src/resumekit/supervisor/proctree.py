@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from typing import Callable, Iterable, List, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import psutil
 
@@ -25,7 +25,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 _POLL_S = 0.02
 
 
-def children(pid: Optional[int] = None) -> List[int]:
+def children(pid: int | None = None) -> list[int]:
     """Direct children of ``pid`` (default: this process), zombies included; [] when it is gone.
 
     Args:
@@ -40,7 +40,7 @@ def children(pid: Optional[int] = None) -> List[int]:
         return []
 
 
-def descendants(pid: int) -> List[int]:
+def descendants(pid: int) -> list[int]:
     """Every descendant of ``pid``, each parent before its own children; [] when ``pid`` is gone.
 
     Args:
@@ -127,8 +127,8 @@ def reap(pids: Iterable[int]) -> None:
 
 
 def wait_gone(
-    pids: Sequence[int], *, timeout: float = 5.0, reapable: Optional[Callable[[], Iterable[int]]] = None
-) -> List[int]:
+    pids: Sequence[int], *, timeout: float = 5.0, reapable: Callable[[], Iterable[int]] | None = None
+) -> list[int]:
     """Wait (bounded) until none of ``pids`` runs, reaping on the way.
 
     Orphans re-parent to a subreaper only once their parent died, so the reaping goes on until every pid is gone.
@@ -158,7 +158,7 @@ def _leads_group(pid: int) -> bool:
         return False
 
 
-def kill_tree(root_pid: int, *, timeout: float = 5.0) -> List[int]:
+def kill_tree(root_pid: int, *, timeout: float = 5.0) -> list[int]:
     """SIGKILL ``root_pid``, its process group when it leads one, and every descendant, including those that left
     the group (``setsid``); then wait until all of them are gone.
 

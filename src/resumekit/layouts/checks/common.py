@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 from ...errors import CorruptCheckpointError
 from ...storage import Entry, Storage
 
@@ -18,7 +16,7 @@ def fail(where: str, reason: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(where, reason)
 
 
-def files_of(storage: Storage, rel: str) -> Dict[str, Entry]:
+def files_of(storage: Storage, rel: str) -> dict[str, Entry]:
     """The direct children of ``rel`` by name (empty when it does not exist)."""
     return {e.name: e for e in storage.listdir(rel)}
 
@@ -28,12 +26,12 @@ def join(*parts: str) -> str:
     return "/".join(p for p in parts if p)
 
 
-def sum_sizes(files: Dict[str, Entry]) -> int:
+def sum_sizes(files: dict[str, Entry]) -> int:
     """Total bytes of the plain files among ``files`` (directories count nothing)."""
     return sum(e.size for e in files.values() if not e.is_dir)
 
 
-def newest_mtime(files: Dict[str, Entry], *names: str) -> Optional[float]:
+def newest_mtime(files: dict[str, Entry], *names: str) -> float | None:
     """The newest modification time among ``names`` (those present in ``files``), None when none is known."""
     times = [files[n].mtime for n in names if n in files and files[n].mtime is not None]
     return max(times) if times else None  # type: ignore[type-var]

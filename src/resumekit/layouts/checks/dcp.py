@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 from ...storage import Entry, Storage
 from .common import fail, files_of
 from .jsonfile import check_file_nonempty
 
 
-def check_dcp_dir(storage: Storage, rel: str, where: str, shown: Optional[str] = None) -> Dict[str, Entry]:
+def check_dcp_dir(storage: Storage, rel: str, where: str, shown: str | None = None) -> dict[str, Entry]:
     """A torch.distributed.checkpoint directory: ``.metadata`` (written last by the coordinator) + ``*.distcp``.
 
     ``.metadata`` is a pickle and is never loaded; its presence after every rank's data files is the commit mark.

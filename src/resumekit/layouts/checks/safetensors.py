@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 from ...storage import Storage
 from ...verify import TensorSpan, read_safetensors_header
 from .common import fail
 
 
 def check_safetensors(
-    storage: Storage, rel: str, where: str, full: bool, size: Optional[int] = None, shown: Optional[str] = None
-) -> List[TensorSpan]:
+    storage: Storage, rel: str, where: str, full: bool, size: int | None = None, shown: str | None = None
+) -> list[TensorSpan]:
     """Check that a safetensors file's header is whole and describes exactly the bytes that follow it.
 
     Quick and full both read only the header (see :func:`resumekit.verify.read_safetensors_header`). Full

@@ -26,13 +26,17 @@ def load_weights_only(storage: Storage, rel: str, where: str) -> Any:
     """
     import torch  # deferred: layouts must import without torch (the supervisor runs where torch may be absent)
 
+    try:
+        storage.size(rel)  # a regular file inside the root, or an UnsafeFileError: torch.load must not open a FIFO
+    except FileNotFoundError:
+        raise fail(where, f"{os.path.basename(rel)} is missing") from None
     local = storage.local_path(rel)
     try:
         if local:
             return torch.load(local, map_location="cpu", weights_only=True, mmap=True)
         with storage.open_read(rel) as f:
             return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for damaged or unsafe data
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ... for damaged or unsafe data
         text = str(e).strip()
         first = text.splitlines()[0] if text else type(e).__name__
         if "weights_only" in text or "Unsupported global" in text:

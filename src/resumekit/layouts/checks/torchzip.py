@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import struct
 import zipfile
-from typing import Optional
 
 from ...storage import Storage
 from .common import fail
 
 
-def check_torch_zip(storage: Storage, rel: str, where: str, full: bool, shown: Optional[str] = None) -> None:
+def check_torch_zip(storage: Storage, rel: str, where: str, full: bool, shown: str | None = None) -> None:
     """Check that a ``torch.save`` file is a complete zip archive.
 
     Quick: the end-of-central-directory record and the central directory parse, and every member's data lies
@@ -59,13 +58,18 @@ def check_torch_zip(storage: Storage, rel: str, where: str, full: bool, shown: O
             raise fail(where, f"{shown} is unreadable ({e})") from None
         with zf:
             start_dir = getattr(zf, "start_dir", None)
+            unpacked = 0
             for zi in zf.infolist():
                 if start_dir is not None and zi.header_offset + zi.compress_size > start_dir:
                     raise fail(where, f"{shown} is damaged: member {zi.filename} runs past the zip directory")
+                unpacked += zi.file_size
+            if full and start_dir is not None and unpacked > 1000 * (start_dir + 1) + (64 << 20):
+                # torch.save stores members uncompressed; a "zip bomb" would make the CRC pass unpack gigabytes.
+                raise fail(where, f"{shown} unpacks to {unpacked} bytes from {start_dir}: not a torch.save file")
             if full:
                 try:
                     bad = zf.testzip()
-                except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error) as e:
+                except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError) as e:
                     raise fail(where, f"{shown} is damaged ({e})") from None
                 if bad is not None:
                     raise fail(where, f"{shown} is damaged: CRC mismatch in member {bad}")

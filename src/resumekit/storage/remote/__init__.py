@@ -1,4 +1,5 @@
-"""Object stores (AWS S3, Huawei OBS, MinIO, anything S3-compatible) through s3fs: manifest-last commit.
+"""Object stores (AWS S3, Huawei OBS, MinIO, Ceph RGW, anything S3-compatible) through s3fs: manifest-last commit.
+Roots are ``s3://bucket/prefix`` or ``obs://bucket/prefix`` (the same protocol, Huawei Cloud's spelling).
 
 Object stores have no rename, so the commit strategy differs from the local one:
 
@@ -13,10 +14,13 @@ Object stores have no rename, so the commit strategy differs from the local one:
   dropped or reset connections) and never on errors retries cannot fix (missing bucket, wrong credentials, access
   denied): those become one-line :class:`~resumekit.errors.StorageError` s naming the bucket, the endpoint and the
   fix. A request that fails past its retry budget raises :class:`~resumekit.errors.RemoteTransferError`.
+* Every request is bounded: one retry layer (ours: each attempt is exactly one request), no ``Expect:
+  100-continue``, a hard time limit per attempt, and the preemption deadline of :mod:`resumekit.storage.deadline`.
 
 Configuration is the standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``/``AWS_REGION``, ``AWS_PROFILE``) plus the
-``RESUMEKIT_S3_*`` tuning variables of :class:`RemoteOptions`.
+``RESUMEKIT_S3_*`` tuning variables of :class:`RemoteOptions`; for ``obs://`` roots also the OBS tools' variables
+(:func:`~.client.endpoint_from_env`).
 
 The modules, lowest first: ``options`` (the URI, S3's limits, :class:`RemoteOptions`), ``retry`` (what is
 retried, the backoff, the wording of permanent errors), ``client`` (the s3fs session and the retry loop every

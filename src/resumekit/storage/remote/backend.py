@@ -1,34 +1,24 @@
-"""The :class:`Storage` of an ``s3://bucket/prefix`` root and its :class:`RemoteTransaction`: listing, reading,
-the manifest-last commit, deleting a step manifest first, quarantine by copy, and cleanup of abandoned multipart
-uploads."""
+"""The :class:`Storage` of an ``s3://bucket/prefix`` (or ``obs://bucket/prefix``) root and its
+:class:`RemoteTransaction`: listing, reading, the manifest-last commit, deleting a step manifest first, quarantine
+by copy, and the report and cleanup of abandoned multipart uploads."""
 
 from __future__ import annotations
 
 import asyncio
 import io
-import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
-from ...errors import StorageError
-from ...format import MANIFEST
+from ...errors import RemoteTransferError, StorageError
+from ...format import MANIFEST, keep_dirname
 from ..base import Entry, Storage, Transaction
-from .client import BucketClient
-from .options import DELETE_BATCH, MAX_SINGLE, MiB, RemoteOptions, parse_uri
+from ..resave import promote
+from ..steps import valid_manifest
+from .copy import ServerCopy
+from .maintenance import UploadMaintenance, _ts
+from .options import DELETE_BATCH, RemoteOptions, parse_uri, uri_scheme
 from .reader import RangeReader
-from .retry import _ShortRead
+from .retry import _ShortRead, client_error_info
 from .writer import ObjectWriter
-
-
-def _ts(value: Any) -> Optional[float]:
-    """Seconds since the epoch from what the S3 API returns for a time (a datetime, or a number), else None."""
-    if value is None:
-        return None
-    if hasattr(value, "timestamp"):
-        return float(value.timestamp())
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 class RemoteTransaction(Transaction):
@@ -42,13 +32,18 @@ class RemoteTransaction(Transaction):
         name: the step directory, e.g. ``step_000000100``.
     """
 
-    def __init__(self, storage: "RemoteStorage", name: str):
+    def __init__(self, storage: RemoteStorage, name: str):
         self.storage = storage
-        self.name = name.strip("/")
-        self._writers: List[Tuple[str, ObjectWriter]] = []
-        # Only an invalid step of the same number is ever replaced (the manager keeps valid ones): remove it,
-        # manifest first, so objects being overwritten never sit under a manifest that vouches for old ones.
-        storage.remove_tree(self.name)
+        self.name = self.final = name.strip("/")
+        self._writers: list[tuple[str, ObjectWriter]] = []
+        if valid_manifest(storage, self.final) is not None:  # a committed step a re-save must not lose
+            # A valid step is replaced without a moment of having none: the new copy is written and committed
+            # under a keep name, and takes the step's place only then (resumekit.storage.resave).
+            self.name = keep_dirname(self.final)
+        else:
+            # An invalid step of the same number: remove it, manifest first, so objects being overwritten never
+            # sit under a manifest that vouches for old ones.
+            storage.remove_tree(self.name)
 
     def open_write(self, rel: str) -> ObjectWriter:  # type: ignore[override]
         if rel == MANIFEST:
@@ -70,23 +65,30 @@ class RemoteTransaction(Transaction):
                     f"{st.join(self.name)}/{rel} has {have} bytes after upload, {w.size} were written; not committing"
                 )
         st.write_bytes_atomic(f"{self.name}/{MANIFEST}", manifest)
-        return st.join(self.name)
+        if self.name != self.final:
+            promote(st, self.name, self.final)
+        return st.join(self.final)
 
     def abort(self) -> None:
         for _, w in self._writers:
             if not w.closed:
                 w.abort()
+        if not self.storage.cleanup_allowed():
+            # The store just failed (or the grace period is over): cleaning up would cost another timeout per
+            # request before the caller can report. A step without its manifest never counts; gc removes it.
+            return
         try:
             self.storage.remove_tree(self.name)
         except BaseException:  # noqa: BLE001 - abort never raises; gc removes what is left
             pass
 
 
-class RemoteStorage(BucketClient, Storage):
+class RemoteStorage(ServerCopy, UploadMaintenance, Storage):
     """A checkpoint root under ``s3://bucket/prefix`` on any S3-compatible object store.
 
     Args:
-        uri: ``s3://bucket/prefix``.
+        uri: ``s3://bucket/prefix`` or ``obs://bucket/prefix`` (the same S3 protocol; for ``obs://`` the endpoint
+            may also come from ``OBS_ENDPOINT``/``S3_ENDPOINT``, see :func:`~.client.endpoint_from_env`).
         create: check now that the bucket exists and the credentials work (a missing prefix is fine: object
             stores create it with the first object). With ``create=False`` nothing is sent until first use.
         options: tuning; default :meth:`RemoteOptions.from_env`.
@@ -98,10 +100,11 @@ class RemoteStorage(BucketClient, Storage):
 
     is_local = False
 
-    def __init__(self, uri: str, create: bool = True, options: Optional[RemoteOptions] = None):
+    def __init__(self, uri: str, create: bool = True, options: RemoteOptions | None = None):
         bucket, self.prefix = parse_uri(uri)
-        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        super().__init__(bucket, options or RemoteOptions.from_env())
+        scheme = uri_scheme(uri)
+        self.uri = f"{scheme}://{bucket}/{self.prefix}" if self.prefix else f"{scheme}://{bucket}"
+        super().__init__(bucket, options or RemoteOptions.from_env(), scheme)
         if create:
             # A one-key listing rather than HeadBucket: HEAD answers carry no error code, so a missing bucket and
             # a wrong key would both read "404"/"403" instead of naming the problem.
@@ -128,13 +131,13 @@ class RemoteStorage(BucketClient, Storage):
 
     # -- listing and metadata ---------------------------------------------------------------------------------------
 
-    async def _list(self, prefix: str, delimiter: Optional[str]) -> Tuple[List[str], List[Dict[str, Any]]]:
+    async def _list(self, prefix: str, delimiter: str | None) -> tuple[list[str], list[dict[str, Any]]]:
         """(common prefixes, objects) under ``prefix``, every page."""
-        dirs: List[str] = []
-        objs: List[Dict[str, Any]] = []
-        token: Optional[str] = None
+        dirs: list[str] = []
+        objs: list[dict[str, Any]] = []
+        token: str | None = None
         while True:
-            kw: Dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
             if delimiter:
                 kw["Delimiter"] = delimiter
             if token:
@@ -146,7 +149,7 @@ class RemoteStorage(BucketClient, Storage):
                 return dirs, objs
             token = page.get("NextContinuationToken")
 
-    def listdir(self, rel: str = "") -> List[Entry]:
+    def listdir(self, rel: str = "") -> list[Entry]:
         base = self._dir_prefix(rel)
         dirs, objs = self._sync(self._list(base, "/"))
         out = [Entry(d[len(base) :].rstrip("/"), True) for d in dirs if d[len(base) :].strip("/")]
@@ -157,11 +160,11 @@ class RemoteStorage(BucketClient, Storage):
             out.append(Entry(name, False, int(o.get("Size") or 0), _ts(o.get("LastModified"))))
         return out
 
-    def _walk(self, rel: str) -> List[Dict[str, Any]]:
+    def _walk(self, rel: str) -> list[dict[str, Any]]:
         """Every object under directory ``rel`` (recursive)."""
         return self._sync(self._list(self._dir_prefix(rel), None))[1]
 
-    def _head(self, rel: str) -> Dict[str, Any]:
+    def _head(self, rel: str) -> dict[str, Any]:
         return self._sync(self._call("stat", "head_object", Bucket=self.bucket, Key=self.key(rel)))
 
     def exists(self, rel: str) -> bool:
@@ -181,14 +184,13 @@ class RemoteStorage(BucketClient, Storage):
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.join(rel)} does not exist") from None
 
-    def mtime(self, rel: str) -> Optional[float]:
+    def mtime(self, rel: str) -> float | None:
         """Modification time of an object, or of a "directory": the newest object under it (None when empty)."""
         try:
             return _ts(self._head(rel).get("LastModified"))
         except FileNotFoundError:
             pass
-        times = [_ts(o.get("LastModified")) for o in self._walk(rel)]
-        times = [t for t in times if t is not None]
+        times = [t for o in self._walk(rel) if (t := _ts(o.get("LastModified"))) is not None]
         return max(times) if times else None
 
     # -- reading ----------------------------------------------------------------------------------------------------
@@ -207,7 +209,9 @@ class RemoteStorage(BucketClient, Storage):
             return data
 
         try:
-            return self._sync(self._retry(f"read s3://{self.bucket}/{key}", once))
+            # Sized as one read chunk: read_bytes is for manifests and trackers; data files go through open_read.
+            what = f"read {self.scheme}://{self.bucket}/{key}"
+            return self._sync(self._retry(what, once, nbytes=self.options.read_chunk))
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.join(rel)} does not exist") from None
 
@@ -217,7 +221,7 @@ class RemoteStorage(BucketClient, Storage):
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.join(rel)} does not exist") from None
         raw = RangeReader(self, self.key(rel), int(head["ContentLength"]), head.get("ETag"))
-        return io.BufferedReader(raw, buffer_size=256 * 1024)  # type: ignore[return-value]
+        return io.BufferedReader(raw, buffer_size=256 * 1024)
 
     # -- writing ----------------------------------------------------------------------------------------------------
 
@@ -232,9 +236,59 @@ class RemoteStorage(BucketClient, Storage):
         # A single PUT replaces an object atomically: readers see the old or the new bytes, never a mix.
         self._sync(self._call("write", "put_object", Bucket=self.bucket, Key=self.key(rel), Body=bytes(data)))
 
+    # -- the writer lease (see resumekit.storage.lease) -------------------------------------------------------------
+
+    def put_lease(self, rel: str, data: bytes, if_match: str | None = None) -> str | None:
+        """A conditional PUT: create (``If-None-Match: *``) or, with ``if_match``, replace that version only.
+
+        Returns:
+            The new ETag, or None when the condition failed (someone else's lease is there, or it changed).
+        """
+        cond: dict[str, Any] = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+        try:
+            resp = self._sync(
+                self._call("write lease", "put_object", Bucket=self.bucket, Key=self.key(rel), Body=bytes(data), **cond)
+            )
+        except FileNotFoundError:
+            return None  # If-Match on an object that is gone
+        except StorageError as e:
+            info = client_error_info(e.__cause__) if e.__cause__ is not None else None
+            if info is not None and info[0] in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            raise
+        return resp.get("ETag")
+
+    def read_lease(self, rel: str) -> tuple[bytes, str] | None:
+        """The lease object's bytes (at most 4 KiB) and ETag, or None when there is none."""
+        key = self.key(rel)
+
+        async def once() -> tuple[bytes, str]:
+            s3 = await self._client()
+            resp = await s3.get_object(Bucket=self.bucket, Key=key)
+            async with resp["Body"] as body:
+                data = await body.read(4096)
+            return data, str(resp.get("ETag") or "")
+
+        try:
+            return self._sync(self._retry(f"read lease {self.scheme}://{self.bucket}/{key}", once))
+        except FileNotFoundError:
+            return None
+
+    def delete_lease(self, rel: str, etag: str | None) -> None:
+        """Remove the lease object if it is still the version ``etag`` (a taken-over lease is not ours to delete)."""
+        if not self.cleanup_allowed():
+            # Right after a request used up its retries (or past the preemption deadline), a release would only
+            # add another retry budget before close() can report; the lease expires by itself.
+            raise RemoteTransferError(
+                f"not sent: {self.endpoint_name} failed moments ago or the preemption grace period is over"
+            )
+        got = self.read_lease(rel)
+        if got is not None and (etag is None or got[1] == etag):
+            self._sync(self._call("delete lease", "delete_object", Bucket=self.bucket, Key=self.key(rel)))
+
     # -- deleting and moving ----------------------------------------------------------------------------------------
 
-    async def _delete_keys(self, keys: List[str]) -> None:
+    async def _delete_keys(self, keys: list[str]) -> None:
         for i in range(0, len(keys), DELETE_BATCH):
             batch = keys[i : i + DELETE_BATCH]
             resp = await self._call(
@@ -247,7 +301,8 @@ class RemoteStorage(BucketClient, Storage):
             if errors:
                 e = errors[0]
                 raise StorageError(
-                    f"cannot delete s3://{self.bucket}/{e.get('Key')}: {e.get('Code')} {e.get('Message', '')}".rstrip()
+                    f"cannot delete {self.scheme}://{self.bucket}/{e.get('Key')}: {e.get('Code')} "
+                    f"{e.get('Message', '')}".rstrip()
                     + f" ({len(errors)} object(s) not deleted)"
                 )
 
@@ -269,45 +324,6 @@ class RemoteStorage(BucketClient, Storage):
                 return
         self._sync(self._delete_keys(keys))
 
-    async def _copy(self, src_key: str, dst_key: str, size: int) -> None:
-        src = {"Bucket": self.bucket, "Key": src_key}
-        if size <= MAX_SINGLE:
-            await self._call("copy", "copy_object", Bucket=self.bucket, Key=dst_key, CopySource=src)
-            return
-        # Objects above 5 GiB cannot be copied in one request: multipart copy in 1 GiB ranges.
-        mpu = await self._call("copy", "create_multipart_upload", Bucket=self.bucket, Key=dst_key)
-        uid = mpu["UploadId"]
-        try:
-            step = 1024 * MiB
-            sem = asyncio.Semaphore(self.options.concurrency)
-
-            async def part(n: int, start: int) -> Dict[str, Any]:
-                async with sem:
-                    r = await self._call(
-                        "copy",
-                        "upload_part_copy",
-                        Bucket=self.bucket,
-                        Key=dst_key,
-                        UploadId=uid,
-                        PartNumber=n,
-                        CopySource=src,
-                        CopySourceRange=f"bytes={start}-{min(size, start + step) - 1}",
-                    )
-                    return {"PartNumber": n, "ETag": r["CopyPartResult"]["ETag"]}
-
-            parts = await asyncio.gather(*[part(i + 1, s) for i, s in enumerate(range(0, size, step))])
-            await self._call(
-                "copy",
-                "complete_multipart_upload",
-                Bucket=self.bucket,
-                Key=dst_key,
-                UploadId=uid,
-                MultipartUpload={"Parts": list(parts)},
-            )
-        except BaseException:
-            await self._abort_upload(dst_key, uid)
-            raise
-
     def rename(self, src: str, dst: str) -> None:
         """Copy then delete (object stores cannot rename): data objects, then the manifest, then the source
         (its manifest first). At every instant at most one of the two names is a valid checkpoint... or both
@@ -326,7 +342,7 @@ class RemoteStorage(BucketClient, Storage):
         async def copy_all() -> None:
             sem = asyncio.Semaphore(self.options.concurrency)
 
-            async def one(o: Dict[str, Any]) -> None:
+            async def one(o: dict[str, Any]) -> None:
                 async with sem:
                     await self._copy(o["Key"], dbase + o["Key"][len(base) :], int(o.get("Size") or 0))
 
@@ -337,33 +353,6 @@ class RemoteStorage(BucketClient, Storage):
 
         self._sync(copy_all())
         self.remove_tree(src)
-
-    # -- maintenance ------------------------------------------------------------------------------------------------
-
-    def abort_stale_uploads(self, older_than: float, dry_run: bool = False, now: Optional[float] = None) -> List[str]:
-        """Abort multipart uploads under the prefix started more than ``older_than`` seconds ago (a killed save
-        leaves them behind: invisible to listings, but billed). Returns the keys."""
-        now = time.time() if now is None else now
-
-        async def run() -> List[str]:
-            found: List[Tuple[str, str]] = []
-            kw: Dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._dir_prefix("")}
-            while True:
-                page = await self._call("list uploads", "list_multipart_uploads", **kw)
-                for u in page.get("Uploads") or []:
-                    t = _ts(u.get("Initiated"))
-                    if t is not None and now - t >= older_than:
-                        found.append((u["Key"], u["UploadId"]))
-                if not page.get("IsTruncated"):
-                    break
-                kw["KeyMarker"] = page.get("NextKeyMarker")
-                kw["UploadIdMarker"] = page.get("NextUploadIdMarker")
-            if not dry_run:
-                for key, uid in found:
-                    await self._abort_upload(key, uid)
-            return [f"s3://{self.bucket}/{k} (upload {u[:12]})" for k, u in found]
-
-        return self._sync(run())
 
 
 __all__ = ["RemoteStorage", "RemoteTransaction"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Tuple
+from typing import Any, ClassVar
 
 from ...errors import ConfigError
 
@@ -18,21 +18,30 @@ MAX_PARTS = 10_000
 DELETE_BATCH = 1000
 
 
-def parse_uri(uri: str) -> Tuple[str, str]:
-    """``s3://bucket/some/prefix/`` -> ``("bucket", "some/prefix")`` (``s3a://`` too).
+#: URI schemes of S3-protocol stores: ``obs://`` is how Huawei Cloud (ModelArts, MoXing) users write OBS paths.
+SCHEMES = ("s3", "s3a", "obs")
+
+
+def uri_scheme(uri: str) -> str:
+    """The scheme of an object-store URI as it is written back in paths and messages: ``obs`` or ``s3``."""
+    return "obs" if uri.partition("://")[0].lower() == "obs" else "s3"
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix/`` -> ``("bucket", "some/prefix")`` (``s3a://`` and ``obs://`` too).
 
     Raises:
         ConfigError: another scheme, or no bucket.
     """
     scheme, _, rest = uri.partition("://")
-    if scheme.lower() not in ("s3", "s3a"):
+    if scheme.lower() not in SCHEMES:
         raise ConfigError(
-            f"unsupported storage URI {uri!r}: only s3://bucket/prefix is supported (Huawei OBS and "
-            "MinIO through their S3-compatible endpoint: set AWS_ENDPOINT_URL)"
+            f"unsupported storage URI {uri!r}: only s3://bucket/prefix is supported (and obs://bucket/prefix; "
+            "Huawei OBS and MinIO through their S3-compatible endpoint: set AWS_ENDPOINT_URL)"
         )
     bucket, _, prefix = rest.partition("/")
     if not bucket:
-        raise ConfigError(f"storage URI {uri!r} names no bucket; use s3://bucket/prefix")
+        raise ConfigError(f"storage URI {uri!r} names no bucket; use {scheme.lower()}://bucket/prefix")
     return bucket, prefix.strip("/")
 
 
@@ -64,7 +73,10 @@ class RemoteOptions:
         backoff_max: largest retry delay in seconds (``RESUMEKIT_S3_BACKOFF_MAX``).
         connect_timeout: seconds to open a connection (``RESUMEKIT_S3_CONNECT_TIMEOUT``).
         read_timeout: seconds without a byte from the server before a request counts as failed
-            (``RESUMEKIT_S3_READ_TIMEOUT``).
+            (``RESUMEKIT_S3_READ_TIMEOUT``); also the longest wait for an answer once a request is sent.
+        min_throughput: bytes per second below which a request counts as stuck even while bytes trickle
+            (``RESUMEKIT_S3_MIN_THROUGHPUT``): every request is cut after ``connect_timeout + read_timeout +
+            its bytes / min_throughput`` seconds, whatever the HTTP stack does, so one attempt is always bounded.
     """
 
     # Defaults from benchmarks/bench_remote.py --sweep: 8-16 MiB parts with 4-16 in flight were equally fast,
@@ -77,8 +89,11 @@ class RemoteOptions:
     backoff_max: float = 8.0
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # A floor far below any working link (a 16 MiB part gets 64 s on top of the timeouts): it only catches
+    # pathologies, such as a server that answers one byte a minute.
+    min_throughput: int = 256 * 1024
 
-    _ENV = {
+    _ENV: ClassVar[dict[str, str]] = {  # a class constant, not a dataclass field
         "part_size": "RESUMEKIT_S3_PART_SIZE",
         "concurrency": "RESUMEKIT_S3_CONCURRENCY",
         "read_chunk": "RESUMEKIT_S3_READ_CHUNK",
@@ -87,6 +102,7 @@ class RemoteOptions:
         "backoff_max": "RESUMEKIT_S3_BACKOFF_MAX",
         "connect_timeout": "RESUMEKIT_S3_CONNECT_TIMEOUT",
         "read_timeout": "RESUMEKIT_S3_READ_TIMEOUT",
+        "min_throughput": "RESUMEKIT_S3_MIN_THROUGHPUT",
     }
 
     def __post_init__(self) -> None:
@@ -94,7 +110,7 @@ class RemoteOptions:
             raise ConfigError(
                 f"RemoteOptions.part_size must be >= {MIN_PART} bytes (S3's minimum part), got {self.part_size!r}"
             )
-        for name in ("concurrency", "read_chunk", "retries"):
+        for name in ("concurrency", "read_chunk", "retries", "min_throughput"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"RemoteOptions.{name} must be a positive integer, got {v!r}")
@@ -103,10 +119,19 @@ class RemoteOptions:
             if not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"RemoteOptions.{name} must be a number of seconds >= 0, got {v!r}")
 
+    def attempt_limit(self, nbytes: int = 0) -> float:
+        """The most seconds one request moving ``nbytes`` (body sent or received) may take."""
+        return self.connect_timeout + self.read_timeout + nbytes / self.min_throughput
+
+    def budget(self, nbytes: int = 0) -> float:
+        """The most seconds one request may take with all its retries: attempts plus the backoff between them."""
+        delays = sum(min(self.backoff_max, self.backoff * 2.0 ** (a - 1)) for a in range(1, self.retries))
+        return self.retries * self.attempt_limit(nbytes) + delays
+
     @classmethod
-    def from_env(cls, **overrides: Any) -> "RemoteOptions":
+    def from_env(cls, **overrides: Any) -> RemoteOptions:
         """Defaults, then the ``RESUMEKIT_S3_*`` environment, then ``overrides``."""
-        kw: Dict[str, Any] = {}
+        kw: dict[str, Any] = {}
         types = {f.name: type(f.default) for f in fields(cls)}
         for name, var in cls._ENV.items():
             kw[name] = _env_number(var, getattr(cls, name), types[name])
@@ -114,4 +139,14 @@ class RemoteOptions:
         return cls(**kw)
 
 
-__all__ = ["RemoteOptions", "parse_uri", "MiB", "MIN_PART", "MAX_SINGLE", "MAX_PARTS", "DELETE_BATCH"]
+__all__ = [
+    "RemoteOptions",
+    "parse_uri",
+    "uri_scheme",
+    "SCHEMES",
+    "MiB",
+    "MIN_PART",
+    "MAX_SINGLE",
+    "MAX_PARTS",
+    "DELETE_BATCH",
+]

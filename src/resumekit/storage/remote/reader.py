@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import Future
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from .client import BucketClient
 from .retry import _ShortRead
@@ -23,7 +23,7 @@ class RangeReader(io.RawIOBase):
         etag: the object's ETag (from the same HEAD), or None to read whatever version each range finds.
     """
 
-    def __init__(self, client: BucketClient, key: str, size: int, etag: Optional[str]):
+    def __init__(self, client: BucketClient, key: str, size: int, etag: str | None):
         super().__init__()
         self._st = client
         self._key = key
@@ -32,8 +32,8 @@ class RangeReader(io.RawIOBase):
         self._chunk = client.options.read_chunk
         self._window = client.options.concurrency
         self._pos = 0
-        self._futs: Dict[int, "Future[bytes]"] = {}
-        self._cur: Optional[Tuple[int, bytes]] = None
+        self._futs: dict[int, Future[bytes]] = {}
+        self._cur: tuple[int, bytes] | None = None
 
     def readable(self) -> bool:
         return True
@@ -55,7 +55,7 @@ class RangeReader(io.RawIOBase):
 
         async def once() -> bytes:
             s3 = await st._client()
-            kw: Dict[str, Any] = {"Bucket": st.bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
+            kw: dict[str, Any] = {"Bucket": st.bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
             if etag:
                 kw["IfMatch"] = etag  # the object must not change between two ranges of one read
             resp = await s3.get_object(**kw)
@@ -65,9 +65,9 @@ class RangeReader(io.RawIOBase):
                 raise _ShortRead(f"range {start}-{end - 1}: got {len(data)} of {end - start} bytes")
             return data
 
-        return await st._retry(f"read s3://{st.bucket}/{key} [{start}:{end}]", once)
+        return await st._retry(f"read {st.scheme}://{st.bucket}/{key} [{start}:{end}]", once, nbytes=end - start)
 
-    def _fetch(self, idx: int) -> "Future[bytes]":
+    def _fetch(self, idx: int) -> Future[bytes]:
         fut = self._futs.get(idx)
         if fut is None:
             start = idx * self._chunk

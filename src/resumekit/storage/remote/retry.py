@@ -4,7 +4,6 @@ ones no retry can fix. Pure functions over exception objects: unit-tested withou
 from __future__ import annotations
 
 import asyncio
-from typing import Optional, Tuple
 
 from ...errors import StorageError
 
@@ -60,7 +59,7 @@ class _ShortRead(ConnectionError):
     """The server sent fewer bytes than the range asked for (a dropped connection that looked like an EOF)."""
 
 
-def client_error_info(exc: BaseException) -> Optional[Tuple[str, int]]:
+def client_error_info(exc: BaseException) -> tuple[str, int] | None:
     """``(error code, HTTP status)`` of a botocore ``ClientError`` (anything with its ``response``), else None."""
     resp = getattr(exc, "response", None)
     if not isinstance(resp, dict):

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ...errors import StorageError
+from ...events import note_progress
 from .client import BucketClient
 from .options import MAX_PARTS
 
@@ -31,8 +32,8 @@ class ObjectWriter:
         self._key = key
         self._buf = bytearray()
         self._part_no = 0
-        self._upload_id: Optional[str] = None
-        self._futs: List["Future[Dict[str, Any]]"] = []
+        self._upload_id: str | None = None
+        self._futs: list[Future[dict[str, Any]]] = []
         self._sem = threading.BoundedSemaphore(client.options.concurrency)
         self.size = 0
         self.closed = False
@@ -40,7 +41,7 @@ class ObjectWriter:
 
     @property
     def name(self) -> str:
-        return f"s3://{self._st.bucket}/{self._key}"
+        return f"{self._st.scheme}://{self._st.bucket}/{self._key}"
 
     def writable(self) -> bool:
         return True
@@ -55,6 +56,7 @@ class ObjectWriter:
         n = len(mv)
         self._buf += mv
         self.size += n
+        note_progress(n)  # the caller blocks here when the upload window is full: progress follows the uploads
         limit = part_size_for(self._part_no + 1, self._st.options.part_size)
         while len(self._buf) >= limit:
             part = bytes(self._buf[:limit])
@@ -114,12 +116,14 @@ class ObjectWriter:
             self.abort()
             raise
 
-    async def _complete(self, parts: List[Dict[str, Any]]) -> None:
+    async def _complete(self, parts: list[dict[str, Any]]) -> None:
         st = self._st
         try:
+            # Assembling the parts can take the server a while for a large object: sized like the transfer.
             await st._call(
                 "upload",
                 "complete_multipart_upload",
+                nbytes=self.size,
                 Bucket=st.bucket,
                 Key=self._key,
                 UploadId=self._upload_id,
@@ -152,7 +156,7 @@ class ObjectWriter:
             self._upload_id = None
         self._buf = bytearray()
 
-    def __enter__(self) -> "ObjectWriter":
+    def __enter__(self) -> ObjectWriter:
         return self
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:

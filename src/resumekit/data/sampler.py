@@ -1,23 +1,18 @@
-"""Deterministic, resumable data order.
-
-:class:`ResumableSampler` draws its order from ``(seed, epoch)`` alone and keeps the *global* number of samples
-consumed in the epoch, so a resumed run skips straight to its position in O(1) (the order is recomputed, no data
-is read) and the same global order continues even when the number of ranks changes.
-
-:class:`ResumableDataLoader` is a ``torch.utils.data.DataLoader`` that keeps that position exact with worker
-processes (which prefetch ahead of what the loop consumed) and seeds its workers from ``(seed, epoch)`` instead of
-the global torch RNG, so creating an iterator mid-epoch does not shift the training's random stream.
+"""The resumable data order: :class:`ResumableSampler` draws its order from ``(seed, epoch)`` alone and keeps the
+*global* number of samples consumed in the epoch, so a resumed run skips straight to its position in O(1) (the
+order is recomputed, no data is read) and the same global order continues even when the number of ranks changes.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterator, Optional, Sized, Union
+from collections.abc import Iterator, Sized
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
-from .errors import StateMismatchError
+from ..errors import StateMismatchError
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -41,16 +36,17 @@ class ResumableSampler(Sampler[int]):
     Its ``position`` counts global samples handed out in the current epoch. With ``DataLoader(num_workers=0)``
     that is exactly what the loop consumed; with worker processes use :class:`ResumableDataLoader`, which
     corrects for prefetching. Call :meth:`set_epoch` at the start of every epoch, as with DistributedSampler.
+    ``len()`` is this rank's share of a whole epoch, whatever the position; :attr:`remaining` is what is left.
     """
 
     def __init__(
         self,
-        data: Union[Sized, int],
+        data: Sized | int,
         *,
         seed: int = 0,
         shuffle: bool = True,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
         drop_last: bool = False,
     ):
         n = data if isinstance(data, int) else len(data)
@@ -78,7 +74,13 @@ class ResumableSampler(Sampler[int]):
         n, w = self.num_samples_total, self.num_replicas
         return (n // w) * w if self.drop_last else math.ceil(n / w) * w
 
-    def order(self, epoch: Optional[int] = None) -> torch.Tensor:
+    @property
+    def remaining(self) -> int:
+        """Samples this rank still yields in the current epoch (its share of ``epoch_length - position``)."""
+        left = self.epoch_length - self.position - self.rank
+        return max(0, math.ceil(left / self.num_replicas))
+
+    def order(self, epoch: int | None = None) -> torch.Tensor:
         """The global index order of an epoch (a pure function of seed and epoch)."""
         epoch = self.epoch if epoch is None else epoch
         n = self.num_samples_total
@@ -106,10 +108,11 @@ class ResumableSampler(Sampler[int]):
             yield int(order[g % n])
 
     def __len__(self) -> int:
-        remaining = self.epoch_length - self.position - self.rank
-        return max(0, math.ceil(remaining / self.num_replicas))
+        # The whole epoch, not what is left: frameworks size their epoch (progress bars, Lightning's loop, LR
+        # schedules) from len(), and a length that shrank after a mid-epoch restore shortened every later epoch.
+        return self.epoch_length // self.num_replicas
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "seed": self.seed,
             "epoch": self.epoch,
@@ -118,7 +121,7 @@ class ResumableSampler(Sampler[int]):
             "shuffle": self.shuffle,
         }
 
-    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("num_samples") != self.num_samples_total:
             raise StateMismatchError(
                 f"sampler was saved for a dataset of {sd.get('num_samples')} samples, this one has "
@@ -129,72 +132,3 @@ class ResumableSampler(Sampler[int]):
         self.epoch = int(sd["epoch"])
         self.position = int(sd["position"])
         self.shuffle = bool(sd.get("shuffle", self.shuffle))
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader over a :class:`ResumableSampler` that is itself stateful (put it in the checkpoint state).
-
-    Args:
-        dataset: map-style dataset.
-        batch_size: samples per batch on this rank.
-        seed, shuffle, drop_last, num_replicas, rank: passed to the sampler (``drop_last`` also to batching).
-        **kwargs: any other DataLoader argument (num_workers, collate_fn, pin_memory, ...). ``sampler``,
-            ``shuffle`` and ``generator`` are managed here.
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        batch_size: int = 1,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        drop_last: bool = False,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
-        **kwargs: Any,
-    ):
-        for k in ("sampler", "batch_sampler", "generator"):
-            if k in kwargs:
-                raise TypeError(f"ResumableDataLoader manages {k!r} itself")
-        self.resumable_sampler = ResumableSampler(
-            dataset, seed=seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank, drop_last=drop_last
-        )
-        self._worker_generator = torch.Generator()
-        super().__init__(
-            dataset,
-            batch_size=batch_size,
-            sampler=self.resumable_sampler,
-            drop_last=drop_last,
-            generator=self._worker_generator,
-            **kwargs,
-        )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.resumable_sampler.set_epoch(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return self.resumable_sampler.epoch
-
-    def __iter__(self):  # type: ignore[override]
-        s = self.resumable_sampler
-        # Worker seeds come from this generator: a pure function of (seed, epoch), never of the global RNG, so a
-        # mid-epoch restart neither consumes nor depends on the training's random stream. (Random augmentation
-        # that must be exact across a mid-epoch restart should seed per sample, e.g. from epoch_seed(seed, index).)
-        self._worker_generator.manual_seed(epoch_seed(s.seed, s.epoch))
-        start, total = s.position, s.epoch_length
-        per_batch = self.batch_size * s.num_replicas
-        delivered = 0
-        for batch in super().__iter__():
-            delivered += 1
-            # Workers prefetch, so the sampler has run ahead; the position is what the loop has received.
-            s.position = min(start + delivered * per_batch, total)
-            yield batch
-        s.position = total
-
-    def state_dict(self) -> Dict[str, Any]:
-        return self.resumable_sampler.state_dict()
-
-    def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        self.resumable_sampler.load_state_dict(sd)
