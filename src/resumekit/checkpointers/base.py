@@ -185,7 +185,9 @@ class Checkpointer(Protocol):
 # ------------------------------------------------------------------------------------ shared by implementations
 def is_committed(storage: Storage, name: str) -> bool:
     """``name`` holds a committed checkpoint whose files pass the quick check (manifest, sizes)."""
-    return valid_manifest(storage, name) is not None
+    # exists() first: a store that fails must raise, not read as "not committed" (valid_manifest counts every
+    # OSError as invalid).
+    return storage.exists(f"{name}/{MANIFEST}") and valid_manifest(storage, name) is not None
 
 
 def remove_stale_tmp(storage: Storage) -> None:

@@ -36,7 +36,9 @@ class RemoteTransaction(Transaction):
         self.storage = storage
         self.name = self.final = name.strip("/")
         self._writers: list[tuple[str, ObjectWriter]] = []
-        if valid_manifest(storage, self.final) is not None:  # a committed step a re-save must not lose
+        # A committed step a re-save must not lose. exists() first: a failing store must raise here, not read as
+        # "no valid step" (valid_manifest counts every OSError as invalid).
+        if storage.exists(f"{self.final}/{MANIFEST}") and valid_manifest(storage, self.final) is not None:
             # A valid step is replaced without a moment of having none: the new copy is written and committed
             # under a keep name, and takes the step's place only then (resumekit.storage.resave).
             self.name = keep_dirname(self.final)
