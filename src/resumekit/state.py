@@ -111,6 +111,33 @@ def _as_python_state(s: Any) -> Any:
     return (version, tuple(internal), gauss)
 
 
+def select_keys(
+    state: Mapping[str, Any], saved: Iterable[str], *, only: Iterable[str] | None, strict: bool, where: str
+) -> list[str]:
+    """The entries a restore loads: ``only`` (each must be in ``state``) or every entry of ``state``.
+
+    Raises:
+        StateMismatchError: ``only`` names an entry the state lacks, or an entry to load is not among ``saved``
+            while ``strict`` (or ``only``) asks for all of them.
+    """
+    keys = list(only) if only is not None else list(state.keys())
+    if only is not None:
+        unknown = [k for k in keys if k not in state]
+        if unknown:
+            raise StateMismatchError(
+                f"cannot load {unknown} from {where}: no such entries in the state passed "
+                f"to restore() (it has {sorted(state)})"
+            )
+    saved_keys = set(saved)
+    missing = [k for k in keys if k not in saved_keys]
+    if missing and (strict or only is not None):
+        raise StateMismatchError(
+            f"{where} has no entry for {missing} (it has {sorted(saved_keys)}); pass only=[...] to load a subset or "
+            "strict=False to start those entries fresh"
+        )
+    return keys
+
+
 def check_state(
     state: Mapping[str, Any],
     saved: Any,
@@ -133,20 +160,7 @@ def check_state(
     """
     if not isinstance(saved, Mapping):
         raise CorruptCheckpointError(where, "the saved state is not a mapping")
-    keys = list(only) if only is not None else list(state.keys())
-    if only is not None:
-        unknown = [k for k in keys if k not in state]
-        if unknown:
-            raise StateMismatchError(
-                f"cannot load {unknown} from {where}: no such entries in the state passed "
-                f"to restore() (it has {sorted(state)})"
-            )
-    missing = [k for k in keys if k not in saved]
-    if missing and (strict or only is not None):
-        raise StateMismatchError(
-            f"{where} has no entry for {missing} (it has {sorted(saved)}); pass only=[...] to load a subset or "
-            "strict=False to start those entries fresh"
-        )
+    keys = select_keys(state, saved, only=only, strict=strict, where=where)
     for key in keys:
         if key not in saved:
             continue

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import CorruptCheckpointError, StateMismatchError
 from ..format import DIST_FILE
-from ..state import RNG_KEY, STATE_KEY, apply_state, check_rng, check_state, restore_rng
+from ..state import RNG_KEY, STATE_KEY, apply_state, check_rng, check_state, restore_rng, select_keys
 from ..storage import Storage
 from ..verify import read_manifest, read_verified
 from .context import DistContext
@@ -78,20 +78,7 @@ def load_sharded(
         skeleton = tree.get(DCP_KEY, {})
         rest = tree.get(STATE_KEY, {})
         saved_keys = set(skeleton) | set(rest)
-        keys = list(only) if only is not None else list(state.keys())
-        if only is not None:
-            unknown = [k for k in keys if k not in state]
-            if unknown:
-                raise StateMismatchError(
-                    f"cannot load {unknown} from {where}: no such entries in the state "
-                    f"passed to restore() (it has {sorted(state)})"
-                )
-        missing = [k for k in keys if k not in saved_keys]
-        if missing and (strict or only is not None):
-            raise StateMismatchError(
-                f"{where} has no entry for {missing} (it has {sorted(saved_keys)}); pass only=[...] to load a "
-                "subset or strict=False to start those entries fresh"
-            )
+        keys = select_keys(state, saved_keys, only=only, strict=strict, where=where)
         entries = dcp_entries(state)
         modules = {k: v for k, v in entries.items() if isinstance(v, torch.nn.Module)}
         for key in keys:
