@@ -28,6 +28,9 @@ demo: $(BIN)/.installed
 test: $(BIN)/.dev-installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# `make bench`: every benchmark, one final JSON line (docs/performance.md says what each key means); also redraws
+# docs/scaling.png, the cost curve. Needs ~9 GiB of free RAM and disk for the 4 GiB point; BENCH_ARGS=--quick for a
+# short run. Run it on a quiet machine: the ratios are side by side, but the step overhead is sensitive to load.
 bench: $(BIN)/.dev-installed
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 

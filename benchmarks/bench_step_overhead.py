@@ -1,7 +1,16 @@
 """Training-step overhead of async checkpointing: a ~256 MiB model (AdamW: ~768 MiB of state) checkpointed every
-10 steps, vs the same loop without checkpointing, measured back to back in one run.
+10 steps, vs the same loop without checkpointing (and with synchronous saves), measured back to back in one run.
 
-Prints one JSON line with ``step_overhead`` (extra time per step / step time without checkpoints).
+Two modes model two kinds of jobs:
+
+* ``--mode cpu``: the step computes on every core (torch's default threads), so the background persist competes
+  with the training for CPU: the worst case, a CPU-only training job.
+* ``--mode accel``: an accelerator stand-in. On a GPU node the host CPU is mostly idle during a step (the kernels
+  run on the device); here the step computes on one thread and the other core is free, as the host's spare cores
+  are. The same model and batch: only the thread count differs.
+
+Prints one JSON line with ``step_overhead`` (async: extra time per step / step time without checkpoints) and
+``step_overhead_sync`` (the same with blocking saves).
 """
 
 from __future__ import annotations
@@ -36,36 +45,48 @@ def loop(model, opt, steps: int, batch: int, width: int, mgr=None, start: int = 
     return time.perf_counter() - t
 
 
-def run(model_mb: int, steps: int, every: int, directory: str, batch: int, async_save: bool = True) -> dict:
+def with_checkpoints(model, opt, steps, every, batch, width, directory, async_save) -> tuple[float, object]:
     from resumekit import CheckpointManager
 
-    width = 2048
-    layers = max(1, round((model_mb << 20) / (4 * (width * width + width))))
-    model, opt = make(width, layers)
-    loop(model, opt, 3, batch, width)  # warm-up: allocates Adam state
-    base = [loop(model, opt, steps, batch, width) for _ in range(2)]
     shutil.rmtree(directory, ignore_errors=True)
     mgr = CheckpointManager(
         directory, every_steps=every, keep_last=2, async_save=async_save, handle_sigterm=False, metrics_every=0
     )
     loop(model, opt, every, batch, width, mgr)  # first save allocates the staging buffers once
     # global step numbers keep growing: every loop saves at its multiples of `every`
-    with_ckpt = [loop(model, opt, steps, batch, width, mgr, start=every + i * steps) for i in range(2)]
+    best = min(loop(model, opt, steps, batch, width, mgr, start=every + i * steps) for i in range(2))
     mgr.close()
     shutil.rmtree(directory, ignore_errors=True)
+    return best, mgr.cost
+
+
+def run(
+    model_mb: int, steps: int, every: int, directory: str, batch: int, async_save: bool = True, sync_too: bool = False
+) -> dict:
+    width = 2048
+    layers = max(1, round((model_mb << 20) / (4 * (width * width + width))))
+    model, opt = make(width, layers)
+    loop(model, opt, 3, batch, width)  # warm-up: allocates Adam state
+    t0 = min(loop(model, opt, steps, batch, width) for _ in range(2))
+    t1, cost = with_checkpoints(model, opt, steps, every, batch, width, directory, async_save)
     state_bytes = sum(p.numel() * 4 for p in model.parameters()) * 3
-    t0, t1 = min(base), min(with_ckpt)
-    return {
+    res = {
         "model_mb": round(sum(p.numel() * 4 for p in model.parameters()) / 2**20),
         "state_mb": state_bytes >> 20,
         "steps": steps,
         "every": every,
         "step_s": t0 / steps,
         "step_s_with_ckpt": t1 / steps,
-        "save_blocking_s": mgr.cost.blocking_s_mean,
-        "save_persist_s": mgr.cost.persist_s_mean,
+        "save_blocking_s": cost.blocking_s_mean,
+        "save_persist_s": cost.persist_s_mean,
         "step_overhead": (t1 - t0) / t0,
     }
+    if sync_too and async_save:
+        ts, scost = with_checkpoints(model, opt, steps, every, batch, width, directory, False)
+        res["step_s_with_sync_ckpt"] = ts / steps
+        res["sync_save_blocking_s"] = scost.blocking_s_mean
+        res["step_overhead_sync"] = (ts - t0) / t0
+    return res
 
 
 def main() -> None:
@@ -76,11 +97,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dir", default="bench-out/overhead")
     p.add_argument("--sync", action="store_true", help="synchronous saves, for comparison")
-    p.add_argument("--threads", type=int, default=0, help="torch compute threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch compute threads (0: the mode's)")
+    p.add_argument("--mode", choices=("cpu", "accel"), default="cpu", help="cpu: every core computes; accel: one")
+    p.add_argument("--compare-sync", action="store_true", help="also measure synchronous saves (same run)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = run(a.model_mb, a.steps, a.every, a.dir, a.batch, async_save=not a.sync)
+    elif a.mode == "accel":
+        torch.set_num_threads(1)  # the accelerator stand-in: the step occupies one core, the others are free
+    res = run(a.model_mb, a.steps, a.every, a.dir, a.batch, async_save=not a.sync, sync_too=a.compare_sync)
+    res["mode"] = a.mode
     res["threads"] = torch.get_num_threads()
     res["async"] = not a.sync
     print(

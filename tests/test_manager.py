@@ -520,3 +520,22 @@ def test_supervisor_resume_never_is_honoured(tmp_path, monkeypatch):
     assert CheckpointManager(str(tmp_path)).restore(make_training()) == 0
     monkeypatch.setenv("RESUMEKIT_RESUME", "auto")
     assert CheckpointManager(str(tmp_path)).restore(make_training()) == 4
+
+
+def test_job_init_restore_and_first_step_events_time_a_start(tmp_path):
+    # Issue 14: the restart-latency breakdown reads the job's own timeline: job_init (the manager exists), a timed
+    # restore (also with resume="never") and one first_step per process, before the rate-limited metrics.
+    from resumekit.events import read_events
+
+    for resume in ("auto", "never"):
+        d = tmp_path / resume
+        st = make_training()
+        mgr = CheckpointManager(str(d), every_steps=4, resume=resume)
+        assert mgr.restore(st) == 0
+        train_steps(st, 6, mgr)
+        mgr.close()
+        evs = read_events(str(d / "events.jsonl"))
+        names = [e["event"] for e in evs]
+        assert names[:3] == ["job_init", "restore", "first_step"] and names.count("first_step") == 1
+        restore, first = evs[1], evs[2]
+        assert restore["seconds"] >= 0 and first["step"] == 1 and first["time"] >= restore["time"]

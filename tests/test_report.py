@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from resumekit.events import EventLog
+from resumekit.events import EventLog, read_events
 from resumekit.report import load_run, log_metrics, plot_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -56,6 +56,7 @@ def test_load_run_groups_metrics_by_start_and_collects_markers(tmp_path):
         "preemptions": 0,
         "quarantines": 0,
         "saves": 3,
+        "restart_latency": None,  # this summary carries no breakdown
     }
 
 
@@ -121,3 +122,22 @@ def test_report_cli(tmp_path):
     )
     assert r.returncode == 1
     assert f"resumekit: no event log at {tmp_path / 'nothing' / 'events.jsonl'}; pass --events PATH" in r.stderr
+
+
+def test_a_restarts_start_up_runs_from_its_launch_to_its_first_step(tmp_path):
+    # Issue 14: the wall-time panel shades what a restart costs after the launch (spawn, imports, restore).
+    ev = str(tmp_path / "events.jsonl")
+    sup, job = EventLog(ev, source="supervisor"), EventLog(ev)
+    sup.emit("start", attempt=1, restart_count=0, pid=1, resume_step=None)
+    job.emit("first_step", step=1)
+    log_metrics(1, loss=1.0, log=job)
+    sup.emit("exit", attempt=1, failure=True, hung=False, signal="SIGKILL", exit_code=137, last_step=1)
+    sup.emit("start", attempt=2, restart_count=1, pid=2, resume_step=0)
+    job.emit("restore", step=0, seconds=0.01)
+    job.emit("first_step", step=1)
+    log_metrics(1, loss=1.0, log=job)
+    run = load_run(ev)
+    (span,) = run.starting
+    starts = [e for e in read_events(ev) if e["event"] == "start"]
+    firsts = [e for e in read_events(ev) if e["event"] == "first_step"]
+    assert span == (starts[1]["time"], firsts[1]["time"])

@@ -14,6 +14,7 @@ import pytest
 from conftest import PYTHON, REPO
 from killrun import differing_steps, run_killed, straight_records
 from resumekit.demo.single import compare_final
+from resumekit.events import EVENTS_FILE, read_events
 
 JOB = os.path.join(REPO, "tests", "jobs", "augjob.py")
 STEPS, EVERY, PER_EPOCH = 120, 4, 20  # 6 epochs; most checkpoints fall mid-epoch
@@ -50,3 +51,6 @@ def test_augmenting_job_killed_and_resumed_equals_straight(straight, tmp_path, w
     assert len(ref) == STEPS and len(r["batches"]) == STEPS
     assert differing_steps(ref, r["batches"], ("batch", "loss")) == []
     assert compare_final(straight, d, STEPS) == []
+    # Warm restart is on by default: restarts ran in standby interpreters (torch imported ahead), bitwise all the same.
+    warm = [e["warm"] for e in read_events(os.path.join(d, EVENTS_FILE)) if e.get("event") == "start"]
+    assert warm[0] is False and sum(warm) >= 1, warm

@@ -299,3 +299,49 @@ def test_progress_bars_only_for_big_transfers_on_a_terminal(monkeypatch):
     bar.update(1 << 20)
     bar.close()
     assert "upload" in sys.stderr.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "disk"])
+def test_restore_prefers_the_fastest_valid_tier_and_names_it(tmp_path, kind):
+    """A local tier in /dev/shm (or a plain directory) in front of a durable directory: the restore reads the local
+    copy when it is valid and as new as the remote one, else downloads the remote one, and its event says which."""
+    import uuid
+
+    if kind == "tmpfs" and not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    fast = f"/dev/shm/resumekit-test-{uuid.uuid4().hex[:12]}" if kind == "tmpfs" else str(tmp_path / "fast")
+    durable = str(tmp_path / "durable")
+    try:
+        st = make_training()
+        mgr = CheckpointManager(durable, local_tier=fast, every_steps=4)
+        assert mgr.tier is not None and mgr.tier.in_memory is (kind == "tmpfs")
+        train_steps(st, 8, mgr)
+        mgr.close()
+
+        def restore() -> dict:
+            m = CheckpointManager(durable, local_tier=fast)
+            assert m.restore(make_training()) == 8
+            m.close()
+            return [e for e in read_events(os.path.join(fast, "events.jsonl")) if e["event"] == "restore"][-1]
+
+        ev = restore()
+        assert (ev["tier"], ev["tier_in_memory"], ev["path"]) == ("local", kind == "tmpfs", f"{fast}/{step_dirname(8)}")
+        if kind == "tmpfs":  # no keep_last: every save stays in RAM, which the restore says at once
+            assert ev["tier_space"].startswith(
+                f"local tier {fast} is tmpfs and keeps every checkpoint: each save adds "
+            )
+        else:
+            assert "tier_space" not in ev
+        p = os.path.join(fast, step_dirname(8), TENSORS_FILE)
+        with open(p, "r+b") as f:
+            f.seek(-100, os.SEEK_END)  # in the tensor data
+            b = f.read(1)
+            f.seek(-100, os.SEEK_END)
+            f.write(bytes([b[0] ^ 1]))
+        ev = restore()
+        assert ev["tier"] == "remote" and ev["verified"] == "hashed"
+        assert [s["reason"] for s in ev["skipped"]] == [
+            f"{TENSORS_FILE} checksum mismatch: the file was altered or damaged"
+        ]
+    finally:
+        shutil.rmtree(fast, ignore_errors=True)

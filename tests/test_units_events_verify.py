@@ -131,3 +131,52 @@ def test_safetensors_header_quick_and_full():
         read_safetensors_header(io.BytesIO(overlap), len(overlap), "ckpt", "m.safetensors", full=True)
     with pytest.raises(CorruptCheckpointError, match=r"m.safetensors is truncated: 3 bytes, shorter than the 8-byte"):
         read_safetensors_header(io.BytesIO(b"abc"), 3, "ckpt", "m.safetensors")
+
+
+# ---------------------------------------------------------------------------------------- hashed-file records
+def test_record_hashed_keeps_only_whole_unchanged_local_xxh3_passes(tmp_path, monkeypatch):
+    import os
+
+    from resumekit import verify
+    from resumekit.verify import FileIdentity, record_hashed
+
+    st = open_storage(str(tmp_path))
+    st.write_bytes_atomic("a.bin", b"x" * 1000)
+    st.write_bytes_atomic("b.bin", b"y" * 1000)
+    hash_file(st, "a.bin")  # outside the block: nothing is recorded anywhere
+    with record_hashed() as seen:
+        size, digest = hash_file(st, "a.bin")
+        hash_file(st, "b.bin", hashlib.sha256)  # another hash is not the manifest's checksum: not recorded
+    assert list(seen) == [st.join("a.bin")]
+    rec = seen[st.join("a.bin")]
+    assert rec.digest == digest and rec.identity == FileIdentity.of(os.stat(st.join("a.bin"))) and size == 1000
+
+    # A file written to while it is hashed is not recorded (its identity changed between the first and last read).
+    monkeypatch.setattr(verify, "HASH_CHUNK", 100)  # hash_file reads it from its module at each call
+    real_open = st.open_read
+
+    class Growing(io.RawIOBase):  # the file grows after its first chunk was read
+        def __init__(self, rel):
+            self.f, self.rel, self.reads = real_open(rel), rel, 0
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def read(self, n=-1):
+            self.reads += 1
+            if self.reads == 2:
+                with open(st.join(self.rel), "ab") as g:
+                    g.write(b"z")
+            return self.f.read(n)
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    def open_and_append(rel):
+        return Growing(rel)
+
+    monkeypatch.setattr(st, "open_read", open_and_append)
+    with record_hashed() as seen:
+        hash_file(st, "a.bin")
+    assert seen == {}

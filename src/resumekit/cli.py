@@ -314,13 +314,44 @@ def gc_cmd(
 @click.option("--crashes", type=click.IntRange(min=0), default=6, show_default=True, help="SIGKILLs to inject")
 @click.option("--steps", type=click.IntRange(min=10), default=300, show_default=True, help="training steps")
 @click.option("--seed", type=int, default=None, help="seed of the kill schedule (default: random)")
-@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="processes (torchrun)")
+@click.option(
+    "--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="processes (torchrun; per node)"
+)
+@click.option(
+    "--nnodes",
+    type=click.IntRange(min=1, max=8),
+    default=1,
+    show_default=True,
+    help="torchrun nodes on this machine (c10d on 127.0.0.1), each under its own `resumekit run`; the kills "
+    "then take whole nodes",
+)
+@click.option(
+    "--save-every", type=click.IntRange(min=1), default=20, show_default=True, help="the job's checkpoint interval"
+)
 @json_option
-def demo_cmd(directory: str, crashes: int, steps: int, seed: int | None, nproc: int, as_json: bool) -> None:
+def demo_cmd(
+    directory: str,
+    crashes: int,
+    steps: int,
+    seed: int | None,
+    nproc: int,
+    nnodes: int,
+    save_every: int,
+    as_json: bool,
+) -> None:
     """Train straight, then again under random SIGKILLs; exit 0 only if both end bitwise identical."""
     from .demo import run_demo
 
-    code = run_demo(directory, crashes=crashes, steps=steps, seed=seed, nproc=nproc, as_json=as_json)
+    code = run_demo(
+        directory,
+        crashes=crashes,
+        steps=steps,
+        seed=seed,
+        nproc=nproc,
+        nnodes=nnodes,
+        save_every=save_every,
+        as_json=as_json,
+    )
     raise SystemExit(code)
 
 
@@ -459,6 +490,19 @@ class _SizeType(click.ParamType):  # type: ignore[type-arg]
     help="fast local directory in front of --dir: the newest checkpoint of either tier is chosen and a "
     "newer remote one downloaded into it before each start (exported as RESUMEKIT_LOCAL_TIER)",
 )
+@click.option(
+    "--warm/--no-warm",
+    default=True,
+    show_default=True,
+    help="keep a standby interpreter with torch, numpy and resumekit imported that becomes the next attempt at "
+    "once (python script.py / python -m module / Python console scripts such as torchrun; others start cold)",
+)
+@click.option(
+    "--preload",
+    multiple=True,
+    metavar="MOD",
+    help="another module for the standby to import ahead, e.g. transformers (repeatable; skipped if missing)",
+)
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_cmd(
@@ -479,6 +523,8 @@ def run_cmd(
     min_free: int | None,
     events: str | None,
     local_tier: str | None,
+    warm: bool,
+    preload: tuple[str, ...],
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -508,6 +554,8 @@ def run_cmd(
             min_free=min_free,
             events=events,
             local_tier=local_tier,
+            warm=warm,
+            preload=list(preload),
         )
     except ResumekitError as e:
         raise click.UsageError(str(e)) from None

@@ -18,6 +18,7 @@ import queue
 import struct
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -390,13 +391,16 @@ def read_tensors(
     return result
 
 
-def map_tensors(path: str, size: int, where: str, hasher) -> dict[str, torch.Tensor]:
+def map_tensors(
+    path: str, size: int, where: str, hasher, opened: Callable[[Any], Any] | None = None
+) -> dict[str, torch.Tensor]:
     """Memory-map a local tensor file and return read-only tensors viewing it, after hashing the whole file.
 
     The restore path for local files: the hash pass reads the page cache in place and each tensor is then copied
     exactly once, into its final home (a model parameter, or a fresh tensor for other state), so a restore costs
     about one read of the bytes. Callers must copy out of these views (see :func:`materialize`): the mapping is
-    read-only and goes away with the last view.
+    read-only and goes away with the last view. ``opened`` is called with the open file before anything is read
+    (a verified token checks the identity of this very file there, and may then make ``hasher`` a no-op).
     """
     try:
         fd = open_regular(path)
@@ -407,6 +411,8 @@ def map_tensors(path: str, size: int, where: str, hasher) -> dict[str, torch.Ten
             where, f"{where.rsplit('/', 1)[-1]} is not a regular file ({e.strerror})"
         ) from None
     with os.fdopen(fd, "rb", buffering=0) as f:
+        if opened is not None:
+            opened(f)
         entries, data_start = read_header(f, size, where)
         # MAP_POPULATE on a read-only shared mapping pre-faults the page-cache pages without copying them.
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -40,6 +41,73 @@ def apply_retention(
         if events is not None:
             events.emit("retention_delete", step=s, path=valid[s].path)
     return removed
+
+
+class RetentionWorker:
+    """Retention after each commit, on its own thread, so deleting old steps never delays the next save.
+
+    A save asks (:meth:`request`) right after its commit and goes on; the deletion runs in the background. Requests
+    made while one runs coalesce into one more pass (every step asked to be protected stays protected), so a slow
+    delete (a large file, a network file system) never makes a save wait and never piles up threads. Safe beside
+    a save in progress: that save is a ``.tmp-`` directory retention does not see, and a step committed meanwhile
+    is the newest, which retention never deletes. Errors other than a failed deletion (logged and retried by the
+    next pass) are kept and raised by :meth:`raise_pending`.
+
+    Args:
+        storage: the root (a :class:`~resumekit.storage.tiered.TieredStorage` defers steps still uploading).
+        policy: what to keep.
+        events: where ``retention_delete`` events go.
+    """
+
+    def __init__(self, storage: Storage, policy: RetentionPolicy, events: EventLog | None = None):
+        self.storage = storage
+        self.policy = policy
+        self.events = events
+        self._cv = threading.Condition()
+        self._protect: set[int] = set()
+        self._pending = False
+        self._running = False
+        self._error: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        with self._cv:
+            return self._running
+
+    def request(self, protect: set[int]) -> None:
+        """Run retention soon, never deleting a step in ``protect``; returns at once."""
+        with self._cv:
+            self._protect |= protect
+            self._pending = True
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="resumekit-retention", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if not self._pending:
+                    self._running = False
+                    self._cv.notify_all()
+                    return
+                protect, self._protect, self._pending = self._protect, set(), False
+            try:
+                apply_retention(self.storage, self.policy, protect=protect, events=self.events)
+            except BaseException as e:  # noqa: BLE001 - kept and raised on the training thread
+                with self._cv:
+                    self._error = e
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no pass is running or pending (at most ``timeout`` seconds); True when idle."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._running, timeout)
+
+    def raise_pending(self) -> None:
+        """Raise (once) the error of a pass that failed."""
+        with self._cv:
+            err, self._error = self._error, None
+        if err is not None:
+            raise err
 
 
 def collect_garbage(

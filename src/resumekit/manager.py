@@ -39,7 +39,7 @@ from .events import (
     uninstall_stack_dumps,
 )
 from .format import metadata_jsonable, step_dirname
-from .gc import apply_retention
+from .gc import RetentionWorker
 from .layouts.base import CheckpointInfo, order_by_step
 from .layouts.native import NativeLayout
 from .policy import RetentionPolicy, SavePolicy
@@ -233,7 +233,9 @@ class CheckpointManager:
             raise ConfigError("pass either options= or keyword options, not both")
         self.options = options or CheckpointOptions(**kwargs)
         self.tier: TieredStorage | None = None
-        if self.options.local_tier:
+        # node-tier: with distributed checkpoints local_tier is the node's tier of the sharded checkpointer (see
+        # _make_checkpointer), not a TieredStorage: the durable commit stays in the shared root.
+        if self.options.local_tier and not self._wants_distributed():
             self.tier = TieredStorage(directory, self.options.local_tier, retention=self.options.retention)
         self.storage: Storage = self.tier if self.tier is not None else open_storage(directory)
         self.layout = NativeLayout()
@@ -248,6 +250,7 @@ class CheckpointManager:
         self.preempted = False
         self._last_save_time = time.monotonic()
         self._persister = BackgroundPersister()
+        self._retention: RetentionWorker | None = None  # started by the first save that has something to delete
         self._closed = False
         self._last_metrics = float("-inf")
         self.lease: WriterLease | None = None
@@ -266,6 +269,12 @@ class CheckpointManager:
             self.heartbeat = Heartbeat(None)
         # Under `resumekit run`: every thread's stack on dump_signal before a hang kill, announced in the heartbeat.
         self._dump_registered = install_stack_dumps(self.heartbeat, self.options.dump_signum)
+        # The job is up: under `resumekit run` this marks the end of "spawn + imports" in the restart-latency
+        # breakdown (the launch is the supervisor's; everything until here is the interpreter, imports, set-up).
+        # A read-only reader (an evaluator beside a live run) is not the job: it must not move the job's figures.
+        if not self.options.read_only:
+            self.events.emit("job_init")
+        self._first_step_pending = not self.options.read_only
         # A strong reference on purpose: a manager dropped without close() still drains its background save at
         # exit, and a failure there still sets the exit status (its staging buffers live until then).
         self._atexit_hook = self._atexit
@@ -301,19 +310,23 @@ class CheckpointManager:
     def _drain_quietly(self) -> None:
         self._persister.wait(raise_error=False)
 
-    def _make_checkpointer(self) -> Checkpointer:
+    def _wants_distributed(self) -> bool:
         from .distributed.context import wants_distributed
 
-        if not wants_distributed(self.options.distributed):
+        return wants_distributed(self.options.distributed)
+
+    def _make_checkpointer(self) -> Checkpointer:
+        if not self._wants_distributed():
             return LocalCheckpointer(self.storage)
-        if self.tier is not None:
-            raise ConfigError(
-                "CheckpointOptions.local_tier is not supported with distributed checkpoints yet: "
-                "save to a shared file system path (or pass distributed=False for a single process)"
-            )
         from .checkpointers.dcp import DcpCheckpointer
 
-        return DcpCheckpointer(self.storage)
+        node_tier = None
+        if self.options.local_tier:
+            from .distributed.nodetier import NodeTier
+
+            # The tier keeps at least the two newest steps: the newest may be one another node lacks.
+            node_tier = NodeTier(self.options.local_tier, keep=max(2, self.options.keep_last or 2))
+        return DcpCheckpointer(self.storage, node_tier=node_tier)
 
     # ------------------------------------------------------------------------------------------------ restore
     def restore(
@@ -350,7 +363,14 @@ class CheckpointManager:
         if self.lease is not None:
             cp.clean_stale_tmp()  # only the lease holder removes anything; readers never do
         if mode == "never":
-            self.events.emit("restore", step=0, path=None, reason="resume=never", **cp.event_fields())
+            self.events.emit(
+                "restore",
+                step=0,
+                path=None,
+                reason="resume=never",
+                seconds=time.perf_counter() - t0,
+                **cp.event_fields(),
+            )
             return 0
         rng = only is None and self.options.save_rng
 
@@ -437,6 +457,11 @@ class CheckpointManager:
         """
         step = _as_step(step)
         self.heartbeat.beat(step)
+        if self._first_step_pending:
+            # The first training step of this process: the end of "first step" in the restart-latency breakdown
+            # (metrics events are rate-limited and optional, so they cannot mark it). One event per process.
+            self._first_step_pending = False
+            self.events.emit("first_step", step=step)
         cp = self.checkpointer
         if not cp.collective:
             # Collective: a background error surfaces at the next save/wait/close, which join the persist thread
@@ -502,6 +527,8 @@ class CheckpointManager:
         cp = self.checkpointer
         if not cp.collective:
             self._persister.raise_pending()
+        if self._retention is not None:
+            self._retention.raise_pending()  # a retention pass that failed (not a failed deletion: that is logged)
         if self.tier is not None:
             self.tier.raise_pending()  # an upload that failed since the last call
         # A persist of this very step may still be in flight: let it finish before looking, or the step would be
@@ -556,11 +583,22 @@ class CheckpointManager:
             persist_s=res.seconds,
             waited_s=waited,
             metrics=snap.metadata,
+            **({"io": res.io} if res.io else {}),
             **self.checkpointer.event_fields(),
         )
         if self.checkpointer.leads_job and self.options.retention.active:
-            apply_retention(self.storage, self.options.retention, protect={snap.step}, events=self.events)
+            # Off the save's path: the next save is ready as soon as this one is committed, whatever deleting the
+            # old steps costs (see gc.RetentionWorker).
+            if self._retention is None:
+                self._retention = RetentionWorker(self.storage, self.options.retention, self.events)
+            self._retention.request({snap.step})
         return res
+
+    def _join_retention(self, raise_error: bool = True) -> None:
+        if self._retention is not None:
+            self._retention.wait()
+            if raise_error:
+                self._retention.raise_pending()
 
     # ------------------------------------------------------------------------------------------- preemption
     def request_preemption(self) -> None:
@@ -580,10 +618,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------------- drain
     def wait(self) -> None:
-        """Block until the background save (if any) is durable and, with a ``local_tier``, every upload is done;
-        raises the error of either if it failed."""
+        """Block until the background save (if any) is durable, retention has run and, with a ``local_tier``,
+        every upload is done; raises the error of any of them if it failed."""
         with self.heartbeat.ticking("wait", self.options.heartbeat_stall):
             self._persister.wait(raise_error=True)
+            self._join_retention()
             if self.tier is not None:
                 self.tier.wait_uploads()
 
@@ -597,8 +636,12 @@ class CheckpointManager:
                 try:
                     self._persister.wait(raise_error=True)
                 finally:
+                    # Retention ends before the lease is released: nothing of this run deletes once another writer
+                    # may start.
+                    self._join_retention(raise_error=False)
                     if self.tier is not None:
                         self.tier.close()  # uploads finish before the process may exit; their errors surface here
+                self._join_retention()  # a retention pass's error, if one failed
         finally:
             self.checkpointer.release()
             self._sigterm.uninstall()
@@ -634,8 +677,10 @@ class CheckpointManager:
     # -------------------------------------------------------------------------------------------- inspection
     def checkpoints(self, full: bool = False) -> list[CheckpointInfo]:
         """Every checkpoint with its validity (sizes only unless ``full``)."""
+        self._join_retention(raise_error=False)  # what retention is deleting now is not shown as a checkpoint
         return [self.layout.validate(self.storage, i, full=full) for i in order_by_step(self.layout.list(self.storage))]
 
     def latest(self, full: bool = True) -> CheckpointInfo | None:
+        self._join_retention(raise_error=False)
         best, _ = self.layout.latest(self.storage, full=full)
         return best

@@ -14,12 +14,18 @@ the framework integrations) count as metrics too. Other numeric fields are kept 
 plotted. When there is nothing to draw, the plot says why (:meth:`RunData.empty_reason`) rather than staying
 blank. The markers come from the supervisor's own events: ``start`` (``resume_step``), ``exit``, ``hang``
 (``step``), ``preempt``, ``quarantine`` and ``summary``.
+
+A run summary with restarts adds a fourth panel: each restart's latency as a stacked bar (detect, supervisor,
+backoff, pre-check, spawn + imports, restore, first step, redone work, save stalls; see
+:mod:`resumekit.supervisor.latency`). A segment the supervisor could not measure is not drawn, and the panel's
+caption names it: an unknown is never drawn as a guess.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,8 +96,15 @@ class RunData:
     saves: list[dict[str, Any]] = field(default_factory=list)
     down: list[tuple[float, float]] = field(default_factory=list)
     hung: list[tuple[float, float]] = field(default_factory=list)
+    #: a restarted job starting up: from its launch to its first reported step (spawn, imports, restore)
+    starting: list[tuple[float, float]] = field(default_factory=list)
     summaries: list[dict[str, Any]] = field(default_factory=list)
     t0: float | None = None
+
+    @property
+    def breakdowns(self) -> list[dict[str, Any]]:
+        """The restart-latency breakdown of every restart, from the run summaries (one per ``resumekit run``)."""
+        return [b for s in self.summaries if isinstance(s.get("breakdown"), list) for b in s["breakdown"]]
 
     def empty_reason(self) -> str | None:
         """Why the loss plot is empty, in one line; None when it has something to show."""
@@ -124,6 +137,19 @@ class RunData:
             "preemptions": count("preempt"),
             "quarantines": count("quarantine"),
             "saves": len(self.saves),
+            "restart_latency": self.latency(),
+        }
+
+    def latency(self) -> dict[str, Any] | None:
+        """The restart-latency breakdowns and their medians for ``--json``; None when no run summary has them."""
+        if not any(isinstance(s.get("breakdown"), list) for s in self.summaries):
+            return None
+        last = self.summaries[-1]
+        return {
+            "breakdown": self.breakdowns,
+            "median": last.get("breakdown_median") or {},
+            "total": last.get("breakdown_total") or {},
+            "kill_to_next_step_s": last.get("kill_to_next_step_s"),
         }
 
 
@@ -183,7 +209,10 @@ def load_run(events_path: str) -> RunData:
             data.markers.append(Marker("quarantine", t, step, f"quarantined step {step}"))
         elif sup and name == "summary":
             data.summaries.append(ev)
+        elif not sup and name == "first_step":
+            _note_starting(data, seg, t)
         elif not sup and name in STEP_EVENTS and step is not None:
+            _note_starting(data, seg, t)  # a job without first_step events: its first metrics end its start-up
             if seg is None:  # a job run without the supervisor (or before it logged its start)
                 seg = Segment(index=len(data.segments) + 1, start_time=t)
                 data.segments.append(seg)
@@ -200,6 +229,14 @@ def load_run(events_path: str) -> RunData:
             data.saves.append({"time": t, "step": step, "blocking_s": _num(ev.get("blocking_s"))})
             last_step = max(step, last_step or 0)
     return data
+
+
+def _note_starting(data: RunData, seg: Segment | None, t: float) -> None:
+    """The first step of a restarted segment ends its start-up (noted once per segment)."""
+    if seg is None or seg.index < 2 or seg.steps or seg.start_time is None:
+        return
+    if not (data.starting and data.starting[-1][0] == seg.start_time):
+        data.starting.append((seg.start_time, t))
 
 
 _COLORS = {"restart": "#d62728", "failure": "#d62728", "hang": "#ff7f0e", "preempt": "#9467bd", "quarantine": "#111111"}
@@ -229,9 +266,14 @@ def plot_report(events_path: str, output: str, title: str | None = None, dpi: in
 
     run = load_run(events_path)
     t0 = run.t0 or 0.0
-    fig = Figure(figsize=(10, 8.2), layout="constrained")
+    bars = run.breakdowns
+    fig = Figure(figsize=(10, 11.0 if bars else 8.2), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_loss, ax_time, ax_wall = fig.subplots(3, 1)
+    if bars:
+        ax_loss, ax_time, ax_wall, ax_lat = fig.subplots(4, 1, height_ratios=[1, 1, 1, 1.1])
+        draw_breakdown(ax_lat, bars, Patch)
+    else:
+        ax_loss, ax_time, ax_wall = fig.subplots(3, 1)
     palette = ["#1f77b4", "#2ca02c", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#9edae5"]
     for seg in run.segments:
         if not seg.steps:
@@ -252,6 +294,8 @@ def plot_report(events_path: str, output: str, title: str | None = None, dpi: in
             ax_wall.plot([m.time - t0], [m.step], marker="x" if m.kind != "preempt" else "s", color=c, ms=7)
     for a, b in run.down:
         ax_wall.axvspan(a - t0, b - t0, color=_COLORS["restart"], alpha=0.12, lw=0)
+    for a, b in run.starting:
+        ax_wall.axvspan(a - t0, b - t0, color=_COLORS["restart"], alpha=0.05, lw=0, hatch="//")
     for a, b in run.hung:
         ax_wall.axvspan(a - t0, b - t0, color=_COLORS["hang"], alpha=0.18, lw=0)
     if run.saves:
@@ -290,6 +334,7 @@ def plot_report(events_path: str, output: str, title: str | None = None, dpi: in
         Line2D([], [], color=_COLORS["hang"], ls="", marker="x", label="hung job killed"),
         Patch(color=_COLORS["hang"], alpha=0.3, label="hung (no heartbeat / output)"),
         Patch(color=_COLORS["restart"], alpha=0.2, label="down (backoff + restart)"),
+        Patch(facecolor=_COLORS["restart"], alpha=0.12, hatch="//", label="starting (launch to first step)"),
         Line2D([], [], color="#555555", ls="", marker="|", label="checkpoint saved"),
     ]
     if any(m.kind == "preempt" for m in run.markers):
@@ -305,6 +350,73 @@ def plot_report(events_path: str, output: str, title: str | None = None, dpi: in
     fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, output)
     return output
+
+
+#: one color per latency segment, in the order of :data:`resumekit.supervisor.latency.COMPONENTS`
+_SEGMENT_COLORS = ("#d62728", "#7f7f7f", "#ff7f0e", "#bcbd22", "#1f77b4", "#2ca02c", "#17becf", "#9467bd", "#8c564b")
+
+
+def draw_breakdown(ax: Any, bars: list[dict[str, Any]], patch: Any) -> None:
+    """Draw one stacked bar per restart on ``ax``; unknown segments are left out and named in the caption.
+
+    Args:
+        ax: a matplotlib axes.
+        bars: the summary's ``breakdown`` entries.
+        patch: ``matplotlib.patches.Patch`` (passed in: matplotlib is imported only when plotting).
+    """
+    from .supervisor.latency import COMPONENTS
+
+    xs = list(range(len(bars)))
+    bottoms = [0.0] * len(bars)
+    unknown: dict[str, list[int]] = {}
+    handles = []
+    for (name, label), color in zip(COMPONENTS, _SEGMENT_COLORS, strict=True):
+        heights = []
+        for i, b in enumerate(bars):
+            v = _num(b.get(name))
+            if v is None:
+                unknown.setdefault(label, []).append(i + 1)
+            heights.append(v or 0.0)
+        if any(heights):
+            ax.bar(xs, heights, bottom=bottoms, color=color, width=0.7)
+            handles.append(patch(color=color, label=label))
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    ax.set_xticks(xs, [f"{i + 1}\n{b.get('after') or ''}" for i, b in enumerate(bars)], fontsize=7)
+    ax.set_xlim(-0.75, max(len(bars), 4) - 0.25)  # a lone bar stays a bar, not a wall
+    ax.set_ylim(0, max(max(bottoms), 1e-3) * 1.5)  # head room for the legend
+    ax.set_xlabel("restart (and why the attempt before it ended)")
+    ax.set_ylabel("seconds")
+    ax.grid(True, axis="y", alpha=0.25)
+    if handles:
+        ax.legend(handles=handles, loc="upper left", fontsize=7, ncols=3, framealpha=0.9)
+    notes = []
+    for label, which in unknown.items():
+        if label == "detect":
+            bounds = [_num(bars[i - 1].get("detect_max_s")) for i in which]
+            known = [v for v in bounds if v is not None]
+            if known:
+                notes.append(f"detect of an exit: <= {max(known):.2f} s (one poll; the moment of death is unknown)")
+                which = [i for i, v in zip(which, bounds, strict=True) if v is None]
+                if not which:
+                    continue
+        notes.append(f"{label}: unknown in {_ranges(which)}")
+    k2s = [v for b in bars if (v := _num(b.get("kill_to_next_step_s"))) is not None]
+    head = "restart latency" + (f" (kill to next step, median {statistics.median(k2s):.2f} s)" if k2s else "")
+    ax.set_title(head + ("; not drawn: " + "; ".join(notes) if notes else ""), fontsize=8, wrap=True)
+
+
+def _ranges(items: list[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"restarts 1-3, 5"``."""
+    parts: list[str] = []
+    start = prev = items[0]
+    for i in [*items[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ("restart " if items == [items[0]] else "restarts ") + ", ".join(parts)
 
 
 def _title(run: RunData) -> str:

@@ -1,9 +1,10 @@
 """Snapshot-then-persist: copy the state into reused host buffers, write it in the background.
 
-The training thread pays only for :meth:`StagingBuffers.snapshot` (a memory copy into buffers allocated once and
-reused; pinned host memory plus non-blocking copies and a single sync for CUDA tensors). :class:`BackgroundPersister`
-runs at most one persist at a time on a worker thread; the file writes, fsyncs and the xxh3 hashing release the GIL,
-so the training step keeps running. Errors are stored and raised at the next call, never dropped.
+The training thread pays only for :meth:`StagingBuffers.snapshot` (a memory copy into one buffer allocated once and
+reused, laid out as the tensor file itself so the persist can hand it to the disk with ``O_DIRECT``; page-locked
+for CUDA tensors, with non-blocking copies and a single sync). :class:`BackgroundPersister` runs at most one
+persist at a time on a worker thread; the file writes, fsyncs and the xxh3 hashing release the GIL, so the training
+step keeps running. Errors are stored and raised at the next call, never dropped.
 
 Rule for overlapping saves: a save requested while the previous persist is still running *waits* for it (the
 staging buffers are about to be overwritten, and skipping would silently widen the loss window). The wait is
@@ -12,48 +13,128 @@ counted in the save's blocking time and reported, so a too-short interval shows 
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
 
+from .codec import build_header, ordered
+
+_PAGE = mmap.PAGESIZE
+
+
+class StagedTensors(dict):
+    """The staged tensors (name -> host tensor), all views into one page-aligned file image.
+
+    ``image[:size]`` is the tensor file exactly as :func:`resumekit.codec.write_tensors` would write these tensors
+    (safetensors header, then the data in :func:`resumekit.codec.ordered` order), so the persist can hand the
+    buffer to the disk as it is (``O_DIRECT``, :mod:`resumekit.storage.direct`) instead of streaming tensor by
+    tensor through the page cache. Still a plain ``dict`` to everything else.
+    """
+
+    image: memoryview
+    size: int
+
 
 class StagingBuffers:
-    """Host buffers that mirror the state's tensors, allocated on first use and reused while shapes hold.
+    """Host buffers that mirror the state's tensors, allocated on first use and reused while the layout holds.
 
-    Peak extra host memory of an async save is therefore one copy of the state.
+    The buffers are one page-aligned anonymous mapping laid out as the tensor file (header included), so the
+    snapshot's one memory copy is also the only copy the persist needs. For CUDA tensors the mapping is
+    page-locked in place (``cudaHostRegister``: exact size, where the caching pinned allocator would round a
+    multi-GiB request up to the next power of two), so device-to-host copies run non-blocking.
+
+    Peak extra host memory of an async save is therefore one copy of the state (plus its header, a few bytes a
+    tensor, and less than a page of rounding).
     """
 
     def __init__(self) -> None:
-        self._bufs: dict[str, torch.Tensor] = {}
+        self._signature: tuple | None = None
+        self._image: mmap.mmap | None = None
+        self._base: torch.Tensor | None = None
+        self._views: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._pinned = False
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+        return len(self._image) if self._image is not None else 0
 
-    def snapshot(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+    def snapshot(self, tensors: dict[str, torch.Tensor]) -> StagedTensors:
+        items = ordered({k: t.detach() for k, t in tensors.items()})
+        signature = tuple((name, t.dtype, tuple(t.shape)) for name, t in items)
+        pin = any(t.is_cuda for _, t in items)
+        if signature != self._signature or (pin and not self._pinned):
+            self._allocate(items, signature, pin)
+        out = StagedTensors()
         devices = set()
-        for name, t in tensors.items():
-            t = t.detach()
-            buf = self._bufs.get(name)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                # Pinned memory only pays off (and only exists) for device-to-host copies.
-                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
-                self._bufs[name] = buf
-            buf.copy_(t.resolve_conj().resolve_neg(), non_blocking=t.is_cuda)
+        for name, t in items:
+            buf = self._views[name]
+            buf.copy_(t.resolve_conj().resolve_neg(), non_blocking=t.is_cuda and self._pinned)
             if t.is_cuda:
                 devices.add(t.device)
             out[name] = buf
         for dev in devices:  # synchronize() without a device only waits for the current one
             torch.cuda.synchronize(dev)
-        for stale in set(self._bufs) - set(tensors):
-            del self._bufs[stale]
-        return out
+        assert self._image is not None
+        out.image = memoryview(self._image)
+        out.size = self._size
+        return out  # in file order; codec.ordered() (stable) keeps it, so any writer lays them out the same
+
+    def _allocate(self, items: list[tuple[str, torch.Tensor]], signature: tuple, pin: bool) -> None:
+        self.release()  # the old image goes first: peak memory stays one copy of the state
+        prefix, data_size = build_header(items)
+        size = len(prefix) + data_size
+        # An anonymous mapping is page-aligned, as O_DIRECT needs; rounded up to whole pages.
+        image = mmap.mmap(-1, max(_PAGE, -(-size // _PAGE) * _PAGE))
+        image[: len(prefix)] = prefix
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            base = torch.frombuffer(image, dtype=torch.uint8) if len(image) else torch.empty(0, dtype=torch.uint8)
+        views: dict[str, torch.Tensor] = {}
+        off = len(prefix)
+        for name, t in items:
+            n = t.numel() * t.element_size()
+            if n == 0:
+                views[name] = torch.empty(t.shape, dtype=t.dtype)
+            else:
+                # Offsets are multiples of the element size (codec.ordered: larger elements first, header padded).
+                views[name] = base[off : off + n].view(t.dtype).reshape(t.shape)
+            off += n
+        self._pinned = pin and _pin(base)
+        self._image, self._base, self._views = image, base, views
+        self._signature, self._size = signature, size
 
     def release(self) -> None:
-        self._bufs.clear()
+        if self._pinned and self._base is not None:
+            _unpin(self._base)
+        self._pinned = False
+        self._views = {}
+        self._base = None
+        self._image = None  # unmapped once the last view (a persist in flight holds some) is gone
+        self._signature = None
+        self._size = 0
+
+
+def _pin(base: torch.Tensor) -> bool:
+    """Page-lock ``base`` for CUDA copies; False (pageable memory, copies still correct) when CUDA refuses."""
+    if base.numel() == 0:
+        return False
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(base.data_ptr(), base.numel(), 0)
+    except Exception:  # noqa: BLE001 - no CUDA runtime here: pageable memory works, only slower
+        return False
+    return int(err) == 0
+
+
+def _unpin(base: torch.Tensor) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(base.data_ptr())
+    except Exception:  # noqa: BLE001 - nothing to undo
+        pass
 
 
 def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,9 +12,12 @@ Files it writes into ``--dir`` (besides the checkpoints):
 
 Fault switches: ``--fail-rank R --fail S:dcp --fail T:files`` makes rank R's saves of steps S and T fail with
 ENOSPC (while DCP writes its shard, or while writing its own rank files; the error text goes to
-``error_rank{R}_step{S}.txt`` and the job goes on); ``--term-rank R --term-step S`` sends
-SIGTERM to rank R just before ``maybe_save(S)``. ``--restore-only`` restores, records the sampler's next batches
-(``--peek`` steps) and the fingerprint, and exits without saving.
+``error_rank{R}_step{S}.txt`` and the job goes on); ``--term-rank R --term-step S`` sends SIGTERM to rank R just
+before ``maybe_save(S)``; ``--freeze-rank R --freeze-step S`` makes rank R (or, with ``--freeze-env VAR``, the rank
+whose environment has VAR) enter, after step S of the job's first start, a barrier no other rank enters: a rank
+stuck in a collective (``frozen.json`` in ``--dir`` records when, and keeps later starts from freezing again).
+``--restore-only`` restores, records the sampler's next batches (``--peek`` steps) and the fingerprint, and exits
+without saving.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import os
 import random
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -116,11 +120,16 @@ def main(argv=None) -> None:
     p.add_argument("--restore-only", action="store_true")
     p.add_argument("--peek", type=int, default=0)
     p.add_argument("--tag", default="")
+    p.add_argument("--freeze-rank", type=int, default=-1)
+    p.add_argument("--freeze-step", type=int, default=-1)
+    p.add_argument("--freeze-env", default="", help="the rank whose environment has this variable freezes")
     a = p.parse_args(argv)
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
+    # A line per startup phase: before its first heartbeat, `resumekit run --hang-timeout` judges a job by its output.
+    print(f"rank {rank}: process group ready (world {world})", flush=True)
     model = build(a.parallel, 0, a.width)
     # Per-rank streams after the shared init: dropout masks differ between ranks, as in real jobs.
     random.seed(100 + rank)
@@ -138,6 +147,7 @@ def main(argv=None) -> None:
         state["scaler"] = torch.amp.GradScaler("cpu")
     mgr = CheckpointManager(a.dir, every_steps=a.every, keep_last=3, async_save=a.async_save)
     step = mgr.restore(state)
+    print(f"rank {rank}: resumed from step {step}", flush=True)
     suffix = f"{a.tag}_rank{rank}" if a.tag else f"rank{rank}"
 
     if a.restore_only:
@@ -156,10 +166,19 @@ def main(argv=None) -> None:
     if rank == a.fail_rank:
         _inject_failures({int(f.split(":")[0]): f.split(":")[1] for f in a.fail})
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    frozen_marker = os.path.join(a.dir, "frozen.json")
+    # Created by every rank (group creation is collective); only the frozen rank ever uses it.
+    freeze_group = (
+        dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=600)) if a.freeze_step >= 0 else None
+    )
+    freezes = rank == a.freeze_rank or bool(a.freeze_env and os.environ.get(a.freeze_env))
     progress = open(os.path.join(a.dir, f"progress_{suffix}.jsonl"), "a", buffering=1)
-    per_epoch = loader.resumable_sampler.epoch_length // (a.batch * world)
+    # The epoch comes from the restored sampler, not from step // steps-per-epoch: the steps per epoch change with the
+    # world size, and a job restarted on fewer ranks must go on in the epoch (and at the position) it was saved in.
+    epoch = loader.epoch
     while step < a.steps:
-        loader.set_epoch(step // per_epoch)
+        loader.set_epoch(epoch)
+        epoch += 1
         for idx, xb, yb in loader:
             loss = torch.nn.functional.mse_loss(model(xb), yb)
             opt.zero_grad(set_to_none=True)
@@ -177,6 +196,10 @@ def main(argv=None) -> None:
                 + "\n"
             )
             _STEP[0] = step
+            if freezes and step == a.freeze_step and not os.path.exists(frozen_marker):
+                with open(frozen_marker, "w") as f:
+                    json.dump({"time": time.time(), "rank": rank, "step": step, "pid": os.getpid()}, f)
+                dist.barrier(group=freeze_group)  # the other ranks never come: stuck until killed
             if rank == a.term_rank and step == a.term_step:
                 os.kill(os.getpid(), signal.SIGTERM)
             try:

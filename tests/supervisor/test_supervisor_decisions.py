@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from resumekit.supervisor import exit_code_of, is_crash_loop, is_failure, made_progress, next_streak, restart_backoff
-from resumekit.supervisor.decisions import describe_exit, grace_expired, hang_target, is_hung
+from resumekit.supervisor.decisions import (
+    describe_exit,
+    grace_expired,
+    hang_target,
+    is_hung,
+    standby_worthwhile,
+    wait_for_standby,
+)
 
 
 @given(
@@ -29,6 +36,55 @@ def test_backoff_is_bounded_by_the_cap_and_the_jitter(restart, base, cap, jitter
 def test_backoff_doubles_without_jitter():
     assert [restart_backoff(r, 1.0, 10.0, 0.0, 0.7) for r in range(7)] == [0, 1, 2, 4, 8, 10, 10]
     assert restart_backoff(3, 1.0, 60.0, 0.5, 0.999999) == pytest.approx(2.0, rel=1e-5)
+
+
+@given(
+    restart=st.integers(-3, 200),
+    base=st.floats(0, 100),
+    cap=st.floats(0, 1000),
+    jitter=st.floats(0, 1),
+    rand=st.floats(0, 1, exclude_max=True),
+    progress_jitter=st.floats(0, 60),
+)
+def test_after_progress_the_restart_is_immediate_but_for_a_bounded_jitter(
+    restart, base, cap, jitter, rand, progress_jitter
+):
+    delay = restart_backoff(restart, base, cap, jitter, rand, progressed=True, progress_jitter=progress_jitter)
+    # Whatever the count of earlier restarts: no exponential growth, never more than the jitter cap or a first backoff.
+    assert 0 <= delay <= min(progress_jitter, base) + 1e-9
+    assert delay == pytest.approx(rand * min(progress_jitter, base))
+    slow = restart_backoff(restart, base, cap, jitter, rand, progress_jitter=progress_jitter)
+    assert slow == restart_backoff(restart, base, cap, jitter, rand)  # without progress: the old rule
+
+
+def test_progress_restarts_spread_over_the_jitter_window():
+    delays = [restart_backoff(9, 1.0, 60.0, 0.5, r / 100, progressed=True, progress_jitter=0.25) for r in range(100)]
+    assert max(delays) < 0.25 and min(delays) == 0.0 and len(set(delays)) == 100  # many nodes do not stampede
+    assert restart_backoff(9, 1.0, 60.0, 0.0, 0.5) == 60.0  # the same restart without progress backs off fully
+
+
+@given(
+    elapsed=st.floats(0, 1000),
+    ready=st.one_of(st.none(), st.floats(0, 1000)),
+    cold=st.one_of(st.none(), st.floats(0, 1000)),
+)
+def test_wait_for_a_standby_only_when_it_is_expected_first(elapsed, ready, cold):
+    wait = wait_for_standby(elapsed, ready, cold)
+    if ready is None or cold is None:
+        assert wait  # nothing measured: a standby is never behind a fresh start of a torch job
+    else:
+        assert wait == (ready - elapsed < cold)
+
+
+@given(cold=st.one_of(st.none(), st.floats(0, 100)), low=st.floats(0, 10))
+def test_a_standby_only_for_a_job_whose_fresh_start_is_slow(cold, low):
+    assert standby_worthwhile(cold, low) == (cold is None or cold >= low)
+
+
+def test_wait_for_standby_examples():
+    assert not wait_for_standby(0.5, 10.0, 0.3)  # a torch-free job: cold beats a standby that imports torch
+    assert wait_for_standby(0.5, 4.0, 6.0)  # a torch job: the standby is ahead
+    assert wait_for_standby(9.9, 10.0, 0.3)  # almost ready
 
 
 def test_exit_codes_and_failures():

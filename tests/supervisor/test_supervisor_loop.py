@@ -94,6 +94,14 @@ def test_random_sigkills_including_mid_save_end_equal_to_a_straight_run(tmp_path
     starts = events_of(d, "start")
     assert len(starts) == n_kills + 1
     assert all(s["resume_from"] is None or Path(s["resume_from"]).name.startswith("step_") for s in starts)
+    # Warm restart is on (the default), but this torch-free job starts in a fraction of a second: measured on its
+    # first start, so no standby is kept (tests/test_resume_augmented.py and test_supervisor_warm.py run warm).
+    assert not any(s["warm"] for s in starts)
+    (skipped,) = events_of(d, "warm_standby")
+    assert skipped["status"] == "skipped" and "would gain it nothing" in skipped["reason"]
+    # Every killed attempt had trained: each restart was immediate (a jitter within the first backoff, 0.05 s).
+    restarts = events_of(d, "restart")
+    assert len(restarts) == n_kills and all(r["after_progress"] and r["delay_s"] <= 0.05 for r in restarts)
 
 
 @pytest.mark.timeout(60)
@@ -115,6 +123,10 @@ def test_restart_budget_is_respected(tmp_path, procs):
     s = summary_of(out)
     assert s["starts"] == 3 and s["restarts"] == 2 and s["outcome"] == "gave-up"
     assert "restart budget used up (--max-restarts 2); last exit 139 (killed by SIGSEGV)" in err
+    # No progress: the backoff applies and grows (0.01 s, then 0.02 s, less up to half as jitter).
+    delays = [(r["after_progress"], r["delay_s"]) for r in events_of(d, "restart")]
+    assert len(delays) == 2 and not delays[0][0] and not delays[1][0]
+    assert 0.005 <= delays[0][1] <= 0.01 and 0.01 <= delays[1][1] <= 0.02, delays
 
 
 def test_supervisor_imports_no_torch(tmp_path):

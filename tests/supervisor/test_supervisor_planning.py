@@ -133,3 +133,60 @@ def test_resume_never_and_invalid_newest_checkpoint_is_skipped_and_logged(tmp_pa
         Supervisor(SupervisorOptions(command=[PY, "-c", code], directory=str(d), quiet=True, resume="never")).run() == 0
     )
     assert out.read_text() == "<unset>"
+
+
+def test_verified_token_is_handed_to_the_job_only_for_what_this_start_verified(tmp_path, monkeypatch):
+    """Hash once: after verifying the newest checkpoint in full, the supervisor hands the job a token naming it;
+    none with --resume never, and never one inherited from its own environment."""
+    import os
+    import time
+
+    from resumekit.storage.verified import ENV_VERIFIED, VerifiedToken
+
+    monkeypatch.setenv(ENV_VERIFIED, "inherited")
+    d = tmp_path / "out"
+    d.mkdir()
+    out = tmp_path / "seen.txt"
+    code = f"import os; open({str(out)!r}, 'w').write(os.environ.get({ENV_VERIFIED!r}, '<unset>'))"
+
+    def run(**kw) -> str:
+        sup = Supervisor(SupervisorOptions(command=[PY, "-c", code], directory=str(d), quiet=True, **kw))
+        assert sup.run() == 0
+        return out.read_text()
+
+    assert run() == "<unset>"  # nothing to resume: no token, and not the inherited one
+    ckptjob.save_checkpoint(str(d), {"step": 4, "w": 1.0, "b": 0.0, "h": 1})
+    time.sleep(0.15)  # past the settle margin of storage.verified
+    tok = VerifiedToken.from_env(run())
+    assert tok is not None and tok.path == os.path.realpath(d / "step_000000004")
+    assert set(tok.files) == {e.name for e in (d / "step_000000004").iterdir() if e.name != "manifest.json"}
+    assert run(resume="never") == "<unset>"
+
+
+def test_local_tier_space_check_names_tmpfs_and_the_fix(tmp_path, monkeypatch):
+    """A local tier without room for the newest checkpoint and the next fails the pre-check in one line that says
+    what the tier is (tmpfs counts against RAM) and how to fix it."""
+    import os
+    import uuid
+
+    from resumekit.storage.local import LocalStorage
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    d = tmp_path / "out"
+    d.mkdir()
+    ckptjob.save_checkpoint(str(d), {"step": 4, "w": 1.0, "b": 0.0, "h": 1})
+    tier = f"/dev/shm/resumekit-test-{uuid.uuid4().hex[:12]}"
+    real_free = LocalStorage.free_bytes
+    monkeypatch.setattr(
+        LocalStorage, "free_bytes", lambda self: 10 if self.root == tier else real_free(self), raising=True
+    )
+    try:
+        sup = Supervisor(SupervisorOptions(command=[PY, "-c", "pass"], directory=str(d), local_tier=tier, quiet=True))
+        assert sup.run() == 1
+        assert f"local tier {tier} (tmpfs, in RAM) has 10 B free, needs " in sup.summary.reason
+        assert "keep fewer steps there (keep_last), or put the local tier on a disk" in sup.summary.reason
+    finally:
+        import shutil
+
+        shutil.rmtree(tier, ignore_errors=True)

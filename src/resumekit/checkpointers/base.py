@@ -67,12 +67,14 @@ class Committed:
         step / path: what was committed and where.
         nbytes: total bytes of its files.
         seconds: how long the persist took (writing, fsyncs, commit).
+        io: how the data went to disk (``"direct"``, ``"buffered"``, ``"stream"``), when the implementation says.
     """
 
     step: int
     path: str
     nbytes: int
     seconds: float
+    io: str | None = None
 
 
 @dataclass

@@ -32,11 +32,18 @@ Restore: rank 0 lists the candidates and broadcasts them; for each, every rank v
 its files (so verification is parallel) and the verdicts are all-gathered; the first candidate valid on all ranks
 is loaded by all (:func:`resumekit.distributed.loader.load_sharded`). Tensors are loaded by DCP into the current
 model/optimizer layout, which is what makes resharding work.
+
+With a node-local tier (:mod:`resumekit.distributed.nodetier`): after each shared commit every node's tier leader
+copies the files its ranks read into the node's directory; a restore gathers every rank's tier inventory, rank 0
+proposes the steps every rank can read (:func:`~resumekit.distributed.nodetier.plan_resume`), each rank verifies
+what it will read (its tier copy or the shared root) and the verdicts are agreed as above, so all ranks load one
+step, and every rank logs a ``resume_agreed`` event naming it and where each rank read it from.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -55,19 +62,35 @@ from ..distributed.dcp_io import (
     quiet_single_process,
 )
 from ..distributed.loader import load_sharded
+from ..distributed.nodetier import (
+    LOCAL,
+    SHARED,
+    AgreedStep,
+    NodeTier,
+    manifest_digest,
+    needed_files,
+    plan_resume,
+    read_set,
+    shared_digests,
+    tier_groups,
+)
 from ..distributed.sharded import is_distributed_checkpoint, write_rank_files
 from ..distributed.staging import ShardStaging
 from ..distributed.statedict import DCP_KEY, DCP_METADATA, dcp_entries, entry_state_dict, split_tensors
 from ..errors import CheckpointNotFoundError, CheckpointWriteError, ConfigError, CorruptCheckpointError
+from ..events import EVENTS_FILE, EventLog
 from ..format import DIST_FILE, FileEntry, Manifest, new_hasher, step_dirname
 from ..layouts.base import CheckpointInfo
 from ..snapshot import StagingBuffers
 from ..state import RNG_KEY, STATE_KEY, capture_rng, capture_state
 from ..storage import Storage
+from ..storage.transfer import read_manifest_bytes
 from ..units import errno_hint, one_line
 from ..verify import check_checkpoint, hash_file, read_verified
 from .base import Candidate, Committed, Opened, Snapshot, candidates_at, is_committed, remove_stale_tmp, root_candidates
 from .native import pause_between_files
+
+log = logging.getLogger("resumekit")
 
 ENV_ELASTIC_RESTART = "TORCHELASTIC_RESTART_COUNT"
 _RANK_HINT = "check that directory on the failing rank's node"
@@ -84,16 +107,19 @@ class DcpCheckpointer:
     Args:
         storage: the root: a local or mounted shared directory every rank can write.
         ctx: the process layout; :meth:`DistContext.create` by default (collective: every rank must construct).
+        node_tier: this node's local tier (a directory of this node only), or None. Ranks that name the same
+            directory on the same host share it; its lowest rank writes it.
     """
 
     collective = True
 
-    def __init__(self, storage: Storage, ctx: DistContext | None = None):
+    def __init__(self, storage: Storage, ctx: DistContext | None = None, node_tier: NodeTier | None = None):
         if not storage.is_local:
             raise ConfigError(
                 f"distributed checkpoints need a local or mounted shared directory (every rank writes its shards "
                 f"there); {storage.uri} is an object store. Use a shared file system path (NFS, SFS Turbo, "
-                "Lustre) or a per-node local path with a single node"
+                "Lustre) or a per-node local path with a single node; a node-local tier (local_tier=) speeds up "
+                "restores but does not replace the shared root"
             )
         self.storage = storage
         self.ctx = ctx or DistContext.create()
@@ -103,6 +129,16 @@ class DcpCheckpointer:
         # rank 0 at its next collective, so the node's heartbeat still goes stale.
         self.leads_job = self.ctx.rank == 0
         self.leads_node = self.ctx.local_rank == 0
+        self.node_tier = node_tier
+        # Which ranks share a tier is learnt once, here (construction is collective anyway): it decides who copies
+        # which ranks' files after each commit.
+        ids = self.ctx.ctl.all_gather(node_tier.identity() if node_tier is not None else None)
+        self._tiered = any(i is not None for i in ids)
+        group = next((g for g in tier_groups(ids) if self.rank in g), [])
+        self._tier_group = group if group and group[0] == self.rank else []  # non-empty on a tier leader only
+        self._plan: dict[int, AgreedStep] = {}
+        self._source = SHARED  # where this rank read the step it opened last (for the resume_agreed event)
+        self._inventories: list[list[int]] = []
 
     @property
     def rank(self) -> int:
@@ -215,10 +251,12 @@ class DcpCheckpointer:
         err: str | None = None
         failed: list[int] = []
         errno_: int | None = None
+        reads: list[str] = []
+        md: Any = None
         writer = make_writer(tmp_path)
         try:
             with quiet_single_process():
-                dcp.save(p["tensors"], storage_writer=writer, process_group=group, no_dist=not self.ctx.use_dist)
+                md = dcp.save(p["tensors"], storage_writer=writer, process_group=group, no_dist=not self.ctx.use_dist)
         except BaseException as e:
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -230,9 +268,11 @@ class DcpCheckpointer:
                 own = list(writer.written) + ([DCP_METADATA] if self.rank == 0 else [])
                 for rel in own:
                     files[rel] = hash_file(self.storage, f"{p['tmp_rel']}/{rel}")
+                if self._tiered:
+                    reads = read_set(p["tensors"], md)
             except Exception as e:  # noqa: BLE001
                 err, failed, errno_ = f"{type(e).__name__}: {e}", [self.rank], getattr(e, "errno", None)
-        reports = coll.all_gather((err, failed, files, errno_))
+        reports = coll.all_gather((err, failed, files, errno_, reads))
         bad = sorted({r for rep in reports if rep[0] for r in rep[1]})
         if bad:
             if p["txn"] is not None:
@@ -254,7 +294,25 @@ class DcpCheckpointer:
                 "committed; the previous checkpoint is untouched.",
             )
         path, total = result[1]
+        if self._tier_group:
+            self._keep_in_tier(snap, reports)
         return Committed(step=snap.step, path=path, nbytes=total, seconds=time.perf_counter() - t0)
+
+    def _keep_in_tier(self, snap: Snapshot, reports: list[Any]) -> None:
+        """Tier leader, after the shared commit: copy what this node's ranks read into the node tier. A failure
+        costs only speed at the next restore (the shared root has the step), so it is logged, not raised."""
+        assert self.node_tier is not None
+        needs = {r: needed_files(r, reports[r][4], reports[r][2]) for r in self._tier_group}
+        try:
+            self.node_tier.keep_step(self.storage, snap.name, needs, self.world)
+        except Exception as e:  # noqa: BLE001 - the durable commit already succeeded
+            log.warning(
+                "rank %d: could not keep %s in the node tier %s (a restore reads it from the shared root): %s",
+                self.rank,
+                snap.name,
+                self.node_tier.root,
+                one_line(e),
+            )
 
     def _commit(self, snap: Snapshot, reports: list[Any]) -> tuple[str | None, Any]:
         """Rank 0: ``distributed.json``, then the manifest listing every rank's files, then the commit."""
@@ -299,7 +357,51 @@ class DcpCheckpointer:
         plan = self.ctx.ctl.broadcast(plan)
         if plan[0] == "error":
             raise CheckpointNotFoundError(plan[1])
-        return plan[1]
+        if not self._tiered:
+            return plan[1]
+        return self._agree_candidates(plan[1], allow_tier_only=path is None)
+
+    def _agree_candidates(self, listed: list[Candidate], allow_tier_only: bool) -> list[Candidate]:
+        """Every rank's tier inventory to rank 0, which proposes the steps every rank can read (newest first) and
+        where each rank reads them from; everyone gets the same proposal, which ``open`` then verifies."""
+        inv: dict[int, str] = {}
+        try:
+            if self.node_tier is not None:
+                inv = self.node_tier.inventory(self.rank, self.world)
+        except Exception as e:  # noqa: BLE001 - a collective follows: an unreadable tier only costs speed
+            log.warning("rank %d: cannot list the node tier: %s", self.rank, one_line(e))
+        invs = self.ctx.ctl.all_gather(inv)
+        proposal: Any = (listed, {})  # without a plan every rank reads the shared root, as without tiers
+        if self.rank == 0:
+            try:
+                proposal = self._propose(listed, invs, allow_tier_only)
+            except Exception as e:  # noqa: BLE001 - the broadcast below must happen whatever went wrong
+                log.warning("rank 0: no node-tier plan (%s); every rank reads the shared root", one_line(e))
+        cands, self._plan = self.ctx.ctl.broadcast(proposal)
+        self._inventories = [sorted(i) for i in invs]
+        return cands
+
+    def _propose(
+        self, listed: list[Candidate], invs: list[dict[int, str]], allow_tier_only: bool
+    ) -> tuple[list[Candidate], dict[int, AgreedStep]]:
+        """Rank 0: the candidates every rank can read, newest first, and where each rank reads each one."""
+        in_root = {c.step: c for c in listed if c.root == self.storage.uri}
+        agreed = plan_resume(shared_digests(self.storage, {s: c.name for s, c in in_root.items()}), invs)
+        cands: list[Candidate] = []
+        plans: dict[int, AgreedStep] = {}
+        for a in agreed:
+            cand = in_root.get(a.step)
+            if cand is None:
+                if not allow_tier_only:
+                    continue
+                name = step_dirname(a.step)
+                cand = Candidate(self.storage.uri, name, a.step, self.storage.join(name))
+            cands.append(cand)
+            plans[a.step] = a
+        # Candidates outside the shared root (a user-named path elsewhere) keep their place, read from there.
+        cands += [c for c in listed if c.root != self.storage.uri]
+        cands.sort(key=lambda c: c.step, reverse=True)
+        return cands, plans
 
     def open(self, cand: Candidate) -> Opened:
         """Every rank hashes a share of the candidate's files and parses the DCP plan; the verdicts are agreed.
@@ -307,9 +409,15 @@ class DcpCheckpointer:
         A checkpoint whose ``.metadata`` is refused (forged classes, shards outside the manifest) fails here like a
         corrupt one, before any state changes.
         """
+        agreed = self._plan.get(cand.step) if cand.root == self.storage.uri else None
+        if agreed is not None and agreed.sources[self.rank] == LOCAL:
+            return self._open_local(cand, agreed)
+        self._source = SHARED
         st = cand.storage()
         where = st.join(cand.name)
         reason: str | None = None
+        # With a tier, the ranks that read this step from the shared root verify it between them.
+        readers = [r for r in range(self.world) if agreed is None or agreed.sources[r] == SHARED]
         try:
             man = check_checkpoint(st, cand.name, full=False)
             if not is_distributed_checkpoint(man):
@@ -319,7 +427,7 @@ class DcpCheckpointer:
                     "with CheckpointManager(..., distributed=False) or save a "
                     "distributed one",
                 )
-            for rel in sorted(man.files)[self.rank :: self.world]:
+            for rel in sorted(man.files)[readers.index(self.rank) :: len(readers)]:
                 _, digest = hash_file(st, f"{cand.name}/{rel}")
                 if digest != man.files[rel].xxh3:
                     raise CorruptCheckpointError(
@@ -333,9 +441,61 @@ class DcpCheckpointer:
             reason = e.reason
         except OSError as e:
             reason = f"unreadable: {e}"
+        return self._agree_open(cand, where, reason, st)
+
+    def _open_local(self, cand: Candidate, agreed: AgreedStep) -> Opened:
+        """This rank reads ``cand`` from its node tier: every file it needs is checked (size and xxh3) against the
+        manifest copy, which must be the one agreed on."""
+        assert self.node_tier is not None
+        tier = self.node_tier.storage
+        files = self.node_tier.needs(cand.name, self.rank, self.world)
+        reason = self._verify_files(tier, cand.name, files, agreed.digest)
+        st: Storage = tier
+        self._source = LOCAL
+        if reason is not None and agreed.in_shared and files is not None:
+            # The copy here is damaged but the shared root has the agreed step: this rank reads exactly the same
+            # files from there instead (verified the same way), and the agreement still holds.
+            log.warning(
+                "rank %d: the node tier's copy of %s is unusable (%s); reading it from the shared root",
+                self.rank,
+                cand.name,
+                reason,
+            )
+            st, self._source = self.storage, f"{SHARED} (node tier copy unusable: {reason})"
+            reason = self._verify_files(st, cand.name, files, agreed.digest)
+        if reason is not None:
+            reason = f"(rank {self.rank} reading from {st.join(cand.name)}) {reason}"
+        return self._agree_open(cand, cand.path, reason, st)
+
+    @staticmethod
+    def _verify_files(st: Storage, name: str, files: list[str] | None, digest: str | None) -> str | None:
+        """Why ``files`` of ``name`` in ``st`` must not be read (manifest not the agreed one, a file that does not
+        match it, a refused ``.metadata``), or None."""
+        where = st.join(name)
+        try:
+            if files is None:
+                raise CorruptCheckpointError(where, "node.json does not list this rank")
+            raw, man = read_manifest_bytes(st, name)
+            if manifest_digest(raw) != digest:
+                raise CorruptCheckpointError(where, "its manifest is not the one agreed on")
+            for rel in files:
+                ent = man.files.get(rel)
+                got = hash_file(st, f"{name}/{rel}")
+                if ent is None or got != (ent.size, ent.xxh3):
+                    raise CorruptCheckpointError(where, f"{rel} does not match the manifest (size or xxh3)")
+            if DCP_METADATA in man.files:
+                load_dcp_metadata(read_verified(st, name, DCP_METADATA, man), where, man.files)
+        except CorruptCheckpointError as e:
+            return e.reason
+        except OSError as e:
+            return f"unreadable: {e}"
+        return None
+
+    def _agree_open(self, cand: Candidate, where: str, reason: str | None, st: Storage) -> Opened:
         bad = next((r for r in self.ctx.ctl.all_gather(reason) if r), None)
         if bad is not None:
             raise CorruptCheckpointError(where, bad)
+        # The event path is the shared one on every rank; the payload is where this rank reads from.
         return Opened(
             info=CheckpointInfo(step=cand.step, name=cand.name, path=where, layout="native", valid=True), payload=st
         )
@@ -343,7 +503,30 @@ class DcpCheckpointer:
     def load(
         self, opened: Opened, state: MutableMapping[str, Any], *, only: Sequence[str] | None, strict: bool, rng: bool
     ) -> list[str]:
-        return load_sharded(self.ctx, opened.payload, opened.info.name, state, only=only, strict=strict, rng=rng)
+        loaded = load_sharded(self.ctx, opened.payload, opened.info.name, state, only=only, strict=strict, rng=rng)
+        if self._tiered:
+            self._log_agreement(opened)
+        return loaded
+
+    def _log_agreement(self, opened: Opened) -> None:
+        """One ``resume_agreed`` event per rank in its node tier's log, and rank 0's in the run's log."""
+        agreed = self._plan.get(opened.info.step)
+        sources = list(agreed.sources) if agreed is not None else [SHARED] * self.world
+        fields: dict[str, Any] = {
+            "step": opened.info.step,
+            "path": opened.info.path,
+            "rank": self.rank,
+            "world_size": self.world,
+            # "source" is the event log's own field (who wrote the event): where ranks read is "read"/"reads".
+            "read": self._source,
+            "read_from": opened.payload.join(opened.info.name),
+            "reads": sources,
+            "inventories": self._inventories,
+        }
+        if self.node_tier is not None:
+            EventLog(os.path.join(self.node_tier.root, EVENTS_FILE), "library").emit("resume_agreed", **fields)
+        if self.rank == 0 and self.storage.is_local:
+            EventLog.for_dir(self.storage.local_path(), "library").emit("resume_agreed", **fields)
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def clean_stale_tmp(self) -> None:

@@ -41,10 +41,13 @@ class LocalCheckpointer:
         self.storage = storage
         self.tier = storage if isinstance(storage, TieredStorage) else None
         self._staging: StagingBuffers | None = None
+        # How the last restore read its checkpoint (tier, verification), for the "restore" event only.
+        self._restored: dict[str, Any] = {}
 
     # ---------------------------------------------------------------------------------------- coordination
     def event_fields(self) -> dict[str, Any]:
-        return {}
+        # Filled by open() for the restore event; cleared by the first snapshot, so save events carry none.
+        return dict(self._restored)
 
     def needs_agreement(self, handle_sigterm: bool, clock_based: bool) -> bool:
         return False
@@ -66,6 +69,7 @@ class LocalCheckpointer:
         rng: bool,
         skip_if_committed: bool,
     ) -> Snapshot | None:
+        self._restored = {}
         name = step_dirname(step)
         if skip_if_committed and is_committed(self.storage, name):
             return None
@@ -74,6 +78,7 @@ class LocalCheckpointer:
         encoded = {STATE_KEY: enc.encode(capture_state(state))}
         if rng:
             encoded[RNG_KEY] = enc.encode(capture_rng(), ("<rng>",))
+        tensors: Any  # the staged file image (async) or host tensors: write_checkpoint takes either
         if stage:
             if self._staging is None:
                 self._staging = StagingBuffers()
@@ -85,7 +90,7 @@ class LocalCheckpointer:
     def persist(self, snap: Snapshot, *, background: bool) -> Committed:
         encoded, tensors = snap.payload
         res = write_checkpoint(self.storage, snap.step, encoded, tensors, snap.metadata, snap.entries)
-        return Committed(step=snap.step, path=res.path, nbytes=res.manifest.total_bytes, seconds=res.seconds)
+        return Committed(step=snap.step, path=res.path, nbytes=res.manifest.total_bytes, seconds=res.seconds, io=res.io)
 
     # --------------------------------------------------------------------------------------------- restore
     def candidates(self, path: str | None = None) -> list[Candidate]:
@@ -106,15 +111,31 @@ class LocalCheckpointer:
         return out
 
     def open(self, cand: Candidate) -> Opened:
+        tier = None
         if cand.remote:
             # A remote step newer than every valid local one (or whose local copy is damaged) is downloaded into
             # the local tier first: verified, tmp dir + rename; then it is read like a local one.
             assert self.tier is not None
             self.tier.download(cand.name)
             storage: Storage = self.tier.local
+            tier = "remote"
         else:
             storage = self.storage if cand.root == self.storage.uri else cand.storage()
-        man, tree = read_checkpoint(storage, cand.name)
+            if self.tier is not None and storage is self.tier:
+                tier = "local"
+        stats: dict[str, Any] = {}
+        man, tree = read_checkpoint(storage, cand.name, stats=stats)
+        # Which tier the bytes came from (candidates() puts the local copy of a step before the remote one), and
+        # whether the supervisor's verified token spared hashing them again.
+        self._restored = {"verified": stats.get("verified"), "hashed_bytes": stats.get("hashed_bytes")}
+        if self.tier is not None:
+            self._restored.update(tier=tier or "other", tier_in_memory=self.tier.in_memory)
+            # The size of a checkpoint is known now: say at once if the tier cannot hold the next save beside the
+            # ones its retention keeps (on tmpfs: RAM), rather than at the first ENOSPC.
+            verdict = self.tier.space_verdict(man.total_bytes)
+            if verdict is not None:
+                log.warning("%s", verdict[1])
+                self._restored["tier_space"] = verdict[1]
         info = CheckpointInfo(
             step=cand.step,
             name=cand.name,

@@ -9,6 +9,9 @@ Modules:
     single: the single-process job and its kill loop; the job runs as ``python -m resumekit.demo.single``.
     distributed: the DDP job under torchrun and its kill loop; each rank runs as
         ``torchrun -m resumekit.demo.distributed``.
+    nodes: several torchrun "nodes" on this machine, each under its own ``resumekit run``: launch lines and
+        node processes.
+    multinode: the DDP job on those nodes, straight and with whole-node SIGKILLs.
 """
 
 from __future__ import annotations
@@ -27,19 +30,22 @@ def run_demo(
     as_json: bool = False,
     save_every: int = 20,
     async_save: bool = False,
+    nnodes: int = 1,
 ) -> int:
     """Straight run vs killed-and-restarted run; the single-process job, or with ``nproc`` > 1 a DDP job under
-    torchrun (sharded checkpoints, worker SIGKILLs).
+    torchrun (sharded checkpoints, worker SIGKILLs), or with ``nnodes`` > 1 that job on several torchrun nodes
+    (whole-node SIGKILLs).
 
     Args:
         directory: where both runs write.
         crashes: how many SIGKILLs.
         steps: the job's length.
         seed: the kill seed (random when None).
-        nproc: processes; 1 runs the single-process demo.
+        nproc: processes (per node with ``nnodes`` > 1); 1 on 1 node runs the single-process demo.
         as_json: print one JSON object instead of the table.
         save_every: the job's checkpoint interval.
         async_save: the job writes checkpoints in the background.
+        nnodes: torchrun nodes (separate agents on this machine, each under its own ``resumekit run``).
 
     Returns:
         0 only if both runs end bitwise identical; else 1; 2 (nothing run) for an object-store ``directory``.
@@ -56,6 +62,20 @@ def run_demo(
         return 2
     # Imported here, not at the top: the workers run as ``python -m resumekit.demo.single`` (and ``.distributed``),
     # and runpy warns on stderr when the package has already imported the module it is asked to run.
+    if nnodes > 1:
+        from .multinode import run_multinode_demo
+
+        return run_multinode_demo(
+            directory,
+            nnodes=nnodes,
+            nproc=nproc,
+            crashes=crashes,
+            steps=steps,
+            seed=seed,
+            as_json=as_json,
+            save_every=save_every,
+            async_save=async_save,
+        )
     if nproc != 1:
         from .distributed import run_distributed_demo
 

@@ -79,7 +79,11 @@ def train(
         torch.nn.ReLU(),
         torch.nn.Linear(width, 1),
     )
-    model = torch.nn.parallel.DistributedDataParallel(model)
+    # No bucket rebuild (find_unused_parameters turns it off): DDP otherwise regroups its gradient buckets after the
+    # first iteration of every process, so a restarted process reduces its first step with another layout. With 3 or
+    # more ranks the float sum then runs in another order ((a+b)+c != a+(b+c)) and the run is no longer bitwise
+    # equal to the straight one; with 2 it is (a+b == b+a).
+    model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     random.seed(seed * 1000 + rank)  # then one stream per rank: dropout masks differ between ranks
     np.random.seed(seed * 1000 + rank)
     torch.manual_seed(seed * 1000 + rank)

@@ -6,6 +6,7 @@
 - :mod:`.dcp_io`: DCP's writer and a verified reader; the allow-list unpickler for ``.metadata``;
 - :mod:`.sharded`: one rank's files, and :func:`read_sharded` to read a whole checkpoint in one process;
 - :mod:`.loader`: loading into live objects on every rank, agreeing at each phase.
+- :mod:`.nodetier`: node-local tiers (each node keeps the files its ranks read) and the agreement on the resume step.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sys
@@ -10,7 +11,45 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
+
 log = logging.getLogger("resumekit")
+
+ENV_COLLECTIVE_TIMEOUT = "RESUMEKIT_COLLECTIVE_TIMEOUT"
+"""Seconds a collective of resumekit's own gloo groups may wait for a peer before it fails (default: the timeout
+the job gave ``init_process_group``)."""
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """How long resumekit's collectives wait for a peer: ``RESUMEKIT_COLLECTIVE_TIMEOUT`` seconds, else the default
+    process group's own timeout; None (torch's default) when neither can be read.
+
+    ``new_group`` does not inherit the default group's timeout: without one, torch gives every gloo group 30
+    minutes. A rank whose peer froze (a node that stopped answering but kept its sockets open) would then wait half
+    an hour inside a restore or a save agreement, long after the job's own collectives gave up; with the job's
+    timeout, it fails with them and the node's torchrun exits for its supervisor to restart.
+
+    Raises:
+        ConfigError: ``RESUMEKIT_COLLECTIVE_TIMEOUT`` is not a positive number.
+    """
+    raw = os.environ.get(ENV_COLLECTIVE_TIMEOUT, "").strip()
+    if raw:
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0:
+            raise ConfigError(f"{ENV_COLLECTIVE_TIMEOUT}={raw!r} must be a positive number of seconds")
+        return datetime.timedelta(seconds=seconds)
+    import torch.distributed as dist
+
+    try:
+        world = dist.group.WORLD
+        options = world._get_backend(torch.device("cpu")).options  # type: ignore[union-attr]
+        timeout = options._timeout
+    except Exception:  # noqa: BLE001 - a private attribute: when torch moves it, torch's default applies
+        return None
+    return timeout if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0 else None
 
 
 class Collectives:
@@ -102,8 +141,9 @@ class DistContext:
             )
         if world == 1:
             return cls(rank=rank, world_size=1, local_rank=local_rank)
-        ctl = dist.new_group(backend="gloo")
-        bg = dist.new_group(backend="gloo")
+        timeout = collective_timeout()
+        ctl = dist.new_group(backend="gloo", timeout=timeout)
+        bg = dist.new_group(backend="gloo", timeout=timeout)
         return cls(
             rank=rank,
             world_size=world,

@@ -19,6 +19,7 @@ from ..errors import CheckpointWriteError, UnsafeFileError
 from ..events import note_progress
 from ..format import MANIFEST, TMP_PREFIX, keep_dirname
 from ..units import file_kind, open_regular
+from . import direct
 from .base import Entry, Storage, Transaction
 from .resave import exchange_dirs, fault_point, promote
 
@@ -111,6 +112,13 @@ class LocalTransaction(Transaction):
         path = os.path.join(self.tmp_path, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return _DurableFile(path)  # type: ignore[return-value]
+
+    def write_image(self, rel: str, image: memoryview, size: int, hash_update=None) -> str:
+        """Write ``image[:size]`` as the file ``rel``, durable on return, with ``O_DIRECT`` where the file system
+        takes it (:func:`resumekit.storage.direct.write_image`); returns ``"direct"`` or ``"buffered"``."""
+        path = os.path.join(self.tmp_path, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return direct.write_image(path, image, size, hash_update)
 
     def commit(self, manifest: bytes) -> str:
         with _DurableFile(os.path.join(self.tmp_path, MANIFEST)) as f:

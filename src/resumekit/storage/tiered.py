@@ -35,6 +35,7 @@ from ..events import EventLog
 from ..format import Manifest, parse_step_dirname
 from .base import Entry, Storage, Transaction
 from .local import LocalStorage
+from .memtier import in_memory, mem_available, tier_space_verdict
 from .steps import Retention, newest_valid, plan_uploads, step_dirs, steps_to_resync, valid_manifest
 
 # copy_step is looked up in this module by the uploader (through TieredStorage.upload_step) and by download (tests
@@ -58,6 +59,10 @@ class _TieredTransaction(Transaction):
 
     def open_write(self, rel: str) -> BinaryIO:
         return self.inner.open_write(rel)
+
+    def write_image(self, rel: str, image: memoryview, size: int, hash_update=None) -> str:
+        """The local tier's direct write (see :meth:`LocalTransaction.write_image`)."""
+        return self.inner.write_image(rel, image, size, hash_update)  # type: ignore[attr-defined]
 
     def commit(self, manifest: bytes) -> str:
         path = self.inner.commit(manifest)
@@ -116,6 +121,36 @@ class TieredStorage(Storage):
         self.retention = retention
         self.events = events if events is not None else EventLog.for_dir(self.local.root, "library")
         self._up = Uploader(self, upload_options)
+        #: the local tier is on tmpfs/ramfs: restores run at memory speed, and its files count against RAM (see
+        #: :mod:`resumekit.storage.memtier` for the space rule the supervisor checks before each start)
+        self.in_memory = in_memory(self.local.root)
+        if self.in_memory:
+            log.info(
+                "local tier %s is in memory (tmpfs): it holds keep_last + 1 checkpoints of RAM; the durable copy is %s",
+                self.local.root,
+                self.remote.uri,
+            )
+
+    def space_verdict(self, checkpoint_bytes: int, present: bool = True) -> tuple[str, str] | None:
+        """Whether the local tier has room for its retention's checkpoints of ``checkpoint_bytes`` each plus the one
+        being written (:func:`resumekit.storage.memtier.tier_space_verdict`): ``(level, one line)`` or None.
+
+        Args:
+            present: one such checkpoint is in the tier already (counted in its free space).
+        """
+        r = self.retention
+        active = r is not None and bool(getattr(r, "active", False))
+        keep = (getattr(r, "keep_last", None) or 0) + (getattr(r, "keep_best", None) or 0) if active else 0
+        return tier_space_verdict(
+            self.local.root,
+            free=self.local.free_bytes(),
+            checkpoint_bytes=checkpoint_bytes,
+            keep=keep or None,
+            memory=self.in_memory,
+            available=mem_available() if self.in_memory else None,
+            present_bytes=checkpoint_bytes if present else 0,
+            unbounded=not active or bool(getattr(r, "keep_every", None)),
+        )
 
     # -- Storage: the local tier ----------------------------------------------------------------------------------
 

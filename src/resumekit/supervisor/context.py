@@ -83,7 +83,9 @@ class RunPaths:
         remote: ``directory`` is an object-store URI (``s3://``, ``obs://``), not a path.
         local_dir: ``directory`` as an absolute local path; None when remote or absent.
         events_path: the JSONL event log the supervisor and the job append to.
-        state_dir: a directory local to the job's node: the heartbeat and hang stack dumps go here.
+        state_dir: a directory local to the job's node: the heartbeat and hang stack dumps go here (the
+            ``--local-tier``, else beside an explicit ``--events``, else a local checkpoint dir, else beside the
+            event log).
         heartbeat_path: the file the job touches every step.
         watch_dir: the local directory whose file growth counts as the job's activity (a save in progress is
             never a hang): the checkpoint root, else the local tier; None for a remote root without one.
@@ -129,8 +131,16 @@ class RunPaths:
             events_path = os.path.join(options.local_tier, EVENTS_FILE)
         else:
             events_path = os.path.join(tempfile.mkdtemp(prefix="resumekit-run-"), EVENTS_FILE)
-        # The heartbeat must be local to the job's node: the checkpoint dir when it is local, else beside the log.
-        state_dir = own_dir or options.local_tier or os.path.dirname(events_path)
+        # The heartbeat must be local to the job's node. The checkpoint dir of a job on several nodes is shared:
+        # every node's supervisor would read (and clear) one heartbeat, and a live node's beats would hide a hung
+        # one. A --local-tier is node-local by definition, and an explicit --events is where the user keeps this
+        # supervisor's own files; otherwise the checkpoint dir when it is local, else beside the log.
+        state_dir = (
+            options.local_tier
+            or (os.path.dirname(events_path) if options.events else None)
+            or own_dir
+            or os.path.dirname(events_path)
+        )
         return cls(
             directory=d,
             remote=remote,
@@ -184,6 +194,8 @@ class StartPlan:
         precheck_s: seconds the pre-checks took.
         candidates: whether any valid checkpoint existed for the job to load (False: whatever the job reports,
             it can only have started from scratch).
+        verified: the ``RESUMEKIT_VERIFIED`` token for the checkpoint handed over (None: the job hashes it while
+            reading; see :mod:`resumekit.storage.verified`).
     """
 
     resume_path: str = ""
@@ -191,6 +203,7 @@ class StartPlan:
     newest_step: int | None = None
     precheck_s: float = 0.0
     candidates: bool = False
+    verified: str | None = None
 
 
 @dataclass(frozen=True)

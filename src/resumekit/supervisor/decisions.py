@@ -2,7 +2,9 @@
 
 Where to find a rule:
 
-* how long to wait before a restart: :func:`restart_backoff`;
+* how long to wait before a restart (immediate after progress, else backing off): :func:`restart_backoff`;
+* whether a job gets a warm standby at all: :func:`standby_worthwhile`; whether a restart waits for one still
+  importing: :func:`wait_for_standby`;
 * what exit code ``resumekit run`` reports for a job's exit: :func:`exit_code_of`;
 * whether an exit was a failure: :func:`is_failure`;
 * whether a failed attempt got anywhere: :func:`made_progress`;
@@ -50,28 +52,85 @@ EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 
 
-def restart_backoff(restart: int, base: float, cap: float, jitter: float, rand: float) -> float:
-    """Seconds to wait before restart number ``restart`` (1 for the first restart).
+def restart_backoff(
+    restart: int,
+    base: float,
+    cap: float,
+    jitter: float,
+    rand: float,
+    *,
+    progressed: bool = False,
+    progress_jitter: float = 0.0,
+) -> float:
+    """Seconds to wait before a restart.
 
-    The delay doubles with every restart (``base``, ``2*base``, ``4*base``, ...) up to ``cap``, then a random
-    fraction up to ``jitter`` of it is taken off, so many jobs that failed together (a node, a switch) do not all
-    hammer the scheduler or the storage in the same second.
+    After an attempt that made progress (:func:`made_progress`: it trained past the step it resumed from, or left
+    a newer valid checkpoint) the restart is immediate but for a small random delay in ``[0, min(progress_jitter,
+    base)]``: the job was healthy, so waiting buys nothing, and the jitter keeps many nodes that lost the same
+    switch from hitting the scheduler and the storage in the same instant (never longer than a first backoff).
+    Only failures without progress back off: the delay doubles with every such restart in a row (``base``,
+    ``2*base``, ``4*base``, ...) up to ``cap``, then a random fraction up to ``jitter`` of it is taken off.
 
     Args:
-        restart: 1-based restart number.
+        restart: 1-based number of the restart among the failures without progress in a row.
         base: delay of the first restart, seconds.
         cap: the largest delay, seconds.
         jitter: fraction in [0, 1] of the delay that may be removed at random.
         rand: a uniform random number in [0, 1).
+        progressed: the failed attempt made progress.
+        progress_jitter: the largest delay after an attempt that made progress, seconds.
 
     Returns:
-        A delay in ``[(1 - jitter) * d, d]`` where ``d = min(cap, base * 2 ** (restart - 1))``.
+        ``rand * min(progress_jitter, base)`` after progress; else a delay in ``[(1 - jitter) * d, d]`` where
+        ``d = min(cap, base * 2 ** (restart - 1))`` (0 for ``restart < 1``).
     """
+    r = min(max(rand, 0.0), 1.0)
+    if progressed:
+        return max(min(progress_jitter, base), 0.0) * r
     if restart < 1:
         return 0.0
     exp = min(restart - 1, 63)  # 2**63 * base overflows nothing but is far past any cap
     d = min(cap, base * float(2**exp))
-    return d * (1.0 - jitter * min(max(rand, 0.0), 1.0))
+    return d * (1.0 - jitter * r)
+
+
+def standby_worthwhile(cold_startup_s: float | None, min_s: float) -> bool:
+    """Whether a warm standby can gain this job anything, from how long a fresh start of it took.
+
+    A standby saves at most a fresh interpreter's start-up and imports, and costs an idle interpreter's memory and
+    a slower exit (tearing down the modules it imported). A job whose cold start reached its first heartbeat in
+    under ``min_s`` (a torch-free script) gains less than that, so it gets none.
+
+    Args:
+        cold_startup_s: seconds from a cold attempt's start to its first heartbeat (None: not measured).
+        min_s: the least start-up worth a standby.
+
+    Returns:
+        True to keep a standby (also when nothing was measured: a job that does not beat its heartbeat).
+    """
+    return cold_startup_s is None or cold_startup_s >= min_s
+
+
+def wait_for_standby(elapsed_s: float, ready_s: float | None, cold_startup_s: float | None) -> bool:
+    """Whether a restart should wait for a warm standby that is still importing, rather than start cold.
+
+    A standby imports what a fresh interpreter of a torch job would import anyway, so it is never behind one that
+    starts now; but for a job that needs less than the preloaded modules (a torch-free script) a fresh start may be
+    up before the standby is. Decided on what was measured in this run: the last standby's time from spawn to
+    ready, and the last cold attempt's time from start to its first heartbeat. Either unknown: wait (the standby
+    is at least as far along as a fresh start of a torch job).
+
+    Args:
+        elapsed_s: seconds since this standby was spawned.
+        ready_s: seconds the last standby took to be ready (None: none was yet).
+        cold_startup_s: seconds from a cold attempt's start to its first heartbeat (None: not measured).
+
+    Returns:
+        True to wait for the standby.
+    """
+    if ready_s is None or cold_startup_s is None:
+        return True
+    return ready_s - elapsed_s < cold_startup_s
 
 
 def exit_code_of(returncode: int) -> int:
@@ -449,6 +508,8 @@ __all__ = [
     "EXIT_NOT_EXECUTABLE",
     "EXIT_NOT_FOUND",
     "restart_backoff",
+    "standby_worthwhile",
+    "wait_for_standby",
     "exit_code_of",
     "describe_exit",
     "is_failure",

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .context import StartPlan
 from .decisions import child_signal, describe_exit, exit_cause, has_traceback, is_failure
+from .latency import hang_detect_s, job_timings
 from .summary import AttemptRecord
 
 #: the job's events that name the checkpoint it loaded (the manager writes "restore"; "restored" is accepted too)
 RESTORE_EVENTS = ("restore", "restored")
 #: the job's events that report a step it reached
-STEP_EVENTS = ("save", "metrics", "step") + RESTORE_EVENTS
+STEP_EVENTS = ("save", "metrics", "step", "first_step") + RESTORE_EVENTS
 
 
 def read_heartbeat(path: str) -> dict[str, Any]:
@@ -118,6 +119,7 @@ def account_attempt(
     stderr_tail: str,
     beat: Mapping[str, Any],
     events: Sequence[Mapping[str, Any]],
+    poll_interval: float | None = None,
 ) -> tuple[AttemptRecord, JobReport]:
     """The record of an attempt that ended, from what was seen of it (pure).
 
@@ -134,6 +136,8 @@ def account_attempt(
         stderr_tail: the end of its stderr.
         beat: its last heartbeat.
         events: the events appended during the attempt.
+        poll_interval: how often the supervisor polled the job: an exit was seen at most this long after it
+            happened (the bound of its detection time); None: unknown.
 
     Returns:
         ``(record, what the job reported)``.
@@ -165,7 +169,20 @@ def account_attempt(
         restore_reported=rep.restore_reported,
         loaded=rep.restored_path,
         had_candidates=plan.candidates,
+        timings=job_timings(events),
     )
+    beat_time = beat.get("time")
+    if isinstance(beat_time, (int, float)) and isinstance(beat.get("step"), int):
+        # The heartbeat carries the step too, and beats more often than the rate-limited events.
+        last = rec.timings.last_report_time
+        rec.timings = replace(rec.timings, last_report_time=beat_time if last is None else max(last, beat_time))
+    if hung:
+        # Judged hung: the silence before the verdict, the stack dump and the kill are all detection time.
+        rec.detect_s = hang_detect_s(events, end)
+        rec.detect_max_s = rec.detect_s
+    elif poll_interval is not None and not rec.preempted:
+        # The exit itself is seen by polling: somewhere within one poll interval of the death, no more precisely.
+        rec.detect_max_s = poll_interval
     return rec, rep
 
 

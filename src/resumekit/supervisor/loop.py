@@ -71,6 +71,8 @@ class Supervisor:
         self._budget_used = 0
         self._last_exit: int | None = None
         self._pending_backoff = 0.0
+        #: failures without progress in a row: the exponent of the backoff
+        self._no_progress = 0
         self._last_plan = StartPlan()
         self._start_error = ""
         self._events_offset0 = 0
@@ -136,9 +138,12 @@ class Supervisor:
             crash_loop=self.opts.crash_loop,
             events=self.paths.events_path,
             heartbeat=self.paths.heartbeat_path,
+            warm=self.monitor.warm.enabled,
+            warm_note=self.monitor.warm.describe(),
             **modelarts_counters(),
         )
         self.monitor.hang_mode.announce()
+        self._say(self.monitor.warm.describe())
         outcome, reason, code = "failed", "", EXIT_PRECHECK
         try:
             outcome, reason, code = self._loop()
@@ -146,6 +151,7 @@ class Supervisor:
             running = self.monitor.running
             if running is not None and running.proc.poll() is None:
                 self.monitor.kill(running)  # never leave a job behind (exceptions, KeyboardInterrupt)
+            self.monitor.warm.close()  # nor a standby
             if reaper:
                 set_subreaper(False)
             for sig, handler in old.items():
@@ -233,7 +239,9 @@ class Supervisor:
                 self.log.emit("give_up", reason=reason)
                 self._say(reason)
                 return "gave-up", reason, exit_code_of(rec.returncode)
-            self._pending_backoff = self._sleep_backoff(announce=rec)
+            progressed = made_progress(None, None, rec.resume_step, rec.last_step)
+            self._no_progress = 0 if progressed else self._no_progress + 1
+            self._pending_backoff = self._sleep_backoff(announce=rec, progressed=progressed)
 
     def _run_once(self, plan: StartPlan) -> AttemptRecord | None:
         """One start: launch, watch until it exits, clean up, account. None when the command cannot start."""
@@ -287,9 +295,18 @@ class Supervisor:
         self._budget_used += 1
         return True
 
-    def _sleep_backoff(self, announce: AttemptRecord | None = None) -> float:
+    def _sleep_backoff(self, announce: AttemptRecord | None = None, progressed: bool = False) -> float:
+        # An attempt that trained restarts at once (but for a little jitter); failures without progress back off,
+        # doubling with each one in a row (a retried pre-check counts its restart budget instead).
+        restart = self._no_progress if announce is not None else self._budget_used
         delay = restart_backoff(
-            self._budget_used, self.opts.backoff, self.opts.backoff_max, self.opts.jitter, self._rng.random()
+            restart,
+            self.opts.backoff,
+            self.opts.backoff_max,
+            self.opts.jitter,
+            self._rng.random(),
+            progressed=progressed,
+            progress_jitter=self.opts.progress_jitter,
         )
         if announce is not None:
             self.log.emit(
@@ -298,9 +315,11 @@ class Supervisor:
                 restart_count=self._budget_used,
                 after_exit=exit_code_of(announce.returncode),
                 delay_s=round(delay, 3),
+                after_progress=progressed,
                 budget_left=self.opts.max_restarts - self._budget_used,
             )
-            self._say(f"restarting in {delay:.2f} s (restart {self._budget_used} of {self.opts.max_restarts})")
+            why = "after progress" if progressed else f"backoff after {self._no_progress} failure(s) without progress"
+            self._say(f"restarting in {delay:.2f} s ({why}; restart {self._budget_used} of {self.opts.max_restarts})")
         deadline = time.monotonic() + delay
         # The stop signal cuts the wait short: a preempted supervisor must not sleep out a long backoff.
         while self._stop_signal is None:

@@ -28,8 +28,10 @@ from .decisions import (
     hang_target,
 )
 from .evidence import JobReport, account_attempt, attempt_evidence, failure_line, job_report, read_heartbeat
+from .latency import attempt_fields
 from .output import OutputPump
 from .proctree import children, descendants, kill_tree, reap, send_signal, signal_name, wait_gone
+from .standby import WarmStarter
 from .summary import AttemptRecord
 
 
@@ -68,6 +70,10 @@ class RunningJob:
     baseline_children: set = field(default_factory=set)
     output: OutputPump | None = None
     files: DirActivity | None = None
+    #: the attempt runs in a warm standby (:mod:`.standby`), not a fresh interpreter
+    warm: bool = False
+    #: its environment (a standby behind it starts with it, less the per-attempt hand-off)
+    env: dict = field(default_factory=dict)
 
 
 def clear_heartbeat(state_dir: str, say: Callable[[str], None]) -> None:
@@ -180,6 +186,19 @@ class JobMonitor:
         self.hang_mode = HangMode(ctx)
         self._stdout = ctx.job_stdout
         self._stderr = ctx.job_stderr
+        #: set (from the signal handler) once the supervisor was asked to stop
+        self.stop_requested = False
+        #: the standby interpreter that becomes the next attempt (warm restart)
+        self.warm = WarmStarter(
+            self.opts.command,
+            enabled=self.opts.warm,
+            preload=self.opts.preload,
+            warm_delay=self.opts.warm_delay,
+            pump=lambda: OutputPump(self._stdout, self._stderr),
+            emit=self.log.emit,
+            say=self.say,
+            path=(self.opts.env or {}).get("PATH", os.environ.get("PATH")),
+        )
 
     def launch(self, plan: StartPlan, index: int, env: dict[str, str]) -> RunningJob:
         """Start the command in a new session and log the start.
@@ -200,6 +219,48 @@ class JobMonitor:
         offset = EventTail.size_of(self.paths.events_path)
         baseline = set(children())
         start = time.time()
+        warm = self.warm.take(env, lambda: self.stop_requested)
+        if warm is not None:
+            proc, pump, warm_wait = warm
+            baseline.discard(proc.pid)
+        else:
+            (proc, pump), warm_wait = self._cold_start(env, index), None
+        run = RunningJob(
+            proc=proc,
+            index=index,
+            start=start,
+            events_offset=offset,
+            plan=plan,
+            baseline_children=baseline,
+            output=pump,
+            files=DirActivity(
+                self.paths.watch_dir if self.opts.hang_timeout else None,
+                scan_interval(self.opts.hang_timeout, self.opts.poll_interval),
+            ),
+            warm=warm is not None,
+            env=env,
+        )
+        self.running = run
+        self.log.emit(
+            "start",
+            attempt=index,
+            restart_count=index - 1,
+            pid=proc.pid,
+            command=self.opts.command,
+            resume_from=plan.resume_path or None,
+            resume_step=plan.resume_step,
+            newest_valid_step=plan.newest_step,
+            precheck_s=round(plan.precheck_s, 3),
+            warm=run.warm,
+            warm_wait_s=None if warm_wait is None else round(warm_wait, 3),
+            **modelarts_counters(),
+        )
+        origin = f"resuming from {plan.resume_path}" if plan.resume_path else "from scratch"
+        self.say(f"start {index} (pid {proc.pid}{', warm' if run.warm else ''}) {origin}")
+        return run
+
+    def _cold_start(self, env: dict[str, str], index: int) -> tuple[subprocess.Popen, OutputPump]:
+        """A fresh interpreter: ``Popen`` in a new session, its output passed through a new pump."""
         pump = OutputPump(self._stdout, self._stderr)
         try:
             proc = subprocess.Popen(self.opts.command, env=env, start_new_session=True, **pump.popen_kwargs())
@@ -215,35 +276,7 @@ class JobMonitor:
             pump.abandon()
             raise
         pump.start()
-        run = RunningJob(
-            proc=proc,
-            index=index,
-            start=start,
-            events_offset=offset,
-            plan=plan,
-            baseline_children=baseline,
-            output=pump,
-            files=DirActivity(
-                self.paths.watch_dir if self.opts.hang_timeout else None,
-                scan_interval(self.opts.hang_timeout, self.opts.poll_interval),
-            ),
-        )
-        self.running = run
-        self.log.emit(
-            "start",
-            attempt=index,
-            restart_count=index - 1,
-            pid=proc.pid,
-            command=self.opts.command,
-            resume_from=plan.resume_path or None,
-            resume_step=plan.resume_step,
-            newest_valid_step=plan.newest_step,
-            precheck_s=round(plan.precheck_s, 3),
-            **modelarts_counters(),
-        )
-        origin = f"resuming from {plan.resume_path}" if plan.resume_path else "from scratch"
-        self.say(f"start {index} (pid {proc.pid}) {origin}")
-        return run
+        return proc, pump
 
     def preempt(self, signum: int) -> None:
         """Forward a preemption to the running job as SIGTERM; a second SIGINT asks for an immediate kill.
@@ -254,6 +287,7 @@ class JobMonitor:
         Args:
             signum: the signal the supervisor received.
         """
+        self.stop_requested = True
         run = self.running
         if run is None or run.proc.returncode is not None:
             return
@@ -292,6 +326,11 @@ class JobMonitor:
                     pass
                 else:
                     self.hang_mode.note_beat(run.index)
+                    if not run.warm:
+                        self.warm.cold_startup_s = max(0.0, run.first_sign - run.start)
+            if run.preempt_signal is None and run.killed is None:
+                self.warm.maybe_spawn(run.index, run.start, time.time(), run.first_sign is not None, run.env)
+                self.warm.poll()
             if run.kill_now and run.killed is None:
                 run.killed = "second SIGINT"
                 self.log.emit("kill", attempt=run.index, pid=proc.pid, reason="second SIGINT")
@@ -381,7 +420,9 @@ class JobMonitor:
     def _new_children(self, run: RunningJob) -> list[int]:
         # Our children that were not there before the job started: the job, and orphans re-parented to us
         # (subreaper). Children the caller had before are not ours to reap.
-        return [p for p in children() if p not in run.baseline_children]
+        # The standby is neither: it is not the job's, and reaping it would take its exit status from its Popen.
+        standby = self.warm.pids()
+        return [p for p in children() if p not in run.baseline_children and p not in standby]
 
     def kill(self, run: RunningJob) -> list[int]:
         """SIGKILL the job's process group and every descendant, including ones that left the group (setsid).
@@ -451,7 +492,9 @@ class JobMonitor:
             stderr_tail=tail,
             beat=read_heartbeat(self.paths.heartbeat_path),
             events=EventTail(self.paths.events_path, run.events_offset).read(final=True),
+            poll_interval=self.opts.poll_interval,
         )
+        rec.warm = run.warm  # the breakdown tells warm restarts from cold ones
         start, failure, cause = run.start, rec.failure, rec.cause
         resume_step, last_step = rec.resume_step, rec.last_step
         self.log.emit(
@@ -472,6 +515,10 @@ class JobMonitor:
             reported=rep.reported,
             loaded=rep.restored_path if rep.restore_reported else None,
             loaded_reported=rep.restore_reported,
+            # The restart-latency evidence of this attempt (the run summary puts the restarts' breakdowns together).
+            detect_s=None if rec.detect_s is None else round(rec.detect_s, 3),
+            detect_max_s=None if rec.detect_max_s is None else round(rec.detect_max_s, 3),
+            **attempt_fields(rec.timings, start),
         )
         if failure:
             self.say(failure_line(rec, rep, run.hung))

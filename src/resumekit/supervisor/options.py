@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+
+#: a dotted Python module name (``--preload``)
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 @dataclass(kw_only=True)
@@ -69,6 +73,24 @@ class SupervisorOptions:
 
     jitter: float = 0.5
     """Fraction of each backoff delay that may be removed at random (0: none)."""
+
+    progress_jitter: float = 0.25
+    """After an attempt that made progress the restart is immediate but for a random delay of up to this many
+    seconds (and at most ``backoff``), so many nodes that failed together do not restart in the same instant; the
+    exponential ``backoff`` applies only to failures without progress."""
+
+    warm: bool = True
+    """Warm restart: while a ``python script.py`` / ``python -m module`` job (or a Python console script such as
+    ``torchrun``) runs, keep a standby interpreter that has already imported torch, numpy, resumekit and
+    ``preload``; a restart runs the command in it at once instead of starting a fresh interpreter. Other commands
+    start cold. See :mod:`resumekit.supervisor.standby`."""
+
+    preload: Sequence[str] = ()
+    """More modules the standby imports ahead (e.g. ``transformers``); one that is not installed is skipped."""
+
+    warm_delay: float = 10.0
+    """Seconds after an attempt started by which its standby is started even when the job has not reported any
+    progress yet (a job that reports starts it at its first heartbeat, after its start-up and restore)."""
 
     min_free: int | None = None
     """Free bytes required at a local checkpoint root (the floor; 2x the last checkpoint's size also applies)."""
@@ -144,6 +166,31 @@ class SupervisorOptions:
             )
         if not (isinstance(self.jitter, (int, float)) and 0.0 <= self.jitter <= 1.0):
             raise ConfigError(f"SupervisorOptions.jitter must be a fraction in [0, 1], got {self.jitter!r}")
+        if not (
+            isinstance(self.progress_jitter, (int, float))
+            and not isinstance(self.progress_jitter, bool)
+            and math.isfinite(self.progress_jitter)
+            and 0 <= self.progress_jitter <= 60
+        ):
+            raise ConfigError(
+                "SupervisorOptions.progress_jitter must be a number of seconds in [0, 60], "
+                f"got {self.progress_jitter!r}"
+            )
+        if not isinstance(self.warm, bool):
+            raise ConfigError(f"SupervisorOptions.warm must be True or False, got {self.warm!r}")
+        if isinstance(self.preload, str) or not all(isinstance(m, str) and _MODULE.match(m) for m in self.preload):
+            raise ConfigError(
+                "SupervisorOptions.preload must be a list of module names such as 'transformers' or 'my_pkg.models', "
+                f"got {self.preload!r}"
+            )
+        self.preload = list(dict.fromkeys(self.preload))
+        if not (
+            isinstance(self.warm_delay, (int, float))
+            and not isinstance(self.warm_delay, bool)
+            and math.isfinite(self.warm_delay)
+            and self.warm_delay >= 0
+        ):
+            raise ConfigError(f"SupervisorOptions.warm_delay must be a number of seconds >= 0, got {self.warm_delay!r}")
         if not (isinstance(self.poll_interval, (int, float)) and 0 < self.poll_interval <= 10):
             raise ConfigError(f"SupervisorOptions.poll_interval must be in (0, 10] seconds, got {self.poll_interval!r}")
         if self.min_free is not None and (not isinstance(self.min_free, int) or self.min_free < 0):

@@ -27,7 +27,9 @@ from ..events import (
     ENV_RESUME_MODE,
 )
 from ..storage.deadline import ENV_GRACE
+from ..storage.verified import ENV_VERIFIED
 from ..units import format_bytes, one_line
+from ..verify import record_hashed
 from .configfile import ConfigRewriter
 from .context import RunContext, StartPlan
 from .crashloop import CrashLoopGuard, hide_out_of_sight
@@ -86,6 +88,7 @@ class StartPlanner:
         self._skipped: list = []  # the newer invalid checkpoints of the last discover()
         #: invalid checkpoints moved out of the framework's sight so far
         self.hidden = 0
+        self._tier_warned: set[str] = set()
         self.config = ConfigRewriter(ctx, self._skip_once)
 
     def plan(self, prev: AttemptRecord | None, last_plan: StartPlan) -> StartPlan:
@@ -121,28 +124,17 @@ class StartPlanner:
 
         best = layout = None
         if storage is not None:
-            layout, best = self.discover(storage)
-            plan.newest_step = best.step if best else None
-            if self._initial_names is None:
-                self._initial_names = {i.name for i in layout.list(storage)}
-            if prev is not None:
-                best = self.crash_loop.after_attempt(storage, layout, best, prev, last_plan)
-                plan.newest_step = best.step if best else None
-            self._hide_invalid(storage, layout, best)
-            if self.opts.local_tier and layout.name == "native":
-                best = self._predownload(storage, best)
+            # Every file hashed on the way is recorded (fstat identity + digest), so the job can be told which bytes
+            # it need not hash again (see _verified_token).
+            with record_hashed() as hashed:
+                layout, best, tier_best = self._find_best(storage, prev, last_plan, plan)
+            if best is not None and layout is not None and layout.name == "native" and self.opts.resume != "never":
+                plan.verified = self._verified_token(storage, best, tier_best, hashed)
             free = storage.free_bytes()
             if free is not None:
                 check_free_space(storage.uri, free, checkpoint_size(storage, best), self.opts.min_free)
             if self.opts.local_tier:
-                from ..storage.local import LocalStorage
-
-                check_free_space(
-                    self.opts.local_tier,
-                    LocalStorage(self.opts.local_tier).free_bytes(),
-                    int(best.size or 0) if best else 0,
-                    self.opts.min_free,
-                )
+                self._check_tier_space(best)
             if layout.tracker_name:
                 self._repair(storage, layout)
         elif prev is not None:
@@ -153,6 +145,59 @@ class StartPlanner:
             self.hidden += self.config.resolve(plan)
         plan.candidates = bool(plan.resume_path) or best is not None
         return plan
+
+    def _find_best(self, storage: Any, prev: AttemptRecord | None, last_plan: StartPlan, plan: StartPlan) -> Any:
+        """Layout and newest valid checkpoint after the crash-loop rule, pre-downloaded into the local tier when
+        there is one; returns ``(layout, best, whether best is in the local tier)``."""
+        layout, best = self.discover(storage)
+        plan.newest_step = best.step if best else None
+        if self._initial_names is None:
+            self._initial_names = {i.name for i in layout.list(storage)}
+        if prev is not None:
+            best = self.crash_loop.after_attempt(storage, layout, best, prev, last_plan)
+            plan.newest_step = best.step if best else None
+        self._hide_invalid(storage, layout, best)
+        if self.opts.local_tier and layout.name == "native":
+            return layout, self._predownload(storage, best), True
+        return layout, best, False
+
+    def _verified_token(self, storage: Any, best: Any, in_tier: bool, hashed: Any) -> str | None:
+        """The ``RESUMEKIT_VERIFIED`` token for ``best`` when this start hashed every one of its files (a local
+        native checkpoint verified in full), so the job's restore skips hashing them again; None otherwise (the job
+        then hashes while reading, as always)."""
+        from ..storage.local import LocalStorage
+        from ..storage.verified import issue_token
+
+        st = LocalStorage(self.opts.local_tier) if in_tier else storage  # type: ignore[arg-type]
+        return issue_token(st, best.name, hashed)
+
+    def _check_tier_space(self, best: Any) -> None:
+        """The local tier holds the newest checkpoint and the next one beside it (and, on tmpfs, that much RAM).
+
+        Raises:
+            PrecheckError: too little free space there (or below ``--min-free``).
+        """
+        from ..storage.local import LocalStorage
+        from ..storage.memtier import in_memory, mem_available, tier_space_verdict
+
+        tier: str = self.opts.local_tier  # type: ignore[assignment]
+        free = LocalStorage(tier).free_bytes()
+        memory = in_memory(tier)
+        verdict = tier_space_verdict(
+            tier,
+            free=free,
+            checkpoint_bytes=int(best.size or 0) if best else 0,
+            keep=None,  # the job's retention is not known here: the newest plus the next save
+            memory=memory,
+            available=mem_available() if memory else None,
+        )
+        if verdict is not None and verdict[0] == "error":
+            raise PrecheckError("free-space", verdict[1])
+        if verdict is not None and verdict[1] not in self._tier_warned:
+            self._tier_warned.add(verdict[1])
+            self.log.emit("tier_space", level=verdict[0], tier=tier, in_memory=memory, message=verdict[1])
+            self.say(f"warning: {verdict[1]}")
+        check_free_space(tier, free, 0, self.opts.min_free)
 
     def job_env(self, plan: StartPlan, index: int) -> dict[str, str]:
         """The job's environment: the supervisor's own, ``options.env``, and the resume hand-off.
@@ -186,6 +231,10 @@ class StartPlanner:
             env.pop("RESUMEKIT_TAKEOVER", None)
         if self.opts.local_tier:
             env[ENV_LOCAL_TIER] = self.opts.local_tier
+        if plan.verified and plan.resume_path:
+            env[ENV_VERIFIED] = plan.verified
+        else:
+            env.pop(ENV_VERIFIED, None)  # never one inherited from an outer run or the shell
         # The library cuts remote transfers at the end of this grace period once SIGTERM arrives, so a save stuck on
         # an unresponsive store ends the job before --grace's SIGKILL would.
         env[ENV_GRACE] = f"{self.opts.grace:g}"
@@ -272,6 +321,8 @@ class StartPlanner:
             )
         if remote_best is None or (local_best is not None and local_best.step >= remote_best.step):
             return local_best
+        # Room first: a download into a full tmpfs tier would take the machine's RAM, not just fail.
+        self._check_tier_space(remote_best)
         # Newest first; one that fails verification on the way down is skipped like any invalid checkpoint.
         floor = local_best.step if local_best is not None else -1
         for cand in sorted(

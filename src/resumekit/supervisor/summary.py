@@ -7,14 +7,28 @@ A figure the supervisor cannot know is ``None`` (``null`` in JSON, "unknown" in 
 lost steps need the job to report its steps (heartbeat, ``restore``/``step``/``metrics``/``save`` events), time in
 saves needs its ``save`` events, and the effective ratio needs both. A run whose job reported steps but never got
 past one trained nothing: its effective ratio is 0.
+
+Each restart also gets its latency breakdown (:mod:`.latency`: detect, supervisor, backoff, pre-check, spawn +
+imports, restore, first step, redone work, save stalls), listed per restart in ``breakdown`` with medians and
+totals, and the median time from an observed exit to the next attempt's first step (``kill_to_next_step_s``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from typing import Any
+
+from .latency import (
+    Breakdown,
+    JobTimings,
+    format_breakdown,
+    median_breakdown,
+    restart_breakdown,
+    run_step_s,
+    total_breakdown,
+)
 
 
 @dataclass
@@ -41,6 +55,10 @@ class AttemptRecord:
         restore_reported: the job logged which checkpoint it loaded (a ``restore`` event).
         loaded: the checkpoint that event names (None: from scratch, or not reported).
         had_candidates: a valid checkpoint existed for this start to load.
+        timings: what the job reported about its own timeline (:func:`~resumekit.supervisor.latency.job_timings`).
+        detect_s: from its death to its observed exit, when known (a hang: from its last sign of life to the kill).
+        detect_max_s: an upper bound of that (for an exit: the supervisor's poll interval); None when unknown.
+        warm: it started in a warm standby interpreter (warm restart), not a fresh one.
     """
 
     index: int
@@ -60,6 +78,10 @@ class AttemptRecord:
     restore_reported: bool = False
     loaded: str | None = None
     had_candidates: bool = False
+    timings: JobTimings = field(default_factory=JobTimings)
+    detect_s: float | None = None
+    detect_max_s: float | None = None
+    warm: bool = False
 
 
 @dataclass
@@ -87,11 +109,19 @@ class RunSummary:
         backoff_s: time slept between attempts.
         startup_s: time from a restart to its first sign of training, summed over restarts; None when unknown.
         precheck_s: pre-check time before restarts.
-        restart_s: ``backoff_s + startup_s + precheck_s``; None when ``startup_s`` is.
+        restart_s: ``backoff_s + startup_s + precheck_s``, raised to each restart's measured exit-to-first-step
+            time where the job reported its first step, plus a hang's silence before its kill; None when
+            ``startup_s`` is.
         redone_s: estimated time spent redoing lost steps; None when ``lost_steps`` is.
         wall_s: wall time from the first start to the end.
         effective_ratio: ``1 - (restart_s + redone_s + save_blocking_s) / wall_s``, clamped to [0, 1]; 0 when no
             step was trained; None when a part of it is unknown.
+        breakdown: one restart-latency breakdown per restart (:class:`~resumekit.supervisor.latency.Breakdown`
+            as a dict; None where unknown).
+        breakdown_median: per figure, its median over the restarts where it is known (and the count, ``*_n``).
+        breakdown_total: per segment, its sum over the restarts; None when a restart's figure is unknown.
+        kill_to_next_step_s: median over the restarts of the time from the observed exit to the next attempt's
+            first reported step; None when no restart reported one.
     """
 
     exit_code: int
@@ -116,6 +146,10 @@ class RunSummary:
     redone_s: float | None = 0.0
     wall_s: float = 0.0
     effective_ratio: float | None = 1.0
+    breakdown: list[dict[str, Any]] = field(default_factory=list)
+    breakdown_median: dict[str, Any] = field(default_factory=dict)
+    breakdown_total: dict[str, float | None] = field(default_factory=dict)
+    kill_to_next_step_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict, seconds rounded to milliseconds."""
@@ -145,6 +179,7 @@ class RunSummary:
                 f"{_secs(self.startup_s, '.1f')}, pre-checks {self.precheck_s:.1f} s)",
                 f"  {ratio} of {self.wall_s:.1f} s",
             ]
+            + ([f"  {format_breakdown(self.breakdown_median)}"] if self.breakdown else [])
         )
 
 
@@ -235,6 +270,16 @@ def summarize(
     precheck = sum(a.precheck_s for a in restarts)
     restart_s = None if startup is None else backoff + startup + precheck
     redone_s = None if lost is None else sum(lost) * step_s
+    items = breakdowns_of(attempts, lost)
+    if restart_s is not None:
+        for a, b in zip(restarts, items, strict=True):
+            # Where the job reported its first step, the exit-to-first-step time is measured whole: what the parts
+            # above miss (the supervisor's clean-up, the restore, the first step) is lost time too. So is a hang's
+            # silence before the kill.
+            if b.kill_to_next_step_s is not None:
+                up = a.startup_s if a.startup_s is not None else max(0.0, a.end - a.start)
+                restart_s += max(0.0, b.kill_to_next_step_s - (a.backoff_s + a.precheck_s + up))
+            restart_s += b.detect_s or 0.0
     ratio: float | None = None
     if restart_s is not None and redone_s is not None and save_blocking_s is not None and wall_s > 0:
         if known and advanced == 0:
@@ -264,7 +309,44 @@ def summarize(
         redone_s=redone_s,
         wall_s=wall_s,
         effective_ratio=ratio,
+        breakdown=[b.as_dict() for b in items],
+        breakdown_median=median_breakdown(items) if items else {},
+        breakdown_total=total_breakdown(items) if items else {},
+        kill_to_next_step_s=median_breakdown(items)["kill_to_next_step_s"] if items else None,
     )
 
 
-__all__ = ["AttemptRecord", "RunSummary", "lost_steps_of", "reports_steps", "summarize"]
+def breakdowns_of(attempts: Sequence[AttemptRecord], lost: Sequence[int] | None = None) -> list[Breakdown]:
+    """The restart-latency breakdown of each restart (pure; see :mod:`.latency`).
+
+    Args:
+        attempts: the run's attempts, in order.
+        lost: :func:`lost_steps_of` the attempts (computed when not given).
+
+    Returns:
+        One breakdown per restart (``len(attempts) - 1``).
+    """
+    lost = lost_steps_of(attempts) if lost is None else lost
+    step_s = run_step_s([a.timings for a in attempts])
+    return [
+        restart_breakdown(
+            attempt=cur.index,
+            after=prev.cause,
+            prev_end=prev.end,
+            prev_detect_s=prev.detect_s,
+            prev_detect_max_s=prev.detect_max_s,
+            prev_save_stalls_s=prev.timings.save_stalls_s,
+            prev_last_report=prev.timings.last_report_time,
+            start=cur.start,
+            backoff_s=cur.backoff_s,
+            precheck_s=cur.precheck_s,
+            timings=cur.timings,
+            lost_steps=None if lost is None else lost[i],
+            step_s=step_s,
+            warm=cur.warm,
+        )
+        for i, (prev, cur) in enumerate(pairwise(attempts))
+    ]
+
+
+__all__ = ["AttemptRecord", "RunSummary", "breakdowns_of", "lost_steps_of", "reports_steps", "summarize"]

@@ -3,23 +3,24 @@
 Everything that decides "is this checkpoint whole" without loading it lives here, one layer above
 :mod:`resumekit.format` and below storage: the engine (before a restore), the distributed path, the tiered storage
 (before an upload counts), the HF callback and every layout import it. It reads through any object with the
-storage interface's read methods (:class:`Readable`), so it needs no storage backend and no torch.
+storage interface's read methods (:class:`Readable`), so it needs no storage backend and no torch. The state
+tree's check is in :mod:`.tree`, re-exported here.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
-from collections.abc import Callable, Mapping
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, NamedTuple, Protocol
 
-from .errors import CorruptCheckpointError
-from .format import (
+from ..errors import CorruptCheckpointError
+from ..format import (
     DIST_FILE,
     MANIFEST,
-    MAX_JSON_DEPTH,
     MAX_MANIFEST_BYTES,
     MAX_TREE_BYTES,
     TENSORS_FILE,
@@ -30,7 +31,8 @@ from .format import (
     parse_step_dirname,
     shorten,
 )
-from .units import format_bytes
+from ..units import format_bytes
+from .tree import DEVICE_RE, NUMPY_DTYPE_RE, TREE_TAG, TensorTable, check_rng_tree, check_tree
 
 #: read size of every hashing pass: large sequential reads, a bounded buffer
 HASH_CHUNK = 8 << 20
@@ -119,18 +121,93 @@ def check_step(man: Manifest, name: str, where: str, step: int | None = None, sa
         raise CorruptCheckpointError(where, f"{said} says step {man.step} but the directory is step {step}")
 
 
+class FileIdentity(NamedTuple):
+    """What identifies one version of a local file: any write, truncation or replacement changes at least one of
+    these (the kernel sets ``ctime`` on every change, and no call can set it back)."""
+
+    size: int
+    dev: int
+    ino: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def fd_identity(f: Any) -> FileIdentity | None:
+    """The identity of an open file, from ``fstat`` of its own descriptor (never a path: no check-then-use race);
+    None for streams without one (object-store reads)."""
+    try:
+        return FileIdentity.of(os.fstat(f.fileno()))
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return None
+
+
+@dataclass(frozen=True)
+class Hashed:
+    """One file :func:`hash_file` read whole while :func:`record_hashed` was on.
+
+    Attributes:
+        identity: the file's identity, the same before and after the read (else it was not recorded).
+        digest: what its bytes hashed to.
+        started_ns: wall clock (``time.time_ns``) when the read began, to tell a file settled before it from one
+            that may still have been changing within the file system's timestamp granularity.
+    """
+
+    identity: FileIdentity
+    digest: str
+    started_ns: int
+
+
+_RECORDED: ContextVar[dict[str, Hashed] | None] = ContextVar("resumekit_hashed", default=None)
+
+
+@contextlib.contextmanager
+def record_hashed() -> Iterator[dict[str, Hashed]]:
+    """Within the block, every local file :func:`hash_file` hashes with the default hasher is recorded under its
+    full path (``storage.join(rel)``), with its identity and digest: the evidence the supervisor hands the job
+    (:mod:`resumekit.storage.verified`) so the job's restore does not hash the same bytes again."""
+    seen: dict[str, Hashed] = {}
+    token = _RECORDED.set(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDED.reset(token)
+
+
+def recording() -> bool:
+    """Whether :func:`record_hashed` is on in this context."""
+    return _RECORDED.get() is not None
+
+
+def note_hashed(path: str, hashed: Hashed) -> None:
+    """Inside :func:`record_hashed`, record a file whose bytes were hashed by other means than :func:`hash_file`
+    (a verified copy hashes what it writes); no-op outside."""
+    seen = _RECORDED.get()
+    if seen is not None:
+        seen[path] = hashed
+
+
 def hash_file(storage: Readable, rel: str, hasher: Callable[[], Any] | None = None) -> tuple[int, str]:
     """(size, hex digest) of a stored file, read in large sequential chunks; xxh3-64 unless ``hasher`` makes
-    another (e.g. ``hashlib.sha256``)."""
+    another (e.g. ``hashlib.sha256``). Inside :func:`record_hashed` an xxh3 pass over a local file is recorded."""
     h = (hasher or new_hasher)()
     n = 0
+    seen = _RECORDED.get() if hasher is None else None
     with storage.open_read(rel) as f:
+        before = fd_identity(f) if seen is not None else None
+        started = time.time_ns()
         while True:
             chunk = f.read(HASH_CHUNK)
             if not chunk:
                 break
             h.update(chunk)
             n += len(chunk)
+        # Recorded only when nothing changed the file while it was read and every byte of it was read.
+        if seen is not None and before is not None and fd_identity(f) == before and before.size == n:
+            seen[storage.join(rel)] = Hashed(before, h.hexdigest(), started)
     return n, h.hexdigest()
 
 
@@ -146,8 +223,15 @@ def check_checkpoint(
         manifest: the manifest's file name (foreign layouts carry ours under another name).
         step: the step the checkpoint must have (default: parsed from a ``step_N`` directory name).
     """
+    return check_checkpoint_raw(storage, name, full, manifest, step)[1]
+
+
+def check_checkpoint_raw(
+    storage: Readable, name: str, full: bool = True, manifest: str = MANIFEST, step: int | None = None
+) -> tuple[bytes, Manifest]:
+    """:func:`check_checkpoint`, also returning the manifest's raw bytes (what a verified token is bound to)."""
     where = storage.join(name)
-    man = read_manifest(storage, name, manifest)
+    raw, man = read_manifest_bytes(storage, name, manifest)
     said = "manifest" if manifest == MANIFEST else manifest
     check_step(man, name, where, step, said)
     listed = "" if manifest == MANIFEST else f" (listed in {manifest})"
@@ -165,7 +249,7 @@ def check_checkpoint(
                 raise CorruptCheckpointError(
                     where, f"{rel} checksum mismatch (xxh3 {digest} != {ent.xxh3}): the file was altered or damaged"
                 )
-    return man
+    return raw, man
 
 
 def read_verified(storage: Readable, name: str, rel: str, man: Manifest) -> bytes:
@@ -323,178 +407,7 @@ def read_safetensors_header(
 
 
 # ------------------------------------------------------------------------------------------ the state tree
-#: the tag key of :mod:`resumekit.codec`'s JSON tree (kept here so the check needs no torch)
-TREE_TAG = "__rk__"
-_TAGS = frozenset(
-    {"tensor", "ndarray", "float", "npscalar", "dict", "tuple", "bytes", "dtype", "device", "size", "set"}
-)
-#: numpy dtype strings the codec writes (``obj.dtype.str``); never ``O`` (object arrays would mean pickle)
-NUMPY_DTYPE_RE = re.compile(r"^[<>|=]?[biufcmMSUV]\d{1,6}(\[[A-Za-z0-9]{1,8}\])?$")
-_TORCH_DTYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_DEVICE_TYPES = (
-    "cpu|cuda|mps|xpu|meta|hpu|npu|xla|mtia|privateuseone|ipu|ve|fpga|lazy|vulkan|opengl|opencl|ideep|hip|mkldnn|maia"
-)
-#: what ``torch.device(...)`` accepts for the device types resumekit may meet
-DEVICE_RE = re.compile(rf"^({_DEVICE_TYPES})(:\d{{1,6}})?$")
-#: tensor name -> (safetensors dtype code, shape), what a tree's tensor references are checked against
-TensorTable = Mapping[str, tuple[str, tuple[int, ...]]]
-
-
-def _bad(where: str, shown: str, path: list[str], what: str) -> CorruptCheckpointError:
-    at = "".join(f"[{shorten(repr(p), 40)}]" for p in path[-6:])
-    return CorruptCheckpointError(where, f"{shown}{at}: {what}")
-
-
-def _check_node(node: dict, tensors: TensorTable | None, where: str, shown: str, path: list[str]) -> list[Any]:
-    """Check one tagged node; returns the child nodes still to walk."""
-    tag = node.get(TREE_TAG)
-    if not isinstance(tag, str) or tag not in _TAGS:
-        raise _bad(where, shown, path, f"unknown tag {shorten(repr(tag), 40)}")
-    v = node.get("v")
-    if tag in ("tensor", "ndarray"):
-        k = node.get("k")
-        if not isinstance(k, str):
-            raise _bad(where, shown, path, f"a {tag} without a tensor name")
-        if tensors is not None and k not in tensors:
-            raise _bad(where, shown, path, f"refers to tensor {shorten(repr(k), 60)}, which the tensor file lacks")
-        if tag == "ndarray":
-            dt, shape = node.get("dtype"), node.get("shape")
-            if not isinstance(dt, str) or not NUMPY_DTYPE_RE.match(dt):
-                raise _bad(where, shown, path, f"numpy dtype {shorten(repr(dt), 40)} is not a plain data type")
-            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-                raise _bad(where, shown, path, "a numpy array with a malformed shape")
-        return []
-    if tag == "float":
-        try:
-            float(v)  # type: ignore[arg-type]
-        except (TypeError, ValueError, OverflowError):
-            raise _bad(where, shown, path, f"float {shorten(repr(v), 40)} is not a number") from None
-        return []
-    if tag == "npscalar":
-        dt = node.get("dtype")
-        if not isinstance(dt, str) or not NUMPY_DTYPE_RE.match(dt):
-            raise _bad(where, shown, path, f"numpy dtype {shorten(repr(dt), 40)} is not a plain data type")
-        return [v]
-    if tag == "dict":
-        items = node.get("items")
-        if not isinstance(items, list) or not all(isinstance(i, list) and len(i) == 2 for i in items):
-            raise _bad(where, shown, path, "a dict node whose items are not [key, value] pairs")
-        return [x for pair in items for x in pair]
-    if tag in ("tuple", "set"):
-        if not isinstance(v, list):
-            raise _bad(where, shown, path, f"a {tag} node without a list of values")
-        return list(v)
-    if tag == "bytes":
-        try:
-            base64.b64decode(v, validate=True)  # type: ignore[arg-type]
-        except (TypeError, ValueError, binascii.Error):
-            raise _bad(where, shown, path, "bytes that are not base64") from None
-        return []
-    if tag == "dtype":
-        if not isinstance(v, str) or not _TORCH_DTYPE_RE.match(v):
-            raise _bad(where, shown, path, f"dtype {shorten(repr(v), 40)} is not a torch dtype name")
-        return []
-    if tag == "device":
-        if not isinstance(v, str) or not DEVICE_RE.match(v):
-            raise _bad(where, shown, path, f"device {shorten(repr(v), 40)} is not a device torch knows")
-        return []
-    # size
-    if not isinstance(v, list) or not all(type(d) is int and d >= 0 for d in v):
-        raise _bad(where, shown, path, "a torch.Size that is not a list of non-negative integers")
-    return []
-
-
-def check_tree(
-    tree: Any, tensors: TensorTable | None, where: str, shown: str = TREE_FILE, *, depth: int = MAX_JSON_DEPTH
-) -> None:
-    """Check a decoded-JSON state tree before anything is built from it: every tagged node well formed, every
-    tensor reference present in the tensor file, nesting at most ``depth`` deep, and the RNG states shaped as the
-    generators need. Iterative, torch-free; the same check runs in ``resumekit verify`` and before a restore.
-
-    Args:
-        tree: the parsed ``state.json``.
-        tensors: the tensor file's table (None: references are not checked).
-        where: the checkpoint, for the error.
-        shown: the file's name in messages.
-
-    Raises:
-        CorruptCheckpointError: naming the file, the path inside it and what is wrong.
-    """
-    stack: list[tuple[Any, int, list[str]]] = [(tree, 1, [])]
-    while stack:
-        node, level, path = stack.pop()
-        if not isinstance(node, (dict, list)):
-            continue
-        if level > depth:
-            raise _bad(where, shown, path, f"nested more than {depth} levels deep")
-        if isinstance(node, list):
-            stack.extend((c, level + 1, path) for c in node)
-        elif TREE_TAG in node:
-            stack.extend((c, level + 1, path) for c in _check_node(node, tensors, where, shown, path))
-        else:
-            stack.extend((c, level + 1, path + [k]) for k, c in node.items())
-    if isinstance(tree, dict) and isinstance(tree.get("rng"), (dict, list)):
-        check_rng_tree(tree["rng"], tensors, where, shown)
-
-
-def _untag(node: Any, tag: str) -> Any:
-    return node.get("v") if isinstance(node, dict) and node.get(TREE_TAG) == tag else None
-
-
-def _is_int(v: Any, lo: int, hi: int) -> bool:
-    return type(v) is int and lo <= v <= hi
-
-
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) or _untag(v, "float") is not None
-
-
-def check_rng_tree(rng: Any, tensors: TensorTable | None, where: str, shown: str = TREE_FILE) -> None:
-    """The saved RNG states must be what the generators accept: python's ``(3, 625 words, gauss)``, numpy's
-    ``("MT19937", 624 uint32, pos, has_gauss, cached)``, torch's byte tensors. A malformed one is a corrupt
-    checkpoint (restoring it would fail after the model was already loaded)."""
-    if not isinstance(rng, dict):
-        raise CorruptCheckpointError(where, f"{shown}: the RNG state is not a mapping")
-    py = rng.get("python")
-    if py is not None:
-        t = _untag(py, "tuple")
-        words = _untag(t[1], "tuple") if isinstance(t, list) and len(t) == 3 else None
-        if (
-            not isinstance(words, list)
-            or t[0] != 3
-            or len(words) != 625
-            or not all(_is_int(w, 0, 2**32 - 1) for w in words[:624])
-            or not _is_int(words[624], 0, 624)
-            or not (t[2] is None or _is_number(t[2]))
-        ):
-            raise CorruptCheckpointError(where, f"{shown}: the python RNG state is malformed")
-    npst = rng.get("numpy")
-    if npst is not None:
-        t = _untag(npst, "tuple")
-        key = t[1] if isinstance(t, list) and len(t) == 5 else None
-        if (
-            not isinstance(key, dict)
-            or key.get(TREE_TAG) != "ndarray"
-            or t[0] != "MT19937"
-            or str(key.get("dtype", ""))[-2:] != "u4"
-            or key.get("shape") != [624]
-            or not _is_int(t[2], 0, 624)
-            or not _is_int(t[3], 0, 1)
-            or not _is_number(t[4])
-        ):
-            raise CorruptCheckpointError(where, f"{shown}: the numpy RNG state is malformed")
-    for name in ("torch", "cuda"):
-        node = rng.get(name)
-        if node is None:
-            continue
-        refs = node if name == "cuda" and isinstance(node, list) else [node]
-        if name == "cuda" and not isinstance(node, list):
-            refs = [None]
-        for ref in refs:
-            k = ref.get("k") if isinstance(ref, dict) and ref.get(TREE_TAG) == "tensor" else None
-            spec = tensors.get(k) if tensors is not None and isinstance(k, str) else None
-            if k is None or (tensors is not None and (spec is None or spec[0] != "U8" or len(spec[1]) != 1)):
-                raise CorruptCheckpointError(where, f"{shown}: the {name} RNG state is not a byte tensor")
+# check_tree and check_rng_tree live in .tree (one concept per module) and are re-exported here.
 
 
 def tensor_table(spans: list[TensorSpan]) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -538,7 +451,14 @@ __all__ = [
     "read_manifest_bytes",
     "check_step",
     "hash_file",
+    "FileIdentity",
+    "fd_identity",
+    "Hashed",
+    "record_hashed",
+    "note_hashed",
+    "recording",
     "check_checkpoint",
+    "check_checkpoint_raw",
     "read_verified",
     "TensorSpan",
     "read_safetensors_header",

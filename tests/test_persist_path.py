@@ -1,0 +1,86 @@
+"""What sits on a save's path: retention runs after the commit on its own thread (gc.RetentionWorker), so a slow
+deletion never delays the next save; and the scaling benchmark's quick mode runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from resumekit import CheckpointManager
+from resumekit.events import read_events
+from resumekit.storage.local import LocalStorage
+
+SLOW = 1.0  # seconds one deletion takes below
+
+
+@pytest.fixture
+def slow_delete(monkeypatch):
+    real = LocalStorage.remove_tree
+    started = threading.Event()
+
+    def remove_tree(self, rel):
+        started.set()
+        time.sleep(SLOW)  # a large file on a slow or network file system
+        real(self, rel)
+
+    monkeypatch.setattr(LocalStorage, "remove_tree", remove_tree)
+    return started
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_slow_deletion_does_not_delay_the_next_save(tmp_path, slow_delete, async_save):
+    d = str(tmp_path)
+    state = {"w": torch.randn(1000)}
+    mgr = CheckpointManager(d, keep_last=1, async_save=async_save, handle_sigterm=False)
+    mgr.save(1, state)
+    mgr.save(2, state)  # committed, then step 1's deletion starts in the background
+    assert slow_delete.wait(10)
+    t = time.perf_counter()
+    mgr.save(3, state)  # ready at once: the deletion of step 1 is still sleeping
+    if async_save:
+        mgr._persister.wait()  # durable too (the persist itself, not retention)
+    assert time.perf_counter() - t < SLOW * 0.6
+    mgr.close()  # waits for retention before the lease goes
+    assert [c.step for c in CheckpointManager(d, read_only=True).checkpoints()] == [3]
+    deleted = [e["step"] for e in read_events(os.path.join(d, "events.jsonl")) if e["event"] == "retention_delete"]
+    assert sorted(deleted) == [1, 2]
+
+
+def test_retention_errors_surface_at_the_next_save(tmp_path, monkeypatch):
+    import resumekit.gc as gc_mod
+
+    def broken(*a, **kw):
+        raise RuntimeError("retention bug")
+
+    monkeypatch.setattr(gc_mod, "apply_retention", broken)
+    mgr = CheckpointManager(str(tmp_path), keep_last=1, handle_sigterm=False)
+    mgr.save(1, {"w": torch.ones(3)})
+    mgr._retention.wait(10)
+    with pytest.raises(RuntimeError, match="retention bug"):
+        mgr.save(2, {"w": torch.ones(3)})
+    mgr.close()
+
+
+def test_bench_scaling_quick_runs(tmp_path):
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, os.path.join(here, "benchmarks", "bench_scaling.py"), "--quick", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["bench"] == "scaling" and len(res["points"]) >= 2
+    # Tiny sizes on a shared machine: the figures are noise, the run and its keys are what is checked here.
+    for k in ("blocking_s_per_gib", "persist_s_per_gib", "restore_s_per_gib", "scaling_max_deviation"):
+        assert isinstance(res[k], float)
+    assert res["restored_bitwise"] is True and res["io"] in ("direct", "buffered")
+    assert os.path.exists(os.path.join(str(tmp_path), "scaling.png"))
