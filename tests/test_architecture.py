@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("pure", ("policy", "data", "codec", "state", "snapshot")),
     ("storage", ("storage",)),
     ("discovery+engine", ("layouts", "checkpointers", "distributed", "gc", "yamlconfig")),
-    ("manager", ("manager",)),
+    ("manager", ("options", "manager")),
     ("top", ("integrations", "supervisor", "demo", "report", "cli", "__main__", "")),
 ]
 

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from .events import EventLog, Heartbeat
     from .layouts import get_layout
     from .layouts.base import CheckpointInfo
-    from .manager import CheckpointManager, CheckpointOptions
+    from .manager import CheckpointManager
+    from .options import CheckpointOptions
     from .policy import RetentionPolicy, SavePolicy, young_interval
     from .storage import open_storage
     from .supervisor import Supervisor, SupervisorOptions
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "CheckpointManager": "manager",
-    "CheckpointOptions": "manager",
+    "CheckpointOptions": "options",
     "SavePolicy": "policy",
     "RetentionPolicy": "policy",
     "young_interval": "policy",
