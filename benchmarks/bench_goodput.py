@@ -163,7 +163,9 @@ def run_with_kills(
     """
     d = tempfile.mkdtemp(prefix=f"{job}-{mode}-T{period_s:g}-", dir=workdir)
     res = RunResult(job, mode, period_s, save_interval_s)
-    cmd = [PY, "-m", "resumekit", "run", "--dir", d, "--json"] + (["--no-warm"] if mode == "cold" else [])
+    # Every kill is a restart: the budget must outlast them (the default --max-restarts is 10).
+    cmd = [PY, "-m", "resumekit", "run", "--dir", d, "--json", "--max-restarts", str(kills + 5)]
+    cmd += ["--no-warm"] if mode == "cold" else []
     cmd += ["--", PY, JOB, "--dir", d, "--state-mib", str(state_mib), "--step-time", str(step_time)]
     cmd += ["--every-seconds", f"{save_interval_s:.3f}"]
     err_path = os.path.join(workdir, os.path.basename(d) + ".stderr")

@@ -1,6 +1,7 @@
 """Acceptance: a job SIGKILLed at random steps (some inside a save), restarted and resumed, ends bitwise equal to a
 straight run: model, optimizer, scheduler, scaler, data position, every RNG, and the batch seen at every step."""
 
+import os
 import random
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 
 from resumekit.demo.single import batch_sequence, compare_final, run_with_kills
 from resumekit.demo.single import job_cmd as _job_cmd
+from resumekit.events import EVENTS_FILE, read_events
 
 STEPS, EVERY = 120, 10  # 64 batches per epoch: kills land mid-epoch and across the epoch boundary
 
@@ -30,6 +32,9 @@ def test_killed_and_resumed_equals_straight(straight, tmp_path, kill_seed, async
     assert compare_final(straight, str(tmp_path), STEPS) == []
     seq = batch_sequence(str(tmp_path))
     assert seq == batch_sequence(straight) and len(seq) == STEPS
+    # With warm restart on (resumekit run's default): the first start is cold, later ones came from the standby.
+    warm = [e["warm"] for e in read_events(os.path.join(str(tmp_path), EVENTS_FILE)) if e.get("event") == "start"]
+    assert warm[0] is False and sum(warm) >= 1, warm
 
 
 def test_demo_command_passes(tmp_path):
