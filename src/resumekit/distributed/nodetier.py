@@ -38,8 +38,7 @@ from ..errors import ConfigError, CorruptCheckpointError
 from ..format import DIST_FILE, MANIFEST, TMP_PREFIX, Manifest, new_hasher, parse_json
 from ..storage import LocalStorage, Storage
 from ..storage.steps import step_dirs
-from ..storage.transfer import read_manifest_bytes
-from ..verify import HASH_CHUNK
+from ..storage.transfer import read_manifest_bytes, stream_verified
 from .statedict import DCP_METADATA
 
 log = logging.getLogger("resumekit")
@@ -236,21 +235,8 @@ def shared_digests(storage: Storage, names: Mapping[int, str]) -> dict[int, str 
 
 
 def _copy_verified(src: Storage, rel_path: str, fout: Any, man: Manifest, rel: str, where: str) -> None:
-    ent = man.files[rel]
-    h = new_hasher()
-    n = 0
     with src.open_read(rel_path) as fin, fout:
-        while True:
-            chunk = fin.read(min(HASH_CHUNK, ent.size - n + 1))
-            if not chunk:
-                break
-            n += len(chunk)
-            if n > ent.size:
-                break
-            h.update(chunk)
-            fout.write(chunk)
-        if n != ent.size or h.hexdigest() != ent.xxh3:
-            raise CorruptCheckpointError(where, f"{rel} does not match the manifest (size or xxh3)")
+        stream_verified(fin, fout, rel, man.files[rel], where)
 
 
 __all__ = [

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 from ..errors import CorruptCheckpointError
 from ..format import Manifest, new_hasher
@@ -58,6 +59,43 @@ def read_manifest_bytes(storage: Storage, name: str) -> tuple[bytes, Manifest]:
     return raw, man
 
 
+def stream_verified(
+    fin: BinaryIO, fout: BinaryIO, rel: str, ent: Any, where: str, on_chunk: Callable[[int], Any] | None = None
+) -> int:
+    """Copy ``fin`` to ``fout`` while checking it against its manifest entry (size and xxh3); returns the size.
+
+    Raises:
+        CorruptCheckpointError: the bytes are longer, shorter or other than the manifest says (raised before the
+            caller commits, so a bad copy is aborted).
+    """
+    h = new_hasher()
+    n = 0
+    while True:
+        # One byte past the listed size is asked for, so a file longer than listed is noticed.
+        chunk = fin.read(min(HASH_CHUNK, ent.size - n + 1))
+        if not chunk:
+            break
+        n += len(chunk)
+        if n > ent.size:
+            break
+        h.update(chunk)
+        fout.write(chunk)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+    if n != ent.size:
+        raise CorruptCheckpointError(
+            where,
+            f"{rel} has {'more than ' if n > ent.size else ''}{n} bytes, manifest says "
+            f"{ent.size}" + (" (truncated?)" if n < ent.size else ""),
+        )
+    if h.hexdigest() != ent.xxh3:
+        raise CorruptCheckpointError(
+            where,
+            f"{rel} checksum mismatch (xxh3 {h.hexdigest()} != {ent.xxh3}): the file was altered or damaged",
+        )
+    return n
+
+
 def copy_step(src: Storage, dst: Storage, name: str, *, desc: str = "") -> Manifest:
     """Copy one committed native checkpoint from ``src`` to ``dst`` and commit it there (manifest last).
 
@@ -80,33 +118,9 @@ def copy_step(src: Storage, dst: Storage, name: str, *, desc: str = "") -> Manif
                 fin = src.open_read(f"{name}/{rel}")
             except FileNotFoundError:
                 raise CorruptCheckpointError(where, f"{rel} is missing") from None
-            h = new_hasher()
-            n = 0
             with fin, txn.open_write(rel) as fout:
-                while True:
-                    # One byte past the listed size is asked for, so a file longer than listed is noticed.
-                    chunk = fin.read(min(HASH_CHUNK, ent.size - n + 1))
-                    if not chunk:
-                        break
-                    n += len(chunk)
-                    if n > ent.size:
-                        break
-                    h.update(chunk)
-                    fout.write(chunk)
-                    bar.update(len(chunk))
                 # Checked inside the block so a bad remote upload is aborted, never completed.
-                if n != ent.size:
-                    raise CorruptCheckpointError(
-                        where,
-                        f"{rel} has {'more than ' if n > ent.size else ''}{n} bytes, manifest says "
-                        f"{ent.size}" + (" (truncated?)" if n < ent.size else ""),
-                    )
-                if h.hexdigest() != ent.xxh3:
-                    raise CorruptCheckpointError(
-                        where,
-                        f"{rel} checksum mismatch (xxh3 {h.hexdigest()} != "
-                        f"{ent.xxh3}): the file was altered or damaged",
-                    )
+                n = stream_verified(fin, fout, rel, ent, where, on_chunk=bar.update)
                 # The identity of what was just written (its last write flushed), so a restore right after this
                 # download need not hash the same bytes again (resumekit.storage.verified). Just written, it has
                 # not settled: the token waits the settle margin and checks it again.
@@ -115,7 +129,7 @@ def copy_step(src: Storage, dst: Storage, name: str, *, desc: str = "") -> Manif
                     fout.flush()
                     ident = fd_identity(fout)
                 if ident is not None and ident.size == n:
-                    written.append((rel, Hashed(ident, h.hexdigest(), ident.ctime_ns)))
+                    written.append((rel, Hashed(ident, ent.xxh3, ident.ctime_ns)))  # verified equal above
         txn.commit(raw)
         for rel, rec in written:
             note_hashed(dst.join(f"{name}/{rel}"), rec)
