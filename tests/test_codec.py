@@ -151,3 +151,23 @@ def test_pipelined_hash_of_a_large_state_matches_a_plain_hash():
     h = new_hasher()
     n = write_tensors(buf, big, h)
     assert n == len(buf.getvalue()) and h.hexdigest() == xxhash.xxh3_64(buf.getvalue()).hexdigest()
+
+
+def test_materialize_copies_large_tensors_into_one_writable_arena_and_keeps_the_tree():
+    from resumekit.codec import materialize
+
+    big = torch.arange(1 << 19, dtype=torch.float32)  # 2 MiB: arena
+    other = torch.ones(3, 1 << 18, dtype=torch.bfloat16)[:, ::2]  # non-contiguous, 0.75 MiB: a plain clone
+    d = torch.full((1 << 18,), -3, dtype=torch.int64)
+    tree = {"a": big, "b": [big, other, 7, "x"], "c": (torch.tensor(1.5),), "d": d}
+    out = materialize(tree)
+    assert out["b"][2:] == [7, "x"] and isinstance(out["c"], tuple)
+    for got, want in ((out["a"], big), (out["b"][1], other), (out["c"][0], tree["c"][0]), (out["d"], tree["d"])):
+        assert torch.equal(got, want) and got.dtype == want.dtype and got.shape == want.shape
+        assert got.data_ptr() != want.data_ptr()
+    assert out["a"] is out["b"][0]  # one tensor listed twice: copied once, still one tensor
+    out["a"] += 1  # writable, and the source is untouched
+    assert big[0] == 0 and out["a"][0] == 1
+    # the large ones share one mapping (their storages are views of the same buffer)
+    ptrs = sorted((out["a"].data_ptr(), out["d"].data_ptr()))
+    assert ptrs[1] - ptrs[0] < (4 << 20)

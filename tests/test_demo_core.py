@@ -17,12 +17,16 @@ from resumekit.demo import run_demo
 from resumekit.demo.core import (
     CrashStats,
     ProgressTail,
+    closing_fields,
     count_events,
+    final_diffs,
     fresh_run_dirs,
     parse_worker_args,
     print_table,
+    report,
     saving,
     stop_tree,
+    supervisor_cmd,
     tree_diff,
     worker_args,
 )
@@ -188,6 +192,43 @@ def test_print_table_layout_is_the_demo_output(capsys):
         "  final state bitwise identical    NO: /k0, /k1, /k2, /k3, /k4",
         "  same batch at every step/rank    NO",
         "FAIL",
+    ]
+
+
+def test_report_prints_one_json_line_or_the_table_with_the_times_last(capsys):
+    fields = closing_fields(steps=8, seed=5, t_straight=1.234, t_crashy=5.678, directory="rel", kills_detail=[])
+    assert list(fields) == ["steps", "kill_seed", "kills_detail", "seconds_straight", "seconds_with_kills", "directory"]
+    assert (fields["seconds_straight"], fields["directory"]) == (1.23, os.path.abspath("rel"))
+    assert "kills_detail" not in closing_fields(steps=8, seed=5, t_straight=1, t_crashy=2, directory="rel")
+    result = {"identical": True, "differing_keys": [], "batch_sequence_equal": True, **fields}
+    args: dict = {"title": "t", "rows": [("kills", 2)], "batches_label": "same batch"}
+    args.update(t_straight=1.234, t_crashy=5.678)
+    assert report(result, as_json=True, **args) == 0
+    assert json.loads(capsys.readouterr().out) == result
+    assert report(dict(result, identical=False, differing_keys=["/w"]), as_json=False, **args) == 1
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "  kills                            2",
+        "  time straight / with kills       1.2s / 5.7s",
+        "  final state bitwise identical    NO: /w",
+        "  same batch                       yes",
+        "FAIL",
+    ]
+
+
+def test_an_unreadable_final_checkpoint_is_a_difference_not_a_crash():
+    def compare(a, b, step):
+        raise FileNotFoundError(f"{b}/step_{step} is gone")
+
+    assert final_diffs(compare, "s", "c", 3) == ["final checkpoint unreadable: c/step_3 is gone"]
+    assert final_diffs(lambda a, b, step: ["/x"], "s", "c", 3) == ["/x"]
+
+
+def test_supervisor_cmd_is_resumekit_run_up_to_the_job():
+    cmd = supervisor_cmd("/d", max_restarts=4, extra=["--json"])
+    assert cmd[1:] == ["-m", "resumekit", "run", "--dir", "/d", "--max-restarts", "4", "--backoff", "0.05"] + [
+        "--backoff-max",
+        "0.2",
+        "--json",
     ]
 
 

@@ -217,3 +217,39 @@ def test_a_tiered_async_save_writes_its_local_tier_directly_and_uploads_it(direc
     assert ev["io"] == "direct"
     for root in (fast, remote):
         check_checkpoint(LocalStorage(root), step_dirname(1), full=True)
+
+
+def _mapped(addr: int) -> bool:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.exists("/proc/self/maps"), reason="Linux /proc needed")
+def test_the_staging_image_is_resident_at_once_and_not_inherited_by_forked_children():
+    """Pre-faulted: the first snapshot's copy takes no page faults; MADV_DONTFORK: a DataLoader worker forked later
+    does not share the image, so the next snapshot does not copy-on-write 1 GiB behind a live worker."""
+    import resource
+
+    sb = StagingBuffers()
+    n = 8 << 20
+    src = torch.ones(n // 4)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    sb._allocate([("w", torch.empty(n // 4))], ("sig",), False)
+    view = sb._views["w"]
+    faults_alloc = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    view.copy_(src)
+    faults_copy = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults_copy < faults_alloc / 4 + 16, (faults_alloc, faults_copy)
+    addr = view.data_ptr()
+    assert _mapped(addr)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only reports
+        os._exit(0 if not _mapped(addr) else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "a forked child inherited the staging image"
+    sb.release()

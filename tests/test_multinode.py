@@ -46,9 +46,10 @@ pytestmark = pytest.mark.skipif(
 
 JOB = os.path.join(REPO, "tests", "jobs", "dist_train.py")
 tagged_env = test_distributed.tagged_env  # the fixture: every process the test started is found and killed after it
-# Above a node's startup on a loaded 2-core machine (torch import, rendezvous, restore), during which the job
-# prints a line at each phase: a shorter timeout would take a slow start for a hang.
-HANG_TIMEOUT = 12.0
+# Above the longest silent phase of a node's start on a loaded 2-core machine: the job prints a line before it imports
+# torch and after each later phase (process group, restore), so what stays silent is the agent's own start and
+# rendezvous, or one torch import (~3-4 s each there); a shorter timeout would take a slow start for a hang.
+HANG_TIMEOUT = 8.0
 GRACE = 10.0
 SOAK = bool(os.environ.get("RESUMEKIT_SOAK"))
 

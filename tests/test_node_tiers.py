@@ -6,9 +6,10 @@
 2. A world of one: saves land in the shared root and a copy in the node tier; restore reads the tier copy, falls
    back to the shared root for a damaged copy, and uses a tier-only step when the shared root lost it.
 3. ``torchrun --nproc-per-node 2`` (gloo, FSDP2), each rank its own tier (two simulated nodes): node 0 holds step
-   12 locally, node 1 only step 8. With step 12 in the shared root both ranks resume 12 (node 1 from the shared
-   root); without it both resume 8 from their tiers. Never a mix; the end state is bitwise the straight run's; every
-   rank logs one ``resume_agreed`` event naming the step in its node's log.
+   12 locally, node 1 only step 8. Without 12 in the shared root both resume 8 from their tiers; with it (with
+   ``RESUMEKIT_SOAK=1``; tests/test_dcp_remote.py runs it over s3 by default) both resume 12, node 1 from the shared
+   root. Never a mix; the end state is bitwise the straight run's (made once per session, :func:`straight_two_nodes`);
+   every rank logs one ``resume_agreed`` event naming the step in its node's log.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from resumekit.format import step_dirname
 
 JOB = os.path.join(REPO, "tests", "jobs", "node_tier_train.py")
 TAG = "RESUMEKIT_NODE_TIER_TEST_TAG"
+SOAK = bool(os.environ.get("RESUMEKIT_SOAK"))
 
 
 # ------------------------------------------------------------------------------------------------ pure plan
@@ -172,13 +174,15 @@ def _tagged_pids(token):
     return pids
 
 
-@pytest.fixture
-def tagged_env():
-    token = uuid.uuid4().hex
+def _job_env(token):
     env = dict(torchrun_env(), **{TAG: token})
     for k in ("RESUMEKIT_RESUME_FROM", "RESUMEKIT_HEARTBEAT", "RESUMEKIT_EVENTS", "RESUMEKIT_DIR"):
         env.pop(k, None)
-    yield env
+    return env
+
+
+def _sweep(token):
+    """SIGKILL what is left of a job; returns the pids that were left."""
     time.sleep(0.2)
     survivors = _tagged_pids(token)
     for pid in survivors:
@@ -186,29 +190,69 @@ def tagged_env():
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    return survivors
+
+
+@pytest.fixture
+def tagged_env():
+    token = uuid.uuid4().hex
+    yield _job_env(token)
+    survivors = _sweep(token)
     assert not survivors, f"processes survived the test: {survivors}"
 
 
-def _torchrun(env, shared, tiers, steps=16):
-    log_path = os.path.join(shared, "torchrun.log")
-    cmd = torchrun_cmd(2, [JOB, "--dir", str(shared), "--tier-root", str(tiers), "--steps", str(steps)])
+_STRAIGHT: dict = {}
+
+
+@pytest.fixture(scope="session")
+def straight_two_nodes(tmp_path_factory):
+    """One straight run of the two-node job (a shared directory; saves 4, 8, 12, 16; each tier keeps all four),
+    made once per session: its end state is what every interrupted run of that job must reach (whatever its root),
+    and its directories are the starting point of the agreement tests. (Other modules import this fixture, which
+    makes it theirs: the run is remembered here so that it is made once all the same.)"""
+    if "dir" not in _STRAIGHT:
+        token = uuid.uuid4().hex
+        d = tmp_path_factory.mktemp("straight")
+        (d / "shared").mkdir()
+        try:
+            _torchrun(_job_env(token), d / "shared", d / "tiers")
+        finally:
+            survivors = _sweep(token)
+        assert not survivors, f"processes survived the straight run: {survivors}"
+        _STRAIGHT["dir"] = d
+    return _STRAIGHT["dir"]
+
+
+def _torchrun_cmd(shared, tiers, steps=16, out=None):
+    """Two simulated nodes: one ``torchrun --nproc-per-node 2``, each rank its own tier ``tiers/node<R>``; the
+    result files go to ``out`` (default: the shared root, which must then be a directory)."""
+    args = [JOB, "--dir", str(shared), "--tier-root", str(tiers), "--steps", str(steps)]
+    return torchrun_cmd(2, args + (["--out", str(out)] if out is not None else []))
+
+
+def _torchrun(env, shared, tiers, steps=16, out=None):
+    log_path = os.path.join(str(out or shared), "torchrun.log")
     with open(log_path, "ab") as log:
-        r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=120)
+        r = subprocess.run(
+            _torchrun_cmd(shared, tiers, steps, out), env=env, stdout=log, stderr=subprocess.STDOUT, timeout=120
+        )
     assert r.returncode == 0, open(log_path, errors="replace").read()[-6000:]
 
 
 def _finals(shared):
-    return [json.load(open(os.path.join(shared, f"final_rank{r}.json"))) for r in range(2)]
+    return [json.load(open(os.path.join(str(shared), f"final_rank{r}.json"))) for r in range(2)]
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
 @pytest.mark.timeout(240)
-def test_two_nodes_resume_the_newest_step_valid_everywhere(tmp_path, tagged_env):
-    straight = tmp_path / "straight"
-    (straight / "shared").mkdir(parents=True)
-    _torchrun(tagged_env, straight / "shared", straight / "tiers")  # saves 4, 8, 12, 16; each tier keeps all four
+def test_two_nodes_resume_the_newest_step_valid_everywhere(tmp_path, tagged_env, straight_two_nodes):
+    straight = straight_two_nodes
     s16 = step_dirname(16)
-    for case, shared_has_12, expect in (("has12", True, 12), ("lost12", False, 8)):
+    # tests/test_dcp_remote.py runs the case with 12 in the root over s3 (node 1 downloads it); here the one where
+    # both nodes read their tiers by default, both cases with RESUMEKIT_SOAK=1 (node 1 reading the shared directory;
+    # the world-of-one tests below read it too).
+    cases = ((("has12", True, 12),) if SOAK else ()) + (("lost12", False, 8),)
+    for case, shared_has_12, expect in cases:
         d = tmp_path / case
         shutil.copytree(straight, d)
         shared, tiers = d / "shared", d / "tiers"

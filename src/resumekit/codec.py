@@ -414,7 +414,12 @@ def map_tensors(
         if opened is not None:
             opened(f)
         entries, data_start = read_header(f, size, where)
-        # MAP_POPULATE on a read-only shared mapping pre-faults the page-cache pages without copying them.
+        # MAP_POPULATE on a read-only shared mapping pre-faults the page-cache pages without copying them. On a
+        # cold file (a restart on another node; a save written with O_DIRECT never entered the cache) those faults
+        # read the disk: declared sequential, the kernel reads ahead in larger chunks (a cold 1 GiB file: ~0.65 s
+        # against 1.3-2.6 s with the default readahead, in a quick check).
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         mm = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
     hasher.update(mm)
@@ -432,14 +437,60 @@ def map_tensors(
     return out
 
 
+#: tensors at least this large are copied into the restore's arena (smaller ones: plain clones)
+_ARENA_MIN_TENSOR = 1 << 20
+_ARENA_ALIGN = 64
+
+
 def materialize(tree: Any) -> Any:
-    """A copy of ``tree`` whose tensors own their memory (clones of mapped or shared views)."""
+    """A copy of ``tree`` whose tensors own their memory (copies of mapped or shared views).
+
+    The large CPU tensors are copied into one pre-faulted anonymous mapping (an arena): cloning them one by one
+    gets each a fresh ``mmap`` from the C allocator (anything over its 32 MiB threshold) whose pages then fault in
+    one 4 KiB page at a time during the copy, which made a restore's cost per GiB grow with the tensors' size. The
+    kernel fills the arena in one pass (``MAP_POPULATE``); it lives as long as any tensor in it.
+    """
+    found: dict[int, torch.Tensor] = {}  # by identity: a tensor listed twice is copied once and stays shared
+    _collect_big(tree, found)
+    big = list(found.values())
+    views: dict[int, torch.Tensor] = {}
+    if big:
+        offsets, off = [], 0
+        for t in big:
+            offsets.append(off)
+            off += -(-t.numel() * t.element_size() // _ARENA_ALIGN) * _ARENA_ALIGN
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        arena = mmap.mmap(-1, off, flags=flags)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            base = torch.frombuffer(arena, dtype=torch.uint8)
+        for t, o in zip(big, offsets, strict=True):
+            v = base[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            v.copy_(t)
+            views[id(t)] = v
+    return _rebuild(tree, views)
+
+
+def _collect_big(tree: Any, out: dict[int, torch.Tensor]) -> None:
     if isinstance(tree, torch.Tensor):
-        return tree.clone()
+        n = tree.numel() * tree.element_size()
+        if n >= _ARENA_MIN_TENSOR and tree.device.type == "cpu" and not tree.requires_grad:
+            out[id(tree)] = tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            _collect_big(v, out)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            _collect_big(v, out)
+
+
+def _rebuild(tree: Any, views: dict[int, torch.Tensor]) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return views[id(tree)] if id(tree) in views else tree.clone()
     if isinstance(tree, dict):
-        return {k: materialize(v) for k, v in tree.items()}
+        return {k: _rebuild(v, views) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [materialize(v) for v in tree]
+        return [_rebuild(v, views) for v in tree]
     if isinstance(tree, tuple):
-        return tuple(materialize(v) for v in tree)
+        return tuple(_rebuild(v, views) for v in tree)
     return tree

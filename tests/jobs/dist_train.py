@@ -33,11 +33,15 @@ import signal
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.distributed as dist
+# A line before the heavy imports: until its first heartbeat, `resumekit run --hang-timeout` judges a starting job by
+# its output, and importing torch is the longest silent phase of a start (seconds on a loaded 2-core machine).
+print(f"rank {os.environ.get('RANK', '?')}: starting (pid {os.getpid()})", flush=True)
 
-from resumekit import CheckpointManager, CheckpointWriteError, ResumableDataLoader
+import numpy as np  # noqa: E402 - after the line above
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from resumekit import CheckpointManager, CheckpointWriteError, ResumableDataLoader  # noqa: E402
 
 
 def build(parallel: str, seed: int, width: int):

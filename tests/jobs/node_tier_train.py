@@ -5,7 +5,8 @@ simulated nodes inside one ``torchrun --nproc-per-node 2``), ``node<GROUP_RANK>`
 directory per ``torchrun --nnodes`` agent). The shared durable root is ``--dir``.
 
 Writes ``final_rank{R}.json`` (sha256 of every local tensor shard, the scheduler, the sampler and the RNG states)
-and ``start_rank{R}.json`` (the step ``restore`` returned) into ``--dir``.
+and ``start_rank{R}.json`` (the step ``restore`` returned) into ``--out`` (default ``--dir``; an ``s3://`` root needs
+a directory for them).
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", required=True)
     p.add_argument("--tier-root", required=True)
+    p.add_argument("--out", default=None)
     p.add_argument("--tier-by", choices=["rank", "node"], default="rank")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="fsdp")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--keep", type=int, default=4)
     a = p.parse_args(argv)
+    out = a.out or a.dir
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -86,7 +89,7 @@ def main(argv=None) -> None:
         local_tier=os.path.join(a.tier_root, f"node{node}"),
     )
     step = mgr.restore(state)
-    with open(os.path.join(a.dir, f"start_rank{rank}.json"), "w") as f:
+    with open(os.path.join(out, f"start_rank{rank}.json"), "w") as f:
         json.dump({"step": step}, f)
     per_epoch = loader.resumable_sampler.epoch_length // (4 * dist.get_world_size())
     while step < a.steps:
@@ -111,7 +114,7 @@ def main(argv=None) -> None:
         "loader": digest(loader.state_dict()),
         "rng": digest([torch.get_rng_state(), np.random.get_state()[1], random.getstate()]),
     }
-    with open(os.path.join(a.dir, f"final_rank{rank}.json"), "w") as f:
+    with open(os.path.join(out, f"final_rank{rank}.json"), "w") as f:
         json.dump(final, f, indent=1)
     dist.barrier()  # every rank done with every group before any tears its gloo pairs down
     dist.destroy_process_group()

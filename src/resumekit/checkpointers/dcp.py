@@ -33,6 +33,14 @@ its files (so verification is parallel) and the verdicts are all-gathered; the f
 is loaded by all (:func:`resumekit.distributed.loader.load_sharded`). Tensors are loaded by DCP into the current
 model/optimizer layout, which is what makes resharding work.
 
+An object store as the durable root (``s3://``, ``obs://``; :mod:`resumekit.distributed.remote_commit`): a node
+tier is required. Phase 1 also opens, on each node's tier leader, a staging directory in the node tier; in phase 2
+DCP and the rank files write there and every rank uploads its own files under ``step_N/`` (verified while they
+stream); phase 3 is the same gather (any failure: rank 0 removes the prefix, nothing counts); in phase 4 rank 0
+writes ``distributed.json``, checks every object's size in one listing and PUTs ``manifest.json`` last: that PUT is
+the commit. Each staging directory then becomes its node's tier copy. Restore: a node whose tier lacks the agreed
+step has its tier leader download it first; every rank then reads its tier (:mod:`.dcp_tiers`).
+
 With a node-local tier (:mod:`resumekit.distributed.nodetier`): after each shared commit every node's tier leader
 copies the files its ranks read into the node's directory; a restore gathers every rank's tier inventory, rank 0
 proposes the steps every rank can read (:func:`~resumekit.distributed.nodetier.plan_resume`), each rank verifies
@@ -67,27 +75,31 @@ from ..distributed.nodetier import (
     SHARED,
     AgreedStep,
     NodeTier,
-    manifest_digest,
     needed_files,
-    plan_resume,
     read_set,
-    shared_digests,
     tier_groups,
+)
+from ..distributed.remote_commit import (
+    check_uploaded,
+    finish_tier_copy,
+    remove_unfinished,
+    upload_files,
+    verify_file,
 )
 from ..distributed.sharded import is_distributed_checkpoint, write_rank_files
 from ..distributed.staging import ShardStaging
 from ..distributed.statedict import DCP_KEY, DCP_METADATA, dcp_entries, entry_state_dict, split_tensors
 from ..errors import CheckpointNotFoundError, CheckpointWriteError, ConfigError, CorruptCheckpointError
-from ..events import EVENTS_FILE, EventLog
+from ..events import ENV_LOCAL_TIER
 from ..format import DIST_FILE, FileEntry, Manifest, new_hasher, step_dirname
 from ..layouts.base import CheckpointInfo
 from ..snapshot import StagingBuffers
 from ..state import RNG_KEY, STATE_KEY, capture_rng, capture_state
-from ..storage import Storage
-from ..storage.transfer import read_manifest_bytes
+from ..storage import Storage, Transaction
 from ..units import errno_hint, one_line
 from ..verify import check_checkpoint, hash_file, read_verified
 from .base import Candidate, Committed, Opened, Snapshot, candidates_at, is_committed, remove_stale_tmp, root_candidates
+from .dcp_tiers import NodeTierRestore
 from .native import pause_between_files
 
 log = logging.getLogger("resumekit")
@@ -101,26 +113,34 @@ def _write_error(errno_: int | None, msg: str) -> CheckpointWriteError:
     return CheckpointWriteError(errno_, msg) if errno_ else CheckpointWriteError(msg)
 
 
-class DcpCheckpointer:
+class DcpCheckpointer(NodeTierRestore):
     """The sharded :class:`~resumekit.checkpointers.base.Checkpointer`; every call is collective.
 
     Args:
-        storage: the root: a local or mounted shared directory every rank can write.
+        storage: the durable root: a local or mounted shared directory every rank can write, or an object store
+            (``s3://``, ``obs://``; then ``node_tier`` is required: every rank stages its files there and uploads
+            them, see :mod:`resumekit.distributed.remote_commit`).
         ctx: the process layout; :meth:`DistContext.create` by default (collective: every rank must construct).
-        node_tier: this node's local tier (a directory of this node only), or None. Ranks that name the same
+        node_tier: this node's local tier (a directory of this node only), or None (for an object-store root:
+            ``RESUMEKIT_LOCAL_TIER``, which ``resumekit run --local-tier`` exports). Ranks that name the same
             directory on the same host share it; its lowest rank writes it.
+
+    Raises:
+        ConfigError: an object-store root without a node-local directory.
     """
 
     collective = True
 
     def __init__(self, storage: Storage, ctx: DistContext | None = None, node_tier: NodeTier | None = None):
-        if not storage.is_local:
-            raise ConfigError(
-                f"distributed checkpoints need a local or mounted shared directory (every rank writes its shards "
-                f"there); {storage.uri} is an object store. Use a shared file system path (NFS, SFS Turbo, "
-                "Lustre) or a per-node local path with a single node; a node-local tier (local_tier=) speeds up "
-                "restores but does not replace the shared root"
-            )
+        # An object store has no rename and DCP writes through a file system: every rank stages in its node's tier.
+        self.remote = not storage.is_local
+        if self.remote and node_tier is None:
+            if not os.environ.get(ENV_LOCAL_TIER):
+                raise ConfigError(
+                    f"distributed checkpoints to {storage.uri} are staged on each node's local disk first: pass "
+                    f"local_tier=DIR (a directory of this node) or run under resumekit run --local-tier DIR"
+                )
+            node_tier = NodeTier(os.environ[ENV_LOCAL_TIER])
         self.storage = storage
         self.ctx = ctx or DistContext.create()
         self.staging = ShardStaging()
@@ -135,18 +155,12 @@ class DcpCheckpointer:
         ids = self.ctx.ctl.all_gather(node_tier.identity() if node_tier is not None else None)
         self._tiered = any(i is not None for i in ids)
         group = next((g for g in tier_groups(ids) if self.rank in g), [])
+        self._group = group  # the ranks sharing this rank's tier (this one included), lowest (the leader) first
         self._tier_group = group if group and group[0] == self.rank else []  # non-empty on a tier leader only
         self._plan: dict[int, AgreedStep] = {}
         self._source = SHARED  # where this rank read the step it opened last (for the resume_agreed event)
         self._inventories: list[list[int]] = []
-
-    @property
-    def rank(self) -> int:
-        return self.ctx.rank
-
-    @property
-    def world(self) -> int:
-        return self.ctx.world_size
+        self._downloaded = False  # this node's leader fetched the step opened last from the object store
 
     # ---------------------------------------------------------------------------------------- coordination
     def event_fields(self) -> dict[str, Any]:
@@ -202,19 +216,34 @@ class DcpCheckpointer:
                 rank_tensors = {k: t.detach().cpu().contiguous() for k, t in enc.tensors.items()}
         except Exception as e:  # noqa: BLE001 - shared with every rank below, then raised
             prep_exc, err = e, f"{type(e).__name__}: {e}"
-        skip, tmp_rel, txn = False, None, None
+        skip, tmp_rel, stage_rel = False, None, None
+        txn: Transaction | None = None
+        staged: Transaction | None = None  # (object-store root, tier leader) the node's staging directory
         if self.rank == 0 and err is None:
             try:
                 skip = skip_if_committed and is_committed(self.storage, name)
                 if not skip:
                     txn = self.storage.begin(name)
-                    # DCP writes to a local root only, whose transactions have a tmp_path; Transaction does not say so.
-                    tmp_rel = os.path.basename(txn.tmp_path)  # type: ignore[attr-defined]
+                    # A local root's transaction has a tmp_path (DCP writes there); an object store's is the prefix
+                    # every rank uploads under (step_N, or a keep name when a valid step_N is being replaced).
+                    tmp_rel = txn.name if self.remote else os.path.basename(txn.tmp_path)  # type: ignore[attr-defined]
             except Exception as e:  # noqa: BLE001
                 prep_exc, err = e, f"{type(e).__name__}: {e}"
-        statuses = self.ctx.ctl.all_gather((err, skip, tmp_rel))
+        if self.remote and self._tier_group and err is None:
+            try:
+                assert self.node_tier is not None
+                self.node_tier.remove_stale_tmp()  # one save at a time: a tmp dir here is a killed save's
+                staged = self.node_tier.storage.begin(name)  # this node's ranks stage their files here
+                stage_rel = os.path.basename(staged.tmp_path)  # type: ignore[attr-defined]
+            except Exception as e:  # noqa: BLE001
+                prep_exc, err = e, f"{type(e).__name__}: {e}"
+        statuses = self.ctx.ctl.all_gather((err, skip, tmp_rel, stage_rel))
         skip, tmp_rel = statuses[0][1], statuses[0][2]
+        if self._group:
+            stage_rel = statuses[self._group[0]][3]
         bad = [(r, s[0]) for r, s in enumerate(statuses) if s[0]]
+        if (bad or skip) and staged is not None:
+            staged.abort()
         if bad:
             if txn is not None:
                 txn.abort()
@@ -231,6 +260,8 @@ class DcpCheckpointer:
         payload = {
             "tmp_rel": tmp_rel,
             "txn": txn,
+            "stage": staged,
+            "stage_rel": stage_rel,
             "tensors": tensors,
             "encoded": encoded,
             "rank_tensors": rank_tensors,
@@ -245,7 +276,13 @@ class DcpCheckpointer:
         coll, group = (self.ctx.bg, self.ctx.dcp_bg_group) if background else (self.ctx.ctl, self.ctx.dcp_group)
         p = snap.payload
         t0 = time.perf_counter()
-        tmp_path = self.storage.join(p["tmp_rel"] or "")
+        # Where this rank's files are written: the shared root's tmp directory, or (object store) its node's stage.
+        local_st: Storage = self.storage
+        local_rel = p["tmp_rel"]
+        if self.remote:
+            assert self.node_tier is not None
+            local_st, local_rel = self.node_tier.storage, p["stage_rel"]
+        tmp_path = local_st.join(local_rel or "")
         where = self.storage.join(snap.name)
         files: dict[str, tuple[int, str]] = {}
         err: str | None = None
@@ -267,16 +304,22 @@ class DcpCheckpointer:
                 files = write_rank_files(tmp_path, self.rank, p["rank_tensors"], p["encoded"])
                 own = list(writer.written) + ([DCP_METADATA] if self.rank == 0 else [])
                 for rel in own:
-                    files[rel] = hash_file(self.storage, f"{p['tmp_rel']}/{rel}")
+                    files[rel] = hash_file(local_st, f"{local_rel}/{rel}")
                 if self._tiered:
                     reads = read_set(p["tensors"], md)
+                if self.remote:
+                    # Each rank uploads its own files (DCP's shards are per rank): the upload bandwidth of every
+                    # node is used at once, and no rank waits for another's bytes.
+                    upload_files(tmp_path, files, self.storage, p["tmp_rel"], between=pause_between_files)
             except Exception as e:  # noqa: BLE001
                 err, failed, errno_ = f"{type(e).__name__}: {e}", [self.rank], getattr(e, "errno", None)
         reports = coll.all_gather((err, failed, files, errno_, reads))
         bad = sorted({r for rep in reports if rep[0] for r in rep[1]})
         if bad:
             if p["txn"] is not None:
-                p["txn"].abort()
+                p["txn"].abort()  # on an object store: every rank's uploaded objects go with the prefix
+            if p["stage"] is not None:
+                p["stage"].abort()
             msg = next(rep[0] for rep in reports if rep[0])
             errnos = [rep[3] for rep in reports if rep[3]]
             hint = errno_hint(errnos[0], _RANK_HINT) if errnos else "see the failing rank's log"
@@ -293,19 +336,28 @@ class DcpCheckpointer:
                 f"committing step {snap.step} to {where} failed on rank 0: {result[0]}. Nothing was "
                 "committed; the previous checkpoint is untouched.",
             )
-        path, total = result[1]
+        path, total, raw = result[1]
         if self._tier_group:
-            self._keep_in_tier(snap, reports)
+            self._keep_in_tier(snap, reports, raw)
         return Committed(step=snap.step, path=path, nbytes=total, seconds=time.perf_counter() - t0)
 
-    def _keep_in_tier(self, snap: Snapshot, reports: list[Any]) -> None:
-        """Tier leader, after the shared commit: copy what this node's ranks read into the node tier. A failure
-        costs only speed at the next restore (the shared root has the step), so it is logged, not raised."""
+    def _keep_in_tier(self, snap: Snapshot, reports: list[Any], raw: bytes) -> None:
+        """Tier leader, after the shared commit: copy what this node's ranks read into the node tier (on an object
+        store: the stage directory becomes the tier copy, only other nodes' files it reads are downloaded). A
+        failure costs only speed at the next restore (the shared root has the step), so it is logged, not raised."""
         assert self.node_tier is not None
         needs = {r: needed_files(r, reports[r][4], reports[r][2]) for r in self._tier_group}
         try:
-            self.node_tier.keep_step(self.storage, snap.name, needs, self.world)
+            if self.remote:
+                man = Manifest.from_json(raw, self.storage.join(snap.name))
+                present = {f for r in self._tier_group for f in reports[r][2]}
+                finish_tier_copy(snap.payload["stage"], self.storage, snap.name, raw, man, needs, present, self.world)
+                self.node_tier.retain(protect=snap.name)
+            else:
+                self.node_tier.keep_step(self.storage, snap.name, needs, self.world)
         except Exception as e:  # noqa: BLE001 - the durable commit already succeeded
+            if snap.payload["stage"] is not None:
+                snap.payload["stage"].abort()
             log.warning(
                 "rank %d: could not keep %s in the node tier %s (a restore reads it from the shared root): %s",
                 self.rank,
@@ -326,6 +378,9 @@ class DcpCheckpointer:
                     "dcp_keys": len(snap.payload["tensors"]),
                     "torch": torch.__version__,
                     "writer_files": {str(r): sorted(rep[2]) for r, rep in enumerate(reports)},
+                    # What each rank reads back at this world size: a node fetching the step from an object store
+                    # into its tier downloads only its ranks' files.
+                    **({"reader_files": {str(r): rep[4] for r, rep in enumerate(reports)}} if self._tiered else {}),
                 },
                 indent=1,
             ).encode()
@@ -335,8 +390,12 @@ class DcpCheckpointer:
             h.update(doc)
             allfiles[DIST_FILE] = FileEntry(len(doc), h.hexdigest())
             pause_between_files()
+            if self.remote:
+                # Every rank's objects are there at their size before the manifest vouches for them (one listing).
+                check_uploaded(self.storage, txn.name, {k: v for k, v in allfiles.items() if k != DIST_FILE})
             man = Manifest(step=snap.step, files=allfiles, metadata=dict(snap.metadata), entries=list(snap.entries))
-            return None, (txn.commit(man.to_json()), man.total_bytes)
+            raw = man.to_json()
+            return None, (txn.commit(raw), man.total_bytes, raw)
         except Exception as e:  # noqa: BLE001
             txn.abort()
             return f"{type(e).__name__}: {e} ({errno_hint(getattr(e, 'errno', None), _RANK_HINT)})", None
@@ -345,6 +404,8 @@ class DcpCheckpointer:
     def candidates(self, path: str | None = None) -> list[Candidate]:
         """Rank 0 lists, every rank gets the same list (so every rank walks it in step)."""
         plan: Any = None
+        if path is not None:
+            path = self._in_root(path)
         if self.rank == 0:
             try:
                 plan = ("ok", candidates_at(path) if path is not None else root_candidates(self.storage))
@@ -361,48 +422,6 @@ class DcpCheckpointer:
             return plan[1]
         return self._agree_candidates(plan[1], allow_tier_only=path is None)
 
-    def _agree_candidates(self, listed: list[Candidate], allow_tier_only: bool) -> list[Candidate]:
-        """Every rank's tier inventory to rank 0, which proposes the steps every rank can read (newest first) and
-        where each rank reads them from; everyone gets the same proposal, which ``open`` then verifies."""
-        inv: dict[int, str] = {}
-        try:
-            if self.node_tier is not None:
-                inv = self.node_tier.inventory(self.rank, self.world)
-        except Exception as e:  # noqa: BLE001 - a collective follows: an unreadable tier only costs speed
-            log.warning("rank %d: cannot list the node tier: %s", self.rank, one_line(e))
-        invs = self.ctx.ctl.all_gather(inv)
-        proposal: Any = (listed, {})  # without a plan every rank reads the shared root, as without tiers
-        if self.rank == 0:
-            try:
-                proposal = self._propose(listed, invs, allow_tier_only)
-            except Exception as e:  # noqa: BLE001 - the broadcast below must happen whatever went wrong
-                log.warning("rank 0: no node-tier plan (%s); every rank reads the shared root", one_line(e))
-        cands, self._plan = self.ctx.ctl.broadcast(proposal)
-        self._inventories = [sorted(i) for i in invs]
-        return cands
-
-    def _propose(
-        self, listed: list[Candidate], invs: list[dict[int, str]], allow_tier_only: bool
-    ) -> tuple[list[Candidate], dict[int, AgreedStep]]:
-        """Rank 0: the candidates every rank can read, newest first, and where each rank reads each one."""
-        in_root = {c.step: c for c in listed if c.root == self.storage.uri}
-        agreed = plan_resume(shared_digests(self.storage, {s: c.name for s, c in in_root.items()}), invs)
-        cands: list[Candidate] = []
-        plans: dict[int, AgreedStep] = {}
-        for a in agreed:
-            cand = in_root.get(a.step)
-            if cand is None:
-                if not allow_tier_only:
-                    continue
-                name = step_dirname(a.step)
-                cand = Candidate(self.storage.uri, name, a.step, self.storage.join(name))
-            cands.append(cand)
-            plans[a.step] = a
-        # Candidates outside the shared root (a user-named path elsewhere) keep their place, read from there.
-        cands += [c for c in listed if c.root != self.storage.uri]
-        cands.sort(key=lambda c: c.step, reverse=True)
-        return cands, plans
-
     def open(self, cand: Candidate) -> Opened:
         """Every rank hashes a share of the candidate's files and parses the DCP plan; the verdicts are agreed.
 
@@ -410,11 +429,23 @@ class DcpCheckpointer:
         corrupt one, before any state changes.
         """
         agreed = self._plan.get(cand.step) if cand.root == self.storage.uri else None
+        self._downloaded = False
+        if self.remote and cand.root == self.storage.uri:
+            return self._open_local(cand, self._fetch(cand, agreed))
         if agreed is not None and agreed.sources[self.rank] == LOCAL:
             return self._open_local(cand, agreed)
         self._source = SHARED
         st = cand.storage()
         where = st.join(cand.name)
+        if not st.is_local:
+            # Only a run's own object-store root is read (through the node tiers); DCP reads files.
+            return self._agree_open(
+                cand,
+                where,
+                f"a sharded checkpoint in an object store is restored through its run: pass {cand.root} "
+                "as the checkpoint root (with local_tier=) instead",
+                st,
+            )
         reason: str | None = None
         # With a tier, the ranks that read this step from the shared root verify it between them.
         readers = [r for r in range(self.world) if agreed is None or agreed.sources[r] == SHARED]
@@ -428,13 +459,7 @@ class DcpCheckpointer:
                     "distributed one",
                 )
             for rel in sorted(man.files)[readers.index(self.rank) :: len(readers)]:
-                _, digest = hash_file(st, f"{cand.name}/{rel}")
-                if digest != man.files[rel].xxh3:
-                    raise CorruptCheckpointError(
-                        where,
-                        f"{rel} checksum mismatch (xxh3 {digest} != "
-                        f"{man.files[rel].xxh3}): the file was altered or damaged",
-                    )
+                verify_file(st, cand.name, rel, man.files[rel], where)
             if DCP_METADATA in man.files:
                 load_dcp_metadata(read_verified(st, cand.name, DCP_METADATA, man), where, man.files)
         except CorruptCheckpointError as e:
@@ -442,54 +467,6 @@ class DcpCheckpointer:
         except OSError as e:
             reason = f"unreadable: {e}"
         return self._agree_open(cand, where, reason, st)
-
-    def _open_local(self, cand: Candidate, agreed: AgreedStep) -> Opened:
-        """This rank reads ``cand`` from its node tier: every file it needs is checked (size and xxh3) against the
-        manifest copy, which must be the one agreed on."""
-        assert self.node_tier is not None
-        tier = self.node_tier.storage
-        files = self.node_tier.needs(cand.name, self.rank, self.world)
-        reason = self._verify_files(tier, cand.name, files, agreed.digest)
-        st: Storage = tier
-        self._source = LOCAL
-        if reason is not None and agreed.in_shared and files is not None:
-            # The copy here is damaged but the shared root has the agreed step: this rank reads exactly the same
-            # files from there instead (verified the same way), and the agreement still holds.
-            log.warning(
-                "rank %d: the node tier's copy of %s is unusable (%s); reading it from the shared root",
-                self.rank,
-                cand.name,
-                reason,
-            )
-            st, self._source = self.storage, f"{SHARED} (node tier copy unusable: {reason})"
-            reason = self._verify_files(st, cand.name, files, agreed.digest)
-        if reason is not None:
-            reason = f"(rank {self.rank} reading from {st.join(cand.name)}) {reason}"
-        return self._agree_open(cand, cand.path, reason, st)
-
-    @staticmethod
-    def _verify_files(st: Storage, name: str, files: list[str] | None, digest: str | None) -> str | None:
-        """Why ``files`` of ``name`` in ``st`` must not be read (manifest not the agreed one, a file that does not
-        match it, a refused ``.metadata``), or None."""
-        where = st.join(name)
-        try:
-            if files is None:
-                raise CorruptCheckpointError(where, "node.json does not list this rank")
-            raw, man = read_manifest_bytes(st, name)
-            if manifest_digest(raw) != digest:
-                raise CorruptCheckpointError(where, "its manifest is not the one agreed on")
-            for rel in files:
-                ent = man.files.get(rel)
-                got = hash_file(st, f"{name}/{rel}")
-                if ent is None or got != (ent.size, ent.xxh3):
-                    raise CorruptCheckpointError(where, f"{rel} does not match the manifest (size or xxh3)")
-            if DCP_METADATA in man.files:
-                load_dcp_metadata(read_verified(st, name, DCP_METADATA, man), where, man.files)
-        except CorruptCheckpointError as e:
-            return e.reason
-        except OSError as e:
-            return f"unreadable: {e}"
-        return None
 
     def _agree_open(self, cand: Candidate, where: str, reason: str | None, st: Storage) -> Opened:
         bad = next((r for r in self.ctx.ctl.all_gather(reason) if r), None)
@@ -508,30 +485,12 @@ class DcpCheckpointer:
             self._log_agreement(opened)
         return loaded
 
-    def _log_agreement(self, opened: Opened) -> None:
-        """One ``resume_agreed`` event per rank in its node tier's log, and rank 0's in the run's log."""
-        agreed = self._plan.get(opened.info.step)
-        sources = list(agreed.sources) if agreed is not None else [SHARED] * self.world
-        fields: dict[str, Any] = {
-            "step": opened.info.step,
-            "path": opened.info.path,
-            "rank": self.rank,
-            "world_size": self.world,
-            # "source" is the event log's own field (who wrote the event): where ranks read is "read"/"reads".
-            "read": self._source,
-            "read_from": opened.payload.join(opened.info.name),
-            "reads": sources,
-            "inventories": self._inventories,
-        }
-        if self.node_tier is not None:
-            EventLog(os.path.join(self.node_tier.root, EVENTS_FILE), "library").emit("resume_agreed", **fields)
-        if self.rank == 0 and self.storage.is_local:
-            EventLog.for_dir(self.storage.local_path(), "library").emit("resume_agreed", **fields)
-
     # ------------------------------------------------------------------------------------------- lifecycle
     def clean_stale_tmp(self) -> None:
         if self.rank == 0:
             remove_stale_tmp(self.storage)
+            if self.remote:
+                remove_unfinished(self.storage)  # step_N/ prefixes of killed uploads, their multipart uploads
 
     def release(self) -> None:
         self.staging.release()

@@ -1,6 +1,6 @@
-"""What the single-process and the torchrun demonstrations share: the comparison of two runs' final states, the
-crash statistics and their table, and the pieces of the kill loop (following the jobs' progress files, telling
-whether a checkpoint is being written, counting events, stopping a process tree).
+"""What the single-process, torchrun and multi-node demonstrations share: the comparison of two runs' final states,
+the crash statistics, the report (one JSON line or the table), and the pieces of the kill loop (following the jobs'
+progress files, telling whether a checkpoint is being written, counting events, stopping a process tree).
 
 Imports no torch at module level: the worker modules import this too, and the kill loop must stay light.
 """
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +130,90 @@ def print_table(title: str, rows: list[tuple], diffs: list[str], batches: tuple,
     print("PASS" if ok else "FAIL")
 
 
+def final_diffs(compare: Callable[[str, str, int], list[str]], straight: str, crashy: str, step: int) -> list[str]:
+    """What differs between the two runs' final checkpoints, an unreadable one counting as a difference.
+
+    Args:
+        compare: the demo's ``compare_final``.
+        straight: the straight run's directory.
+        crashy: the killed run's directory.
+        step: the step of the final checkpoint.
+
+    Returns:
+        ``compare``'s differing paths, or one ``"final checkpoint unreadable: ..."`` entry.
+    """
+    try:
+        return compare(straight, crashy, step)
+    except Exception as e:  # noqa: BLE001 - a missing or invalid final checkpoint is the demo failing
+        return [f"final checkpoint unreadable: {e}"]
+
+
+def closing_fields(
+    *,
+    steps: int,
+    seed: int,
+    t_straight: float,
+    t_crashy: float,
+    directory: str,
+    kills_detail: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The fields every demo's JSON result ends with, in this order.
+
+    Args:
+        steps: the job's length.
+        seed: the kill seed.
+        t_straight: seconds the straight run took.
+        t_crashy: seconds the killed run took.
+        directory: the demo's directory.
+        kills_detail: one record per kill, when the demo reports them.
+
+    Returns:
+        ``steps``, ``kill_seed``, [``kills_detail``], ``seconds_straight``, ``seconds_with_kills``, ``directory``.
+    """
+    out: dict[str, Any] = {"steps": steps, "kill_seed": seed}
+    if kills_detail is not None:
+        out["kills_detail"] = kills_detail
+    out["seconds_straight"] = round(t_straight, 2)
+    out["seconds_with_kills"] = round(t_crashy, 2)
+    out["directory"] = os.path.abspath(directory)
+    return out
+
+
+def report(
+    result: dict[str, Any],
+    *,
+    as_json: bool,
+    title: str,
+    rows: list[tuple],
+    batches_label: str,
+    t_straight: float,
+    t_crashy: float,
+) -> int:
+    """Print a demo's outcome, one JSON line or the table, and give its exit status.
+
+    Args:
+        result: the demo's JSON result (``identical``, ``differing_keys`` and ``batch_sequence_equal`` are read).
+        as_json: print ``result`` as one JSON line instead of the table.
+        title: the table's title.
+        rows: the table's counters; the times of both runs are added as the last row.
+        batches_label: the label of the batch-sequence verdict.
+        t_straight: seconds the straight run took.
+        t_crashy: seconds the killed run took.
+
+    Returns:
+        0 when ``result["identical"]``, else 1.
+    """
+    ok = bool(result["identical"])
+    if as_json:
+        print(json.dumps(result))
+    else:
+        times = ("time straight / with kills", f"{t_straight:.1f}s / {t_crashy:.1f}s")
+        print_table(
+            title, [*rows, times], result["differing_keys"], (batches_label, result["batch_sequence_equal"]), ok
+        )
+    return 0 if ok else 1
+
+
 # ------------------------------------------------------------------------------------------ kill loop
 def fresh_run_dirs(directory: str) -> tuple[str, str]:
     """Empty ``straight/`` and ``crashy/`` under ``directory`` (an earlier demo's files are removed).
@@ -209,6 +295,38 @@ def stop_tree(proc: subprocess.Popen, wait: float = 10.0) -> None:
         pass
 
 
+def supervisor_cmd(
+    directory: str, *, max_restarts: int, backoff: float = 0.05, backoff_max: float = 0.2, extra: Sequence[str] = ()
+) -> list[str]:
+    """``resumekit run`` as the demos start it, up to (not including) the ``--`` before the job.
+
+    Args:
+        directory: ``--dir``, the checkpoint directory.
+        max_restarts: ``--max-restarts``.
+        backoff: ``--backoff``, the first restart delay (kept short: the demos restart often).
+        backoff_max: ``--backoff-max``.
+        extra: more ``resumekit run`` options.
+
+    Returns:
+        The command line.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "resumekit",
+        "run",
+        "--dir",
+        directory,
+        "--max-restarts",
+        str(max_restarts),
+        "--backoff",
+        f"{backoff:g}",
+        "--backoff-max",
+        f"{backoff_max:g}",
+        *extra,
+    ]
+
+
 # ------------------------------------------------------------------------------------------- workers
 def worker_args(module: str, directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> list[str]:
     """The arguments that start a demo job as a module; :func:`parse_worker_args` reads them back.
@@ -266,12 +384,16 @@ __all__ = [
     "SAVING_PREFIX",
     "CrashStats",
     "ProgressTail",
+    "closing_fields",
     "count_events",
+    "final_diffs",
     "fresh_run_dirs",
     "parse_worker_args",
     "print_table",
+    "report",
     "saving",
     "stop_tree",
+    "supervisor_cmd",
     "tree_diff",
     "worker_args",
 ]

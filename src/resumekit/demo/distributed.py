@@ -29,12 +29,15 @@ from ..events import iter_events
 from .core import (
     CrashStats,
     ProgressTail,
+    closing_fields,
     count_events,
+    final_diffs,
     fresh_run_dirs,
     parse_worker_args,
-    print_table,
+    report,
     saving,
     stop_tree,
+    supervisor_cmd,
     tree_diff,
     worker_args,
 )
@@ -201,6 +204,22 @@ def batch_sequences(directory: str, key: str = "batch") -> dict[int, dict[int, A
     return {r: {rec["step"]: rec[key] for rec in recs} for r, recs in read_progress(directory).items()}
 
 
+def same_batches(straight: str, crashy: str, *, world: int, steps: int) -> bool:
+    """Whether every rank of both runs saw the same batch at every step, each of ``world`` ranks all ``steps``.
+
+    Args:
+        straight: the straight run's directory.
+        crashy: the killed run's directory.
+        world: ranks of the job.
+        steps: the job's length.
+
+    Returns:
+        True when the batch sequences are equal and complete.
+    """
+    sa, sb = batch_sequences(straight), batch_sequences(crashy)
+    return sa == sb and len(sa) == world and all(len(v) == steps for v in sa.values())
+
+
 # ------------------------------------------------------------------------------------------- torchrun
 def free_port() -> int:
     """A TCP port free right now on this host (for torchrun's rendezvous endpoint)."""
@@ -252,6 +271,19 @@ def torchrun_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def demo_env() -> dict[str, str]:
+    """:func:`torchrun_env` without a supervisor's hand-off (``RESUMEKIT_RESUME_FROM``, ``_HEARTBEAT``, ``_EVENTS``,
+    ``_DIR``): a demo started under ``resumekit run`` must not hand its own supervisor's files to its jobs.
+
+    Returns:
+        A new environment dict.
+    """
+    env = torchrun_env()
+    for k in ("RESUMEKIT_RESUME_FROM", "RESUMEKIT_HEARTBEAT", "RESUMEKIT_EVENTS", "RESUMEKIT_DIR"):
+        env.pop(k, None)
     return env
 
 
@@ -372,9 +404,7 @@ def run_distributed_demo(
     seed = random.randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
     straight, crashy = fresh_run_dirs(directory)
-    env = torchrun_env()
-    for k in ("RESUMEKIT_RESUME_FROM", "RESUMEKIT_HEARTBEAT", "RESUMEKIT_EVENTS", "RESUMEKIT_DIR"):
-        env.pop(k, None)
+    env = demo_env()
     t0 = time.monotonic()
     with open(os.path.join(straight, "torchrun.log"), "wb") as log:
         r = subprocess.run(
@@ -393,21 +423,7 @@ def run_distributed_demo(
         return 1
     t0 = time.monotonic()
     job = torchrun_cmd(nproc, job_args(crashy, steps, save_every, 0, async_save), max_restarts=crashes + 1)
-    sup = [
-        sys.executable,
-        "-m",
-        "resumekit",
-        "run",
-        "--dir",
-        crashy,
-        "--max-restarts",
-        "2",
-        "--backoff",
-        "0.05",
-        "--backoff-max",
-        "0.2",
-        "--",
-    ]
+    sup = [*supervisor_cmd(crashy, max_restarts=2), "--"]
     stats = run_torchrun_with_kills(
         sup + job,
         crashy,
@@ -420,15 +436,10 @@ def run_distributed_demo(
     )
     t_crashy = time.monotonic() - t0
     stats.skipped_invalid = count_events(crashy, "skip_invalid")
-    try:
-        diffs = compare_final(straight, crashy, steps)
-    except Exception as e:  # noqa: BLE001 - a missing or invalid final checkpoint is the demo failing
-        diffs = [f"final checkpoint unreadable: {e}"]
-    sa, sb = batch_sequences(straight), batch_sequences(crashy)
-    batches_equal = sa == sb and len(sa) == nproc and all(len(v) == steps for v in sa.values())
-    ok = not diffs and batches_equal and stats.exit_code == 0
+    diffs = final_diffs(compare_final, straight, crashy, steps)
+    batches_equal = same_batches(straight, crashy, world=nproc, steps=steps)
     result = {
-        "identical": ok,
+        "identical": not diffs and batches_equal and stats.exit_code == 0,
         "nproc": nproc,
         "kills": stats.kills,
         "kills_mid_save": stats.kills_mid_save,
@@ -437,35 +448,34 @@ def run_distributed_demo(
         "exit_code": stats.exit_code,
         "differing_keys": diffs,
         "batch_sequence_equal": batches_equal,
-        "steps": steps,
-        "kill_seed": seed,
-        "kills_detail": stats.attempts,
-        "seconds_straight": round(t_straight, 2),
-        "seconds_with_kills": round(t_crashy, 2),
-        "directory": os.path.abspath(directory),
+        **closing_fields(
+            steps=steps,
+            seed=seed,
+            t_straight=t_straight,
+            t_crashy=t_crashy,
+            directory=directory,
+            kills_detail=stats.attempts,
+        ),
     }
-    if as_json:
-        print(json.dumps(result))
-    else:
-        rows = [
-            ("processes (torchrun)", nproc),
-            ("kills (SIGKILL of one worker)", stats.kills),
-            ("  of which during a save", stats.kills_mid_save),
-            ("group restarts", stats.restarts),
-            ("checkpoints skipped as invalid", stats.skipped_invalid),
-            ("steps", steps),
-            ("exit code", stats.exit_code),
-            ("time straight / with kills", f"{t_straight:.1f}s / {t_crashy:.1f}s"),
-        ]
-        print_table(
-            f"{nproc}-process DDP under torchrun, straight, then again under `resumekit run -- torchrun` "
-            "with random worker SIGKILLs",
-            rows,
-            diffs,
-            ("same batch at every step/rank", batches_equal),
-            ok,
-        )
-    return 0 if ok else 1
+    rows = [
+        ("processes (torchrun)", nproc),
+        ("kills (SIGKILL of one worker)", stats.kills),
+        ("  of which during a save", stats.kills_mid_save),
+        ("group restarts", stats.restarts),
+        ("checkpoints skipped as invalid", stats.skipped_invalid),
+        ("steps", steps),
+        ("exit code", stats.exit_code),
+    ]
+    return report(
+        result,
+        as_json=as_json,
+        title=f"{nproc}-process DDP under torchrun, straight, then again under `resumekit run -- torchrun` "
+        "with random worker SIGKILLs",
+        rows=rows,
+        batches_label="same batch at every step/rank",
+        t_straight=t_straight,
+        t_crashy=t_crashy,
+    )
 
 
 # --------------------------------------------------------------------------------------- entry point
@@ -485,11 +495,13 @@ __all__ = [
     "PROGRESS_PATTERN",
     "batch_sequences",
     "compare_final",
+    "demo_env",
     "free_port",
     "job_args",
     "read_progress",
     "run_distributed_demo",
     "run_torchrun_with_kills",
+    "same_batches",
     "torchrun_cmd",
     "torchrun_env",
     "train",

@@ -21,7 +21,6 @@ gone) and how long until every rank trained again.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -31,15 +30,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..supervisor.proctree import pid_alive
-from .core import CrashStats, ProgressTail, count_events, fresh_run_dirs, print_table, saving
+from .core import CrashStats, ProgressTail, closing_fields, count_events, final_diffs, fresh_run_dirs, report, saving
 from .distributed import (
     PROGRESS_PATTERN,
-    batch_sequences,
     compare_final,
+    demo_env,
     free_port,
     job_args,
     read_progress,
-    torchrun_env,
+    same_batches,
 )
 from .nodes import NODE_DIR, LocalCluster, NodeLaunch, node_commands, node_torchrun_cmd, supervised_cmd
 
@@ -252,9 +251,7 @@ def run_multinode_demo(
     straight, crashy = fresh_run_dirs(directory)
     for d in (straight + "-nodes", crashy + "-nodes"):
         shutil.rmtree(d, ignore_errors=True)
-    env = torchrun_env()
-    for k in ("RESUMEKIT_RESUME_FROM", "RESUMEKIT_HEARTBEAT", "RESUMEKIT_EVENTS", "RESUMEKIT_DIR"):
-        env.pop(k, None)
+    env = demo_env()
     world = nnodes * nproc
 
     t0 = time.monotonic()
@@ -294,20 +291,15 @@ def run_multinode_demo(
     stats = run_nodes_with_kills(cluster, crashy, world=world, crashes=crashes, rng=rng, timeout=900, last_step=steps)
     t_crashy = time.monotonic() - t0
     stats.skipped_invalid = sum(count_events(cluster.node_dir(i), "skip_invalid") for i in range(nnodes))
-    try:
-        diffs = compare_final(straight, crashy, steps)
-    except Exception as e:  # noqa: BLE001 - a missing or invalid final checkpoint is the demo failing
-        diffs = [f"final checkpoint unreadable: {e}"]
-    sa, sb = batch_sequences(straight), batch_sequences(crashy)
-    batches_equal = sa == sb and len(sa) == world and all(len(v) == steps for v in sa.values())
+    diffs = final_diffs(compare_final, straight, crashy, steps)
+    batches_equal = same_batches(straight, crashy, world=world, steps=steps)
     gens = rank_generations(crashy)
     resume_steps = [sorted(set(g.values())) for g in gens]
     one_step_each = all(len(s) == 1 for s in resume_steps)
-    ok = not diffs and batches_equal and one_step_each and stats.exit_code == 0
     notice = [a["notice_s"] for a in stats.attempts if a["notice_s"] is not None]
     recovered = [a["recovered_s"] for a in stats.attempts if a["recovered_s"] is not None]
     result: dict[str, Any] = {
-        "identical": ok,
+        "identical": not diffs and batches_equal and one_step_each and stats.exit_code == 0,
         "nnodes": nnodes,
         "nproc": nproc,
         "kills": stats.kills,
@@ -321,38 +313,37 @@ def run_multinode_demo(
         "same_resume_step_on_every_rank": one_step_each,
         "notice_s_max": max(notice, default=None),
         "recovered_s_max": max(recovered, default=None),
-        "steps": steps,
-        "kill_seed": seed,
-        "kills_detail": stats.attempts,
-        "seconds_straight": round(t_straight, 2),
-        "seconds_with_kills": round(t_crashy, 2),
-        "directory": os.path.abspath(directory),
+        **closing_fields(
+            steps=steps,
+            seed=seed,
+            t_straight=t_straight,
+            t_crashy=t_crashy,
+            directory=directory,
+            kills_detail=stats.attempts,
+        ),
     }
-    if as_json:
-        print(json.dumps(result))
-    else:
-        rows = [
-            ("nodes x processes", f"{nnodes} x {nproc}"),
-            ("whole-node SIGKILLs", stats.kills),
-            ("  of which during a save", stats.kills_mid_save),
-            ("  nodes lost (0 hosts the store)", ", ".join(str(n) for n in result["nodes_killed"]) or "-"),
-            ("resumed from (each start)", ", ".join(str(s) for s in result["resume_steps"])),
-            ("every rank resumed one step", "yes" if one_step_each else "NO"),
-            ("survivors noticed a loss within", _secs(result["notice_s_max"])),
-            ("every rank training again within", _secs(result["recovered_s_max"])),
-            ("checkpoints skipped as invalid", stats.skipped_invalid),
-            ("exit code (every node)", stats.exit_code),
-            ("time straight / with kills", f"{t_straight:.1f}s / {t_crashy:.1f}s"),
-        ]
-        print_table(
-            f"{nnodes} nodes x {nproc} DDP under torchrun (c10d on 127.0.0.1), straight, then each node under "
-            "`resumekit run` with whole-node SIGKILLs",
-            rows,
-            diffs,
-            ("same batch at every step/rank", batches_equal),
-            ok,
-        )
-    return 0 if ok else 1
+    rows = [
+        ("nodes x processes", f"{nnodes} x {nproc}"),
+        ("whole-node SIGKILLs", stats.kills),
+        ("  of which during a save", stats.kills_mid_save),
+        ("  nodes lost (0 hosts the store)", ", ".join(str(n) for n in result["nodes_killed"]) or "-"),
+        ("resumed from (each start)", ", ".join(str(s) for s in result["resume_steps"])),
+        ("every rank resumed one step", "yes" if one_step_each else "NO"),
+        ("survivors noticed a loss within", _secs(result["notice_s_max"])),
+        ("every rank training again within", _secs(result["recovered_s_max"])),
+        ("checkpoints skipped as invalid", stats.skipped_invalid),
+        ("exit code (every node)", stats.exit_code),
+    ]
+    return report(
+        result,
+        as_json=as_json,
+        title=f"{nnodes} nodes x {nproc} DDP under torchrun (c10d on 127.0.0.1), straight, then each node under "
+        "`resumekit run` with whole-node SIGKILLs",
+        rows=rows,
+        batches_label="same batch at every step/rank",
+        t_straight=t_straight,
+        t_crashy=t_crashy,
+    )
 
 
 def _secs(v: float | None) -> str:

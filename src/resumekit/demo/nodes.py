@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..supervisor.proctree import children, descendants, kill_tree, pid_alive
-from .core import stop_tree
+from .core import stop_tree, supervisor_cmd
 
 NODE_DIR = "node{}"  # one node's supervisor files and torchrun output, outside the checkpoint directory: the
 # supervisor counts file growth there as the job's activity, and a node's output must not hide a hang
@@ -112,25 +112,13 @@ def supervised_cmd(
     Returns:
         The command line.
     """
-    sup = [
-        sys.executable,
-        "-m",
-        "resumekit",
-        "run",
-        "--dir",
-        directory,
-        "--events",
-        os.path.join(node_dir, "events.jsonl"),
-        "--max-restarts",
-        str(max_restarts),
-        "--backoff",
-        f"{backoff:g}",
-        "--backoff-max",
-        f"{max(backoff, 0.5):g}",
-    ]
+    opts = ["--events", os.path.join(node_dir, "events.jsonl")]
     if hang_timeout is not None:
-        sup += ["--hang-timeout", f"{hang_timeout:g}"]
-    return [*sup, *extra, "--", *command]
+        opts += ["--hang-timeout", f"{hang_timeout:g}"]
+    sup = supervisor_cmd(
+        directory, max_restarts=max_restarts, backoff=backoff, backoff_max=max(backoff, 0.5), extra=[*opts, *extra]
+    )
+    return [*sup, "--", *command]
 
 
 # ------------------------------------------------------------------------------------------ the nodes

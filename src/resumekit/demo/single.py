@@ -22,11 +22,13 @@ from ..events import EVENTS_FILE, iter_events, read_events
 from .core import (
     CrashStats,
     ProgressTail,
+    closing_fields,
     count_events,
     fresh_run_dirs,
     parse_worker_args,
-    print_table,
+    report,
     saving,
+    supervisor_cmd,
     tree_diff,
     worker_args,
 )
@@ -198,24 +200,8 @@ def run_with_kills(
     """
     stats = CrashStats()
     env = dict(os.environ, RESUMEKIT_TEST_SAVE_PAUSE="0.02", PYTHONUNBUFFERED="1")
-    sup_cmd = [
-        sys.executable,
-        "-m",
-        "resumekit",
-        "run",
-        "--dir",
-        directory,
-        "--max-restarts",
-        str(crashes + 3),
-        "--backoff",
-        "0.05",
-        "--backoff-max",
-        "0.2",
-        "--crash-loop",
-        str(crashes + 2),
-        "--json",
-        "--",
-    ]
+    extra = ["--crash-loop", str(crashes + 2), "--json"]
+    sup_cmd = [*supervisor_cmd(directory, max_restarts=crashes + 3, extra=extra), "--"]
     sup = subprocess.Popen(
         sup_cmd + job_cmd(directory, steps, save_every, seed, async_save), env=env, stdout=subprocess.PIPE, text=True
     )
@@ -232,8 +218,19 @@ def run_with_kills(
             pid = pids[-1]
             aim_at_save = stats.kills == 0 or rng.random() < 0.4
             t_seen, delay = time.monotonic(), rng.uniform(0.05, 1.2)
+            last_poll = t_seen
             while sup.poll() is None:
-                if (aim_at_save and saving(directory)) or (not aim_at_save and time.monotonic() - t_seen >= delay):
+                now = time.monotonic()
+                if now - last_poll >= 0.02:
+                    # An attempt about to finish before its kill came (no save caught in an async save's short
+                    # window, or a delay longer than a fast warm attempt's remaining steps): kill it now rather than
+                    # let the run end with a kill missing.
+                    tail.poll()
+                    last_poll = now
+                    if tail.latest.get(pid, (0, 0))[1] >= steps - save_every // 2:
+                        aim_at_save = False
+                        delay = 0.0
+                if (aim_at_save and saving(directory)) or (not aim_at_save and now - t_seen >= delay):
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
@@ -311,9 +308,8 @@ def run_single_demo(
     diffs = compare_final(straight, crashy, steps)
     sa, sb = batch_sequence(straight), batch_sequence(crashy)
     batches_equal = sa == sb and len(sa) == steps
-    ok = not diffs and batches_equal and stats.exit_code == 0
     result = {
-        "identical": ok,
+        "identical": not diffs and batches_equal and stats.exit_code == 0,
         "kills": stats.kills,
         "kills_mid_save": stats.kills_mid_save,
         "restarts": stats.restarts,
@@ -323,33 +319,26 @@ def run_single_demo(
         "supervisor_summary": stats.summary,
         "differing_keys": diffs,
         "batch_sequence_equal": batches_equal,
-        "steps": steps,
-        "kill_seed": seed,
-        "seconds_straight": round(t_straight, 2),
-        "seconds_with_kills": round(t_crashy, 2),
-        "directory": os.path.abspath(directory),
+        **closing_fields(steps=steps, seed=seed, t_straight=t_straight, t_crashy=t_crashy, directory=directory),
     }
-    if as_json:
-        print(json.dumps(result))
-    else:
-        rows = [
-            ("kills (SIGKILL)", stats.kills),
-            ("  of which during a save", stats.kills_mid_save),
-            ("restarts", stats.restarts),
-            ("checkpoints skipped as invalid", stats.skipped_invalid),
-            ("steps redone", stats.steps_redone),
-            ("steps", steps),
-            ("supervisor exit code", stats.exit_code),
-            ("time straight / with kills", f"{t_straight:.1f}s / {t_crashy:.1f}s"),
-        ]
-        print_table(
-            "train straight, then again under `resumekit run` with random SIGKILLs",
-            rows,
-            diffs,
-            ("same batch at every step", batches_equal),
-            ok,
-        )
-    return 0 if ok else 1
+    rows = [
+        ("kills (SIGKILL)", stats.kills),
+        ("  of which during a save", stats.kills_mid_save),
+        ("restarts", stats.restarts),
+        ("checkpoints skipped as invalid", stats.skipped_invalid),
+        ("steps redone", stats.steps_redone),
+        ("steps", steps),
+        ("supervisor exit code", stats.exit_code),
+    ]
+    return report(
+        result,
+        as_json=as_json,
+        title="train straight, then again under `resumekit run` with random SIGKILLs",
+        rows=rows,
+        batches_label="same batch at every step",
+        t_straight=t_straight,
+        t_crashy=t_crashy,
+    )
 
 
 # --------------------------------------------------------------------------------------- entry point

@@ -14,7 +14,10 @@ step (tmp directory, fsync, manifest last, rename), with ``node.json`` saying wh
         manifest.json                 the shared root's manifest, byte for byte (written last)
 
 Such a step is deliberately *not* a whole checkpoint (``resumekit ls`` on a tier reports its missing files): it is
-a cache of the shared step with the same manifest, which is what lets the ranks agree on it.
+a cache of the shared step with the same manifest, which is what lets the ranks agree on it. A *whole* copy (no
+``node.json``: ``resumekit run --local-tier``'s pre-download, or a restore's fetch at another world size) serves
+every rank of the node at any world size. With an object-store root the tier is also where the node's ranks stage
+a save before uploading it (:mod:`resumekit.distributed.remote_commit`).
 
 Restore: every rank reports its tier's inventory (step -> xxh3 of its manifest copy, only the steps whose files for
 this rank are present at the right size and world size); rank 0 adds the shared root's steps and
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, CorruptCheckpointError
-from ..format import DIST_FILE, MANIFEST, TMP_PREFIX, Manifest, new_hasher, parse_json
+from ..format import DIST_FILE, MANIFEST, NODE_FILE, TMP_PREFIX, Manifest, new_hasher, parse_json
 from ..storage import LocalStorage, Storage
 from ..storage.steps import step_dirs
 from ..storage.transfer import read_manifest_bytes, stream_verified
@@ -43,8 +46,6 @@ from .statedict import DCP_METADATA
 
 log = logging.getLogger("resumekit")
 
-#: which rank needs which file, inside a node tier's step directory
-NODE_FILE = "node.json"
 #: where a rank reads a step from
 LOCAL, SHARED = "local", "shared"
 
@@ -141,11 +142,15 @@ class NodeTier:
         return socket.gethostname(), os.path.realpath(self.root)
 
     # ------------------------------------------------------------------------------------------------ write
-    def keep_step(self, shared: Storage, name: str, needs: Mapping[int, Sequence[str]], world: int) -> str:
+    def keep_step(
+        self, shared: Storage, name: str, needs: Mapping[int, Sequence[str]], world: int, *, retain: bool = True
+    ) -> str:
         """Copy the files ``needs`` lists (rank -> files) of committed step ``name`` from ``shared`` into this tier,
         verified against the manifest while streaming, and commit them (manifest last); then apply the tier's
-        retention. Called by the tier leader after the shared commit. Returns the tier step's path."""
-        self._remove_stale_tmp()
+        retention (unless ``retain`` is False: a restore still may fall back to an older step). Called by the tier
+        leader after the shared commit, and on restore to fetch a step from an object store. Returns the tier
+        step's path."""
+        self.remove_stale_tmp()
         raw, man = read_manifest_bytes(shared, name)
         files = sorted({f for fs in needs.values() for f in fs})
         where = shared.join(name)
@@ -155,23 +160,24 @@ class NodeTier:
                 if rel not in man.files:
                     raise CorruptCheckpointError(where, f"the manifest does not list {rel}")
                 _copy_verified(shared, f"{name}/{rel}", txn.open_write(rel), man, rel, where)
-            doc = {"world_size": world, "ranks": {str(r): sorted(fs) for r, fs in sorted(needs.items())}}
-            with txn.open_write(NODE_FILE) as f:
-                f.write(json.dumps(doc, indent=1).encode())
+            write_node_file(txn, needs, world)
             path = txn.commit(raw)
         except BaseException:
             txn.abort()
             raise
-        self._retain(protect=name)
+        if retain:
+            self.retain(protect=name)
         return path
 
-    def _remove_stale_tmp(self) -> None:
-        # Only this node's tier leader writes the tier, one save at a time: a tmp dir here is a killed copy.
+    def remove_stale_tmp(self) -> None:
+        """Remove the tier's tmp directories: only this node's tier leader writes the tier, one save at a time,
+        so one found before a save or a copy is a killed one."""
         for e in self.storage.listdir(""):
             if e.name.startswith(TMP_PREFIX):
                 self.storage.remove_tree(e.name)
 
-    def _retain(self, protect: str) -> None:
+    def retain(self, protect: str) -> None:
+        """Keep the newest :attr:`keep` steps (never ``protect``)."""
         for _, name in sorted(step_dirs(self.storage), reverse=True)[self.keep :]:
             if name != protect:
                 try:
@@ -182,7 +188,12 @@ class NodeTier:
     # ------------------------------------------------------------------------------------------------- read
     def needs(self, name: str, rank: int, world: int) -> list[str] | None:
         """The files rank ``rank`` reads from this tier's copy of ``name`` at world size ``world``, or None when
-        the copy was not made for it (another world size, another rank set, no ``node.json``)."""
+        the copy was not made for it (another world size, another rank set).
+
+        A whole copy (no ``node.json``: ``resumekit run --local-tier``'s pre-download, or a restore's fetch at
+        another world size) serves every rank at any world size: every file of its manifest."""
+        if not self.storage.exists(f"{name}/{NODE_FILE}"):
+            return self.full_copy_files(name)
         try:
             with self.storage.open_read(f"{name}/{NODE_FILE}") as f:
                 doc = parse_json(f.read(1 << 24), self.storage.join(name), NODE_FILE)
@@ -194,6 +205,19 @@ class NodeTier:
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             return None
         return files
+
+    def is_full_copy(self, name: str) -> bool:
+        """The tier's ``name`` is a whole checkpoint (no ``node.json``), not one node's part of it."""
+        return not self.storage.exists(f"{name}/{NODE_FILE}")
+
+    def full_copy_files(self, name: str) -> list[str] | None:
+        """Every file of a whole distributed checkpoint in the tier, or None when it is none (no manifest, or a
+        single-process checkpoint)."""
+        try:
+            _, man = read_manifest_bytes(self.storage, name)
+        except (OSError, CorruptCheckpointError):
+            return None
+        return sorted(man.files) if DIST_FILE in man.files else None
 
     def inventory(self, rank: int, world: int) -> dict[int, str]:
         """Steps this rank can read from the tier -> xxh3 of their manifest (sizes checked, not checksums)."""
@@ -223,15 +247,28 @@ def manifest_digest(raw: bytes) -> str:
 
 def shared_digests(storage: Storage, names: Mapping[int, str]) -> dict[int, str | None]:
     """xxh3 of each shared step's manifest (None when it cannot be read: the step is then verified and skipped
-    with its reason, unless every node holds it)."""
+    with its reason, unless every node holds it).
+
+    On an object store a step without its manifest is an upload that never committed (a killed save), not a
+    damaged checkpoint: it is left out, never proposed."""
     out: dict[int, str | None] = {}
     for step, name in names.items():
         try:
             with storage.open_read(f"{name}/{MANIFEST}") as f:
                 out[step] = manifest_digest(f.read(1 << 26))
+        except FileNotFoundError:
+            if storage.is_local:
+                out[step] = None
         except (OSError, CorruptCheckpointError):
             out[step] = None
     return out
+
+
+def write_node_file(txn: Any, needs: Mapping[int, Sequence[str]], world: int) -> None:
+    """``node.json`` of a tier copy: which rank reads which file, at which world size."""
+    doc = {"world_size": world, "ranks": {str(r): sorted(fs) for r, fs in sorted(needs.items())}}
+    with txn.open_write(NODE_FILE) as f:
+        f.write(json.dumps(doc, indent=1).encode())
 
 
 def _copy_verified(src: Storage, rel_path: str, fout: Any, man: Manifest, rel: str, where: str) -> None:
@@ -248,6 +285,7 @@ __all__ = [
     "read_set",
     "shared_digests",
     "manifest_digest",
+    "write_node_file",
     "NODE_FILE",
     "LOCAL",
     "SHARED",

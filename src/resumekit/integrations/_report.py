@@ -27,12 +27,14 @@ RESTORE_EVENT = "restore"
 SAVE_EVENT = "save"
 METRICS_EVENT = "metrics"
 PREEMPTED_EVENT = "preempted"
+INIT_EVENT = "job_init"
+FIRST_STEP_EVENT = "first_step"
 # Fields every event already has; a metric of that name is renamed rather than overwrite them.
 _RESERVED = ("time", "event", "source", "pid", "host", "step", "framework")
 
 
 class JobReporter:
-    """Writes one job's ``restore``/``save``/``metrics`` events and beats its heartbeat.
+    """Writes one job's ``job_init``/``restore``/``first_step``/``save``/``metrics`` events and beats its heartbeat.
 
     Args:
         framework: the integration's name, recorded in every event (``"lightning"``, ``"hf"``, ``"deepspeed"``).
@@ -61,6 +63,11 @@ class JobReporter:
         if self.heartbeat.path and hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
             # Under `resumekit run --hang-timeout`, SIGUSR1 dumps every thread's stack before the kill.
             faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+        # The earliest instant the integration sees: under `resumekit run` it ends "spawn + imports" in the
+        # restart-latency breakdown (for these jobs that span includes the framework's own set-up, and the
+        # framework's restore when it happens before its first callback: the breakdown says what it measured).
+        self.events.emit(INIT_EVENT, framework=framework)
+        self._first_step_pending = True
 
     def restored(self, step: int, path: str | None, **fields: Any) -> None:
         """The job loaded ``path`` at ``step`` (``path`` None and step 0: it starts from scratch)."""
@@ -76,6 +83,10 @@ class JobReporter:
         """
         step = int(step)
         self.heartbeat.beat(step)
+        if self._first_step_pending:
+            # This process's first training step ends "first step" in the breakdown, whatever metrics_every is.
+            self._first_step_pending = False
+            self.events.emit(FIRST_STEP_EVENT, step=step, framework=self.framework)
         if self.metrics_due(step):
             self.metrics(step, metrics or {})
 

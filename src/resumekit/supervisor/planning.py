@@ -26,6 +26,7 @@ from ..events import (
     ENV_RESUME_FROM,
     ENV_RESUME_MODE,
 )
+from ..format import MANIFEST, NODE_FILE
 from ..storage.deadline import ENV_GRACE
 from ..storage.verified import ENV_VERIFIED
 from ..units import format_bytes, one_line
@@ -308,7 +309,25 @@ class StartPlanner:
         local = LocalStorage(self.opts.local_tier)  # type: ignore[arg-type]
         layout = NativeLayout()
         local_best, skipped = layout.latest(local, full=True)
+        # A sharded job's node tier keeps, per step, only the files of this node's ranks (node.json says which): a
+        # cache of the remote step, not a checkpoint, so not reported as invalid. One with the remote newest's very
+        # manifest needs no download: the job's ranks agree on it and read it there.
+        node_copies = {sk.name for sk in skipped if local.exists(f"{sk.name}/{NODE_FILE}")}
+        if (
+            remote_best is not None
+            and remote_best.name in node_copies
+            and _same_manifest(storage, local, remote_best.name)
+        ):
+            return CheckpointInfo(
+                step=remote_best.step,
+                name=remote_best.name,
+                path=local.join(remote_best.name),
+                layout="native",
+                valid=True,
+            )
         for sk in skipped:
+            if sk.name in node_copies:
+                continue
             self._skip_once(
                 (local.join(sk.name), sk.reason),
                 sk.path,
@@ -418,6 +437,14 @@ class StartPlanner:
     def restore_config(self) -> None:
         """Put ``--config`` back as the user wrote it (see :meth:`ConfigRewriter.restore`)."""
         self.config.restore()
+
+
+def _same_manifest(a: Any, b: Any, name: str) -> bool:
+    """Both roots hold ``name`` with byte-identical manifests."""
+    try:
+        return bool(a.read_bytes(f"{name}/{MANIFEST}") == b.read_bytes(f"{name}/{MANIFEST}"))
+    except OSError:
+        return False
 
 
 __all__ = ["StartPlanner", "checkpoint_size"]
