@@ -1,5 +1,6 @@
 """Training-step overhead of async checkpointing: a ~256 MiB model (AdamW: ~768 MiB of state) checkpointed every
-10 steps, vs the same loop without checkpointing (and with synchronous saves), measured back to back in one run.
+10 steps, vs the same loop without checkpointing (and with synchronous saves), their timed windows interleaved round
+by round in one run.
 
 Two modes model two kinds of jobs:
 
@@ -45,48 +46,81 @@ def loop(model, opt, steps: int, batch: int, width: int, mgr=None, start: int = 
     return time.perf_counter() - t
 
 
-def with_checkpoints(model, opt, steps, every, batch, width, directory, async_save) -> tuple[float, dict]:
-    from resumekit import CheckpointManager
+class Saving:
+    """One manager saving every ``every`` steps, timed over windows that the caller interleaves with the others'."""
 
-    shutil.rmtree(directory, ignore_errors=True)
-    mgr = CheckpointManager(
-        directory, every_steps=every, keep_last=2, async_save=async_save, handle_sigterm=False, metrics_every=0
-    )
-    loop(model, opt, every, batch, width, mgr)  # first save allocates the staging buffers once
-    first = (mgr.cost.saves, mgr.cost.blocking_s_total, mgr.cost.persist_s_total)
-    # Global step numbers keep growing; each timed window starts half a period after a save, so it holds
-    # steps // every saves in steady state and ends mid-period, as a window of a long job does. (A window ending on
-    # a save would add that save's whole persist to the window through the final wait(): a job never waits so.)
-    # A persist still running when a window ends is waited for and counted all the same.
-    offset = every + every // 2
-    best = min(loop(model, opt, steps, batch, width, mgr, start=offset + i * steps) for i in range(2))
-    mgr.close()
-    shutil.rmtree(directory, ignore_errors=True)
-    c = mgr.cost
-    n = max(1, c.saves - first[0])
-    # Means over the timed saves only: the first save allocates (and pre-faults) the staging image, once a run.
-    return best, {
-        "blocking_s": (c.blocking_s_total - first[1]) / n,
-        "persist_s": (c.persist_s_total - first[2]) / n,
-        "first_blocking_s": first[1],
-    }
+    def __init__(self, model, opt, every, batch, width, directory, async_save) -> None:
+        from resumekit import CheckpointManager
+
+        shutil.rmtree(directory, ignore_errors=True)
+        self.directory = directory
+        self.mgr = CheckpointManager(
+            directory, every_steps=every, keep_last=2, async_save=async_save, handle_sigterm=False, metrics_every=0
+        )
+        loop(model, opt, every, batch, width, self.mgr)  # first save allocates the staging buffers once
+        c = self.mgr.cost
+        self.first = (c.saves, c.blocking_s_total, c.persist_s_total)
+        # Global step numbers keep growing; each timed window starts half a period after a save, so it holds
+        # steps // every saves in steady state and ends mid-period, as a window of a long job does. (A window ending
+        # on a save would add that save's whole persist to the window through the final wait(): a job never waits
+        # so.) A persist still running when a window ends is waited for and counted all the same.
+        self.next_start = every + every // 2
+
+    def window(self, model, opt, steps, batch, width) -> float:
+        t = loop(model, opt, steps, batch, width, self.mgr, start=self.next_start)
+        self.next_start += steps
+        return t
+
+    def close(self) -> dict:
+        self.mgr.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        c = self.mgr.cost
+        n = max(1, c.saves - self.first[0])
+        # Means over the timed saves only: the first save allocates (and pre-faults) the staging image, once a run.
+        return {
+            "blocking_s": (c.blocking_s_total - self.first[1]) / n,
+            "persist_s": (c.persist_s_total - self.first[2]) / n,
+            "first_blocking_s": self.first[1],
+        }
 
 
 def run(
-    model_mb: int, steps: int, every: int, directory: str, batch: int, async_save: bool = True, sync_too: bool = False
+    model_mb: int,
+    steps: int,
+    every: int,
+    directory: str,
+    batch: int,
+    async_save: bool = True,
+    sync_too: bool = False,
+    rounds: int = 3,
 ) -> dict:
     width = 2048
     layers = max(1, round((model_mb << 20) / (4 * (width * width + width))))
     model, opt = make(width, layers)
     loop(model, opt, 3, batch, width)  # warm-up: allocates Adam state
-    t0 = min(loop(model, opt, steps, batch, width) for _ in range(2))
-    t1, cost = with_checkpoints(model, opt, steps, every, batch, width, directory, async_save)
+    modes = {"async" if async_save else "sync": Saving(model, opt, every, batch, width, directory, async_save)}
+    if sync_too and async_save:
+        modes["sync"] = Saving(model, opt, every, batch, width, directory + "-sync", False)
+    # Round by round, a window without checkpoints, then one per mode: a slow spell of the machine (or of the
+    # allocator: the first windows after the set-up ran ~10% slower in one run) falls on every mode alike; the best
+    # window of each is compared.
+    base: list[float] = []
+    timed: dict[str, list[float]] = {k: [] for k in modes}
+    for _ in range(rounds):
+        base.append(loop(model, opt, steps, batch, width))
+        for k, m in modes.items():
+            timed[k].append(m.window(model, opt, steps, batch, width))
+    costs = {k: m.close() for k, m in modes.items()}
+    t0 = min(base)
+    main_mode = "async" if async_save else "sync"
+    t1, cost = min(timed[main_mode]), costs[main_mode]
     state_bytes = sum(p.numel() * 4 for p in model.parameters()) * 3
     res = {
         "model_mb": round(sum(p.numel() * 4 for p in model.parameters()) / 2**20),
         "state_mb": state_bytes >> 20,
         "steps": steps,
         "every": every,
+        "rounds": rounds,
         "step_s": t0 / steps,
         "step_s_with_ckpt": t1 / steps,
         "save_blocking_s": cost["blocking_s"],
@@ -94,10 +128,10 @@ def run(
         "first_save_blocking_s": cost["first_blocking_s"],
         "step_overhead": (t1 - t0) / t0,
     }
-    if sync_too and async_save:
-        ts, scost = with_checkpoints(model, opt, steps, every, batch, width, directory, False)
+    if "sync" in modes and async_save:
+        ts = min(timed["sync"])
         res["step_s_with_sync_ckpt"] = ts / steps
-        res["sync_save_blocking_s"] = scost["blocking_s"]
+        res["sync_save_blocking_s"] = costs["sync"]["blocking_s"]
         res["step_overhead_sync"] = (ts - t0) / t0
     return res
 

@@ -84,3 +84,22 @@ def test_bench_scaling_quick_runs(tmp_path):
         assert isinstance(res[k], float)
     assert res["restored_bitwise"] is True and res["io"] in ("direct", "buffered")
     assert os.path.exists(os.path.join(str(tmp_path), "scaling.png"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_persist_thread_yields_the_cpu_only_when_asked_and_the_process_keeps_its_priority(monkeypatch):
+    from resumekit.snapshot import BackgroundPersister
+
+    def persist_nice() -> int:
+        seen = []
+        p = BackgroundPersister()
+        p.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        p.wait()
+        return seen[0]
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    monkeypatch.delenv("RESUMEKIT_PERSIST_NICE", raising=False)
+    assert persist_nice() == base  # off by default
+    monkeypatch.setenv("RESUMEKIT_PERSIST_NICE", "10")
+    assert persist_nice() == min(19, base + 10)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the training thread: unchanged
