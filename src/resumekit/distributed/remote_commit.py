@@ -167,8 +167,8 @@ def fetch_step(remote: Storage, tier: NodeTier, name: str, digest: str | None, g
     needs: dict[int, list[str]] | None = None
     if DIST_FILE in man.files:
         doc = parse_json(read_verified(remote, name, DIST_FILE, man), where, DIST_FILE)
-        readers = doc.get("reader_files") if isinstance(doc, dict) else None
-        writers = doc.get("writer_files") if isinstance(doc, dict) else None
+        doc = doc if isinstance(doc, dict) else {}  # verified bytes, but not necessarily an object: then fetch all
+        readers, writers = doc.get("reader_files"), doc.get("writer_files")
         if doc.get("world_size") == world and isinstance(readers, dict) and isinstance(writers, dict):
             needs = {r: needed_files(r, _str_list(readers.get(str(r))), _str_list(writers.get(str(r)))) for r in group}
     if needs is None:
