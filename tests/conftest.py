@@ -42,6 +42,25 @@ def make_training(seed: int = 0, width: int = 16, n: int = 64, batch: int = 8):
     return {"model": model, "optim": opt, "sched": sched, "scaler": scaler, "loader": loader, "epoch": 0}
 
 
+def agreed_events(tier):
+    """The ``resume_agreed`` events a node tier's event log holds (sharded restores through a node tier)."""
+    from resumekit.events import read_events
+
+    return [e for e in read_events(os.path.join(str(tier), "events.jsonl")) if e["event"] == "resume_agreed"]
+
+
+def restore_through_tier(root, tier, **kw):
+    """A world-of-one sharded restore of a fresh :func:`make_training` state from ``root`` through the node tier
+    ``tier``; returns (the step it starts at, the state)."""
+    from resumekit import CheckpointManager
+
+    mgr = CheckpointManager(root, distributed=True, local_tier=str(tier), **kw)
+    state = make_training()
+    start = mgr.restore(state)
+    mgr.close()
+    return start, state
+
+
 def train_steps(state, steps: int, mgr=None, start: int = 0):
     """Run ``steps`` optimisation steps from ``start``, calling ``mgr.maybe_save`` after each."""
     import torch

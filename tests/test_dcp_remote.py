@@ -12,8 +12,9 @@ tiers (issue 17): :mod:`resumekit.distributed.remote_commit` and the remote path
    counts in the node tier's inventory, so the job reads it without downloading again; a node tier's own partial
    copy of the newest step is neither reported invalid nor downloaded again.
 4. Under ``torchrun`` (gloo, FSDP2, two simulated nodes each with its own tier): a SIGKILL of the whole tree while
-   the ranks upload step 16; on the restart node A holds 12 in its tier, node B only 8, the s3 root has 12: both
-   resume 12 (B downloads it), the partial 16 is never chosen, the end state is bitwise the straight run's. With
+   the ranks upload step 16; on the restart node A holds 12 in its tier (one bit of it damaged), node B only 8, the
+   s3 root has 12: both resume 12 (B downloads it, A fetches its damaged copy again), the partial 16 is never
+   chosen, the end state is bitwise the straight run's. With
    ``RESUMEKIT_SOAK=1`` also: the s3 root lacks 12 -> both resume 8.
 """
 
@@ -25,7 +26,7 @@ import shutil
 
 import pytest
 
-from conftest import assert_same, make_training, state_tensors, train_steps
+from conftest import agreed_events, assert_same, make_training, restore_through_tier, state_tensors, train_steps
 from resumekit import CheckpointManager, ConfigError
 from resumekit.distributed.nodetier import LOCAL, NODE_FILE, SHARED
 from resumekit.events import read_events
@@ -39,18 +40,6 @@ def torch_gloo() -> bool:
     import torch
 
     return torch.distributed.is_gloo_available()
-
-
-def _agreed(tier):
-    return [e for e in read_events(os.path.join(str(tier), "events.jsonl")) if e["event"] == "resume_agreed"]
-
-
-def _restore(root, tier, **kw):
-    mgr = CheckpointManager(root, distributed=True, local_tier=str(tier), **kw)
-    state = make_training()
-    start = mgr.restore(state)
-    mgr.close()
-    return start, state
 
 
 def test_world_of_one_saves_to_s3_through_the_node_tier(s3_bucket, tmp_path):
@@ -71,18 +60,18 @@ def test_world_of_one_saves_to_s3_through_the_node_tier(s3_bucket, tmp_path):
     doc = json.loads(s3_bucket.get(f"run/{step_dirname(6)}/distributed.json"))
     assert "__0_0.distcp" in doc["reader_files"]["0"]
 
-    start, b = _restore(root, tier)
+    start, b = restore_through_tier(root, tier)
     assert start == 6
     assert_same(state_tensors(a), state_tensors(b))
-    ev = _agreed(tier)[-1]
+    ev = agreed_events(tier)[-1]
     assert (ev["step"], ev["read"], ev["downloaded"]) == (6, LOCAL, False)
 
     # another node (an empty tier) gets the step downloaded by its tier leader, then reads it locally
     other = tmp_path / "other"
-    start, c = _restore(root, other)
+    start, c = restore_through_tier(root, other)
     assert start == 6
     assert_same(state_tensors(a), state_tensors(c))
-    ev = _agreed(other)[-1]
+    ev = agreed_events(other)[-1]
     assert (ev["read"], ev["reads"], ev["downloaded"]) == (LOCAL, [SHARED], True)
     assert json.loads((other / step_dirname(6) / NODE_FILE).read_text())["ranks"]["0"]
 
@@ -154,7 +143,7 @@ def test_a_partial_prefix_is_never_proposed_and_is_removed(s3_bucket, tmp_path):
     assert [c.step for c in mgr.checkpointer.candidates()] == [4, 2]  # a reader: never proposed, nothing removed
     mgr.close()
     assert s3_bucket.keys(f"run/{step_dirname(6)}/")
-    start, b = _restore(root, tier)
+    start, b = restore_through_tier(root, tier)
     assert start == 4 and not s3_bucket.keys(f"run/{step_dirname(6)}/")  # the writer removed it
     assert_same(state_tensors(a), state_tensors(b))
     skipped = [e for e in read_events(str(tier / "events.jsonl")) if e["event"] == "skip_invalid"]
@@ -232,12 +221,20 @@ def test_two_nodes_over_s3_agree_on_the_step_and_survive_a_kill_mid_upload(
 
     # Acceptance 2 over s3 on the restart: node 0 holds 12 in its tier, node 1 only 8 (the test removes its 12);
     # the s3 root has 12 -> both resume 12, node 1 after its tier leader downloaded it. The partial 16 is never
-    # chosen, and the end state is bitwise the straight run's.
+    # chosen, and the end state is bitwise the straight run's. Node 0's copy of 12 is damaged too (one bit of its
+    # shard): node 0's leader fetches it again while node 1's downloads it, and the step is still the agreed one.
     shutil.rmtree(d / "tiers/node1" / s12)
+    shard = d / "tiers/node0" / s12 / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
     _torchrun(
         dict(env, RESUMEKIT_EVENTS=str(d / "out/events.jsonl")), s3_bucket.uri("killed"), d / "tiers", out=d / "out"
     )
-    _check_agreed(d, 12, downloaded=[False, True])
+    _check_agreed(d, 12, downloaded=[True, True])
+    refetched = [agreed_events(d / f"tiers/node{r}")[0]["refetched"] for r in range(2)]
+    assert refetched[1] is None and refetched[0]["from"] == f"{s3_bucket.uri('killed')}/{s12}"
+    assert "__0_0.distcp checksum mismatch" in refetched[0]["damaged"]
     events = _run_events(d / "out")
     assert not [e for e in events if e["event"] == "skip_invalid"]  # the partial step was never proposed
     assert [e["step"] for e in events if e["event"] == "restore"] == [12]
@@ -273,7 +270,7 @@ def _check_agreed(d, expect, downloaded):
     """Both ranks resumed ``expect``, each node tier's log has one ``resume_agreed`` naming it, read locally."""
     starts = [json.load(open(d / f"out/start_rank{r}.json"))["step"] for r in range(2)]
     assert starts == [expect, expect]
-    evs = [_agreed(d / f"tiers/node{r}") for r in range(2)]
+    evs = [agreed_events(d / f"tiers/node{r}") for r in range(2)]
     assert [len(e) for e in evs] == [1, 1] and {e["step"] for e in evs[0] + evs[1]} == {expect}
     assert evs[0][0]["inventories"][0][-1] == 12 and 12 not in evs[0][0]["inventories"][1]
     assert [e[0]["downloaded"] for e in evs] == downloaded and {e[0]["read"] for e in evs} == {LOCAL}
@@ -316,6 +313,8 @@ def test_the_supervisors_predownload_counts_in_the_node_tier(s3_bucket, moto_ser
     ev = [e for e in events if e["event"] == "resume_agreed"]
     assert len(ev) == 1 and (ev[0]["step"], ev[0]["read"], ev[0]["downloaded"]) == (4, LOCAL, False)
     assert ev[0]["inventories"] == [[4]]
+    # the supervisor hashed the copy while downloading it: its token (RESUMEKIT_VERIFIED) spares the job a second pass
+    assert ev[0]["hashed_bytes"] == 0
 
     # The tier's step 6 is this node's copy (node.json), made partial here as a node of a larger job holds it: the
     # supervisor neither reports it invalid nor downloads the whole step again, and hands it to the job (which

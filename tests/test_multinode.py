@@ -4,13 +4,17 @@ Each node is its own ``torchrun --nnodes 2`` agent (c10d rendezvous on 127.0.0.1
 each, gloo) under its own ``resumekit run``, sharing one checkpoint directory; each node keeps its supervisor files
 (event log, heartbeat) in a directory of its own.
 
-1. ``resumekit demo --nnodes 2``: 3 whole-node SIGKILLs (agent and workers at once; node 0 and node 1 both lost, one
-   kill mid-save) end bitwise equal to a straight 2-node run; every restart resumed all ranks from one step;
+1. ``resumekit demo --nnodes 2 --node-tiers`` (a shared directory, each node with its own tier): 3 whole-node
+   SIGKILLs (agent and workers at once; node 0 and node 1 both lost, one kill mid-save) end bitwise equal to a
+   straight 2-node run; every restart resumed all ranks from one step, the one every node's events name;
 2. a rank frozen in a collective on node 1: node 1's heartbeat goes stale, its supervisor kills it, node 0's rank
    fails its collective and node 0's supervisor restarts too, both within the hang timeout + grace;
-3. the same job restarted on one node fewer continues the global sample order (DCP reshards FSDP2 state).
+3. the same job restarted on one node fewer continues the global sample order (DCP reshards FSDP2 state);
+4. ``resumekit demo --nnodes 2 --root s3://...`` (moto): the same over an object store, each node with its own
+   local tier: 3 whole-node SIGKILLs, at least one while the ranks upload, bitwise equal to a straight 2-node run
+   over s3; every node's events name one agreed resume step per restart, the same on both nodes.
 
-``RESUMEKIT_SOAK=1`` adds a longer run: more kills, three nodes.
+``RESUMEKIT_SOAK=1`` adds longer runs: more kills, three nodes, and more kills over s3.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import test_distributed
 from conftest import REPO
 from resumekit.data import ResumableSampler
 from resumekit.demo.distributed import batch_sequences, free_port, torchrun_env
-from resumekit.demo.multinode import rank_generations
+from resumekit.demo.multinode import agreed_resumes, rank_generations
 from resumekit.demo.nodes import LocalCluster, NodeLaunch, node_commands, node_torchrun_cmd, supervised_cmd
+from resumekit.demo.roots import RootWatch
 from resumekit.errors import ConfigError
 from resumekit.events import read_events
 from resumekit.format import step_dirname
@@ -90,6 +95,85 @@ def test_rank_generations_reads_the_resume_step_of_every_start(tmp_path):
     assert rank_generations(str(tmp_path)) == [{0: 0, 1: 0}, {0: 4, 1: 4}, {0: 8, 1: 8}]
 
 
+def test_node_commands_give_each_node_its_own_local_tier():
+    launch = NodeLaunch(nnodes=2, endpoint="127.0.0.1:29400")
+    cmds = node_commands(launch, ["t.py"], "s3://b/run", "/n", supervised=True, local_tiers=["/t0", "/t1"])
+    for i, cmd in enumerate(cmds):
+        sup = cmd[: cmd.index("--")]
+        assert sup[sup.index("--dir") + 1] == "s3://b/run" and sup[sup.index("--local-tier") + 1] == f"/t{i}"
+        assert sup[sup.index("--events") + 1] == f"/n/node{i}/events.jsonl"
+    with pytest.raises(ConfigError, match="1 local tiers for 2 nodes"):
+        node_commands(launch, ["t.py"], "/d", "/n", supervised=True, local_tiers=["/t0"])
+
+
+def test_root_watch_sees_commits_saves_and_uploads_in_a_bucket(s3_bucket, tmp_path):
+    """Committed: the manifest is there; a save: a staging directory in a node tier; an upload: the step's objects
+    without a manifest. A dead save's staging directory is forgotten."""
+    tiers = [tmp_path / "t0", tmp_path / "t1"]
+    for t in tiers:
+        t.mkdir()
+    watch = RootWatch(s3_bucket.uri("run"), [str(t) for t in tiers], min_interval=0)
+    assert watch.committed() == -1 and watch.staging() is None and not watch.uploading(4)
+    s3_bucket.put(f"run/{step_dirname(4)}/__0_0.distcp", b"x")
+    s3_bucket.put(f"run/{step_dirname(8)}/__0_0.distcp", b"x")
+    (tiers[1] / f".tmp-{step_dirname(8)}-ab12").mkdir()
+    assert watch.staging() == 8 and watch.uploading(8) and watch.committed() == -1
+    s3_bucket.put(f"run/{step_dirname(4)}/manifest.json", b"{}")
+    assert watch.committed() == 4 and watch.is_committed(4) and watch.is_committed(8) is False
+    assert not watch.uploading(4)  # committed, no longer an upload
+    watch.forget_staging()  # its job was killed: the directory stays until the tier's next save
+    assert watch.staging() is None and not watch.saving()
+    (tiers[0] / f".tmp-{step_dirname(12)}-cd34").mkdir()
+    assert watch.staging() == 12
+
+
+def test_root_watch_of_a_shared_directory(tmp_path):
+    watch = RootWatch(str(tmp_path), [str(tmp_path / "tier")])  # a tier of a directory root is no save in progress
+    (tmp_path / "tier").mkdir()
+    (tmp_path / "tier" / f".tmp-{step_dirname(4)}-x").mkdir()
+    assert watch.committed() == -1 and watch.staging() is None
+    (tmp_path / step_dirname(4)).mkdir()
+    (tmp_path / f".tmp-{step_dirname(8)}-y").mkdir()
+    assert watch.committed() == 4 and watch.staging() == 8 and watch.is_committed(4) and not watch.uploading(8)
+
+
+def test_agreed_resumes_reads_one_step_per_restore_from_each_node_tier(tmp_path):
+    from resumekit.events import EventLog
+
+    def log(node, *events):
+        path = tmp_path / f"node{node}" / "events.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        for rank, step, inv, downloaded in events:
+            EventLog(str(path), "library").emit(
+                "resume_agreed", rank=rank, step=step, inventories=inv, downloaded=downloaded, read="local"
+            )
+        return str(path.parent)
+
+    # ranks move between nodes from start to start; node 1 downloaded 8 (it held only 4)
+    a = log(0, (0, 4, [[4], [4]], False), (1, 8, [[4], [4, 8]], False))
+    b = log(1, (1, 4, [[4], [4]], False), (0, 8, [[4], [4, 8]], True))
+    assert agreed_resumes([a, b], nproc=1) == ([[4, 8], [4, 8]], [])
+    # a step only the other node held, neither downloaded nor read from a shared directory
+    c = log(2, (0, 8, [[4], [4, 8]], False))
+    steps, problems = agreed_resumes([c], nproc=1)
+    assert steps == [[8]] and problems == ["node 0 rank 0 resumed step 8 without holding, reading or downloading it"]
+    # two ranks of one node naming different steps for one restore
+    d = log(3, (0, 4, [[4], [4]], False), (1, 8, [[4, 8], [4, 8]], False))
+    assert agreed_resumes([d], nproc=2)[1] == ["node 0: its ranks logged [4, 8] for one restore"]
+
+
+def test_demo_root_and_node_tiers_need_several_nodes(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from resumekit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for extra in (["--root", "s3://bucket/demo"], ["--node-tiers"]):
+        r = CliRunner().invoke(main, ["demo", *extra])
+        assert r.exit_code == 2 and "options of the multi-node demo" in r.stderr and "nothing was run" in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_collective_timeout_follows_the_job_or_the_environment(monkeypatch):
     import datetime
 
@@ -106,6 +190,7 @@ def test_collective_timeout_follows_the_job_or_the_environment(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ several nodes
 def _demo(tmp_path, env, *args, timeout=400):
+    """``resumekit demo --dir tmp_path --json ARGS``: its JSON result (it must exit 0)."""
     r = subprocess.run(
         [sys.executable, "-m", "resumekit", "demo", "--dir", str(tmp_path), "--json", *map(str, args)],
         capture_output=True,
@@ -139,18 +224,59 @@ def test_a_node_whose_peer_never_comes_gives_up_within_its_rendezvous_timeouts(t
     assert max(took) < 60
 
 
+# A shared directory here, the object-store variant below: each takes about a minute on 2 cores.
 @pytest.mark.timeout(400)
 def test_demo_two_nodes_whole_node_kills_bitwise(tmp_path, tagged_env):
-    out = _demo(tmp_path, tagged_env, "--nnodes", 2, "--crashes", 3, "--steps", 48, "--save-every", 4, "--seed", 3)
+    args = ["--nnodes", 2, "--node-tiers", "--crashes", 3, "--steps", 48, "--save-every", 4, "--seed", 3]
+    out = _demo(tmp_path, tagged_env, *args)
     assert out["identical"] and out["nnodes"] == 2 and out["differing_keys"] == [] and out["batch_sequence_equal"]
     assert out["kills"] == 3 and out["kills_mid_save"] >= 1 and out["nodes_killed"] == [0, 1]
     assert out["exit_code"] == 0 and out["same_resume_step_on_every_rank"]
+    # a shared directory with a tier per node: every node's events agree on each restart's step
+    assert out["node_tiers"] and out["kills_mid_upload"] is None and out["agreed_on_every_node"]
+    assert out["agreed_steps"][0] == out["agreed_steps"][1] == [s for s in out["resume_steps"][1:] if s]
     # every restart resumed from a later checkpoint (the kill loop waits for one before each kill but the first)
     assert len(out["resume_steps"]) == 4 and out["resume_steps"][0] == 0
     assert out["resume_steps"][1:] == sorted(out["resume_steps"][1:]) and out["resume_steps"][-1] > 0
     # bounded: the survivors' agents exit within seconds of a loss, and the job trains again
     assert all(k["notice_s"] is not None and k["recovered_s"] is not None for k in out["kills_detail"])
     print(f"\nnode losses (node, mid-save, noticed s, training again s): {_kills(out)}")
+
+
+def _check_s3_demo(out, bucket, tmp_path, crashes):
+    assert out["identical"] and out["differing_keys"] == [] and out["batch_sequence_equal"], out
+    assert out["root"] == bucket.uri("demo") and out["node_tiers"] is True
+    assert out["kills"] == crashes and out["nodes_killed"] == [0, 1] and out["exit_code"] == 0
+    # the kill aimed at an upload landed in one: the step's objects were in the bucket, its manifest never came
+    assert out["kills_mid_save"] >= 1 and out["kills_mid_upload"] >= 1
+    assert all(k["mid_upload"] <= k["mid_save"] for k in out["kills_detail"])
+    # one agreed step per restart that resumed a checkpoint, the same on both nodes, the one the ranks trained on
+    # from (the progress logs), each held by the node or downloaded from the bucket (never one only a node holds)
+    resumed = [s for s in out["resume_steps"][1:] if s]
+    assert out["same_resume_step_on_every_rank"] and out["agreed_on_every_node"]
+    assert out["agreed_steps"] == [resumed, resumed] and resumed
+    assert all(k["notice_s"] is not None and k["recovered_s"] is not None for k in out["kills_detail"])
+    # both runs committed their last step in the bucket; each node kept its own copy of it in its own tier
+    final = step_dirname(int(out["steps"]))
+    for run in ("straight", "crashy"):
+        assert f"demo/{run}/{final}/manifest.json" in bucket.keys(f"demo/{run}/{final}/")
+        for i in range(2):
+            assert (tmp_path / f"{run}-nodes" / f"node{i}" / "tier" / final / "manifest.json").is_file()
+
+
+@pytest.mark.timeout(400)
+def test_demo_two_nodes_over_s3_with_node_tiers_whole_node_kills_bitwise(tmp_path, tagged_env, s3_bucket, moto_server):
+    """The demo over moto: the endpoint and keys reach every node's supervisor and job through the standard AWS
+    variables, as on a cluster."""
+    t0 = time.monotonic()
+    env = dict(tagged_env, **moto_server.env())
+    args = ["--nnodes", 2, "--root", s3_bucket.uri("demo"), "--crashes", 3, "--steps", 32, "--save-every", 4]
+    out = _demo(tmp_path, env, *args, "--seed", 3)
+    _check_s3_demo(out, s3_bucket, tmp_path, 3)
+    print(
+        f"\nover s3, {time.monotonic() - t0:.0f} s: resumed {out['resume_steps']}, agreed {out['agreed_steps']}; "
+        f"(node, mid-save, noticed s, training again s): {_kills(out)}; mid-upload {out['kills_mid_upload']}"
+    )
 
 
 # ---------------------------------------------------------------------------------- hang, then 2 -> 1 nodes
@@ -268,6 +394,21 @@ def test_two_nodes_to_one_node_keeps_the_global_sample_order(hung_run, tmp_path,
     two = batch_sequences(str(run_dir), key="idx")
     consumed = [i for r in (0, 1) for s in range(13, 17) for i in two[r][s]]
     assert sorted(consumed) == sorted(sampler.order(1)[:32].tolist())
+
+
+@pytest.mark.skipif(not SOAK, reason="soak: set RESUMEKIT_SOAK=1")
+@pytest.mark.timeout(1800)
+def test_soak_whole_node_kills_over_s3(tmp_path, tagged_env, s3_bucket, moto_server):
+    t0 = time.monotonic()
+    env = dict(tagged_env, **moto_server.env())
+    args = ["--nnodes", 2, "--root", s3_bucket.uri("demo"), "--crashes", 8, "--steps", 200, "--save-every", 8]
+    out = _demo(tmp_path, env, *args, timeout=1700)
+    _check_s3_demo(out, s3_bucket, tmp_path, 8)
+    print(
+        f"\nsoak over s3: {time.monotonic() - t0:.0f} s, seed {out['kill_seed']}, mid-save {out['kills_mid_save']}, "
+        f"mid-upload {out['kills_mid_upload']}, notice max {out['notice_s_max']} s, recovered max "
+        f"{out['recovered_s_max']} s; (node, mid-save, noticed s, training again s): {_kills(out)}"
+    )
 
 
 @pytest.mark.skipif(not SOAK, reason="soak: set RESUMEKIT_SOAK=1")

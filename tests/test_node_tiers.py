@@ -139,16 +139,21 @@ def test_world_of_one_keeps_steps_in_the_tier_and_reads_them(tmp_path):
     assert ev["source"] == "library" and ev["reads"] == [LOCAL] and ev["inventories"] == [[2, 4, 6]]
     assert _agreed(str(root))[-1]["step"] == 6
 
-    # a damaged tier copy: the same files are read from the shared root instead
+    # a damaged tier copy: the node's tier leader discards it and fetches it again from the shared directory
     shard = tier / step_dirname(6) / "__0_0.distcp"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 1
-    shard.write_bytes(bytes(data))
+    good = shard.read_bytes()
+    _flip(shard)
     start, b = _restore(root, tier)
-    assert start == 6 and _agreed(str(tier))[-1]["read"].startswith(f"{SHARED} (node tier copy unusable")
+    ev = _agreed(str(tier))[-1]
+    assert start == 6 and ev["read"] == LOCAL and ev["downloaded"] is True
+    assert ev["refetched"]["from"] == str(root / step_dirname(6))
+    assert "__0_0.distcp checksum mismatch" in ev["refetched"]["damaged"]
+    assert shard.read_bytes() == good
     assert_same(state_tensors(a), state_tensors(b))
 
-    # the shared root lost step 4 and 6: 6's tier copy is damaged, 4's is whole and held by every (the one) node
+    # the shared root lost step 4 and 6: 6's tier copy is damaged (and cannot be fetched again), 4's is whole and
+    # held by every (the one) node
+    _flip(shard)
     shutil.rmtree(root / step_dirname(6))
     shutil.rmtree(root / step_dirname(4))
     start, c = _restore(root, tier)
@@ -158,6 +163,13 @@ def test_world_of_one_keeps_steps_in_the_tier_and_reads_them(tmp_path):
     train_steps(c, 6, mgr, start=4)
     mgr.close()
     assert_same(state_tensors(straight), state_tensors(c))
+
+
+def _flip(path, at=None):
+    """One bit flipped in place (same size): damage after the file was written."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if at is None else at] ^= 1
+    path.write_bytes(bytes(data))
 
 
 # ------------------------------------------------------------------------------------------------ under torchrun

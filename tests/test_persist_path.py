@@ -1,5 +1,5 @@
 """What sits on a save's path: retention runs after the commit on its own thread (gc.RetentionWorker), so a slow
-deletion never delays the next save; and the scaling benchmark's quick mode runs."""
+deletion never delays the next save; and the scaling and step-overhead benchmarks' small modes run."""
 
 from __future__ import annotations
 
@@ -84,6 +84,22 @@ def test_bench_scaling_quick_runs(tmp_path):
         assert isinstance(res[k], float)
     assert res["restored_bitwise"] is True and res["io"] in ("direct", "buffered")
     assert os.path.exists(os.path.join(str(tmp_path), "scaling.png"))
+
+
+def test_bench_step_overhead_pairs_its_rounds(tmp_path):
+    """The step-overhead bench's tiny mode: every round yields one paired overhead per mode, the median is reported
+    with the range it came from (the figures themselves are noise at this size)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(here, "benchmarks", "bench_step_overhead.py"), "--model-mb", "4"]
+    cmd += ["--mode", "accel", "--compare-sync", "--rounds", "3", "--steps", "4", "--every", "4", "--batch", "32"]
+    out = subprocess.run([*cmd, "--dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["bench"] == "step_overhead" and res["rounds"] == 3 and res["threads"] == 1
+    for key in ("step_overhead", "step_overhead_sync"):
+        low, high = res[f"{key}_range"]
+        assert low <= res[key] <= high
+    assert res["save_blocking_s"] > 0 and res["save_persist_s"] > 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")

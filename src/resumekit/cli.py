@@ -326,6 +326,21 @@ def gc_cmd(
     "then take whole nodes",
 )
 @click.option(
+    "--root",
+    default=None,
+    metavar="URI",
+    help="with --nnodes: the nodes' shared checkpoint root, a directory or s3://bucket/prefix (obs:// alike, "
+    "configured by the standard AWS variables; each node then has a local tier of its own); the runs write under "
+    "URI/straight and URI/crashy, emptied first (default: --dir)",
+)
+@click.option(
+    "--node-tiers",
+    is_flag=True,
+    default=False,
+    help="with --nnodes: a local tier directory per node (DIR/crashy-nodes/node<i>/tier); implied by an "
+    "object-store --root",
+)
+@click.option(
     "--save-every", type=click.IntRange(min=1), default=20, show_default=True, help="the job's checkpoint interval"
 )
 @json_option
@@ -336,6 +351,8 @@ def demo_cmd(
     seed: int | None,
     nproc: int,
     nnodes: int,
+    root: str | None,
+    node_tiers: bool,
     save_every: int,
     as_json: bool,
 ) -> None:
@@ -351,6 +368,8 @@ def demo_cmd(
         nnodes=nnodes,
         save_every=save_every,
         as_json=as_json,
+        root=root,
+        node_tiers=node_tiers,
     )
     raise SystemExit(code)
 

@@ -188,11 +188,12 @@ class CheckpointManager:
 
         node_tier = None
         if self.options.local_tier:
-            from .distributed.nodetier import NodeTier
+            from .distributed.nodetier import NodeTier, tier_keep
 
             # The tier keeps at least the two newest steps: the newest may be one another node lacks.
-            node_tier = NodeTier(self.options.local_tier, keep=max(2, self.options.keep_last or 2))
-        return DcpCheckpointer(self.storage, node_tier=node_tier)
+            node_tier = NodeTier(self.options.local_tier, keep=tier_keep(self.options.keep_last))
+        # keep_last also sizes a tier the checkpointer takes from RESUMEKIT_LOCAL_TIER (resumekit run --local-tier)
+        return DcpCheckpointer(self.storage, node_tier=node_tier, keep_last=self.options.keep_last)
 
     # ------------------------------------------------------------------------------------------------ restore
     def restore(

@@ -200,3 +200,44 @@ def test_object_store_lease_is_conditional_and_expires(s3_bucket):
     rec = json.loads(s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=f"run/{LEASE_FILE}")["Body"].read())
     assert rec["pid"] == os.getpid() and rec["expires"] > time.time()
     lease.release()
+
+
+def test_a_zombie_holder_is_gone(tmp_path):
+    """A holder killed but not yet reaped answers kill(pid, 0); it will never write again, so it counts as gone (a
+    multi-node restart crash-looped on such a zombie's object-store lease)."""
+    from resumekit.storage.lease import _proc_start, holder_gone
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        rec = {"pid": child.pid, "host": socket.gethostname(), "proc_start": _proc_start(child.pid)}
+        deadline = time.monotonic() + 20
+        while not holder_gone(rec) and time.monotonic() < deadline:
+            time.sleep(0.02)  # the child exits by itself; nobody reaps it until child.wait() below
+        assert holder_gone(rec)
+        assert os.waitpid(child.pid, os.WNOHANG)[0] == child.pid, "it was a zombie, not reaped yet"
+    finally:
+        child.returncode = 0
+
+
+@pytest.mark.timeout(120)
+def test_a_restart_of_the_same_job_takes_the_object_lease_from_another_host(s3_bucket, monkeypatch):
+    """A multi-node job's restarted rank 0 may run on another host than the holder's, which only that host could
+    tell dead: the same job id (torchrun --rdzv-id or RESUMEKIT_JOB_ID) takes the lease over at once; another job,
+    or no job id (torchrun's default ``none``), still gets the one-line error until the lease expires."""
+    from resumekit.storage.lease import ObjectLease
+    from resumekit.storage.remote import RemoteStorage
+
+    st = RemoteStorage(s3_bucket.uri("job"))
+    live = {"pid": 1, "host": "node-3", "since": time.time() - 60, "expires": time.time() + 600, "token": "x"}
+    s3_bucket.put(f"job/{LEASE_FILE}", json.dumps({**live, "job": "train-7"}).encode())
+    monkeypatch.delenv("RESUMEKIT_JOB_ID", raising=False)
+    for other in ("none", "train-8"):
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", other)
+        with pytest.raises(LeaseHeldError, match="in use by another writer: pid 1 on node-3"):
+            ObjectLease(st, ttl=30)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("RESUMEKIT_JOB_ID", "train-7")
+    lease = ObjectLease(st, ttl=30)
+    rec = json.loads(s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=f"job/{LEASE_FILE}")["Body"].read())
+    assert rec["pid"] == os.getpid() and rec["job"] == "train-7"
+    lease.release()

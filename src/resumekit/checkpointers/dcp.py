@@ -75,13 +75,14 @@ from ..distributed.nodetier import (
     SHARED,
     AgreedStep,
     NodeTier,
+    fill_tier_copy,
     needed_files,
     read_set,
     tier_groups,
+    tier_keep,
 )
 from ..distributed.remote_commit import (
     check_uploaded,
-    finish_tier_copy,
     remove_unfinished,
     upload_files,
     verify_file,
@@ -96,8 +97,9 @@ from ..layouts.base import CheckpointInfo
 from ..snapshot import StagingBuffers
 from ..state import RNG_KEY, STATE_KEY, capture_rng, capture_state
 from ..storage import Storage, Transaction
+from ..storage.verified import Vouch
 from ..units import errno_hint, one_line
-from ..verify import check_checkpoint, hash_file, read_verified
+from ..verify import Hashed, check_checkpoint_raw, hash_file, read_verified
 from .base import Candidate, Committed, Opened, Snapshot, candidates_at, is_committed, remove_stale_tmp, root_candidates
 from .dcp_tiers import NodeTierRestore
 from .native import pause_between_files
@@ -124,6 +126,8 @@ class DcpCheckpointer(NodeTierRestore):
         node_tier: this node's local tier (a directory of this node only), or None (for an object-store root:
             ``RESUMEKIT_LOCAL_TIER``, which ``resumekit run --local-tier`` exports). Ranks that name the same
             directory on the same host share it; its lowest rank writes it.
+        keep_last: the job's retention; a tier made here from ``RESUMEKIT_LOCAL_TIER`` keeps
+            :func:`~resumekit.distributed.nodetier.tier_keep` of it, as one passed as ``local_tier=`` does.
 
     Raises:
         ConfigError: an object-store root without a node-local directory.
@@ -131,7 +135,13 @@ class DcpCheckpointer(NodeTierRestore):
 
     collective = True
 
-    def __init__(self, storage: Storage, ctx: DistContext | None = None, node_tier: NodeTier | None = None):
+    def __init__(
+        self,
+        storage: Storage,
+        ctx: DistContext | None = None,
+        node_tier: NodeTier | None = None,
+        keep_last: int | None = None,
+    ):
         # An object store has no rename and DCP writes through a file system: every rank stages in its node's tier.
         self.remote = not storage.is_local
         if self.remote and node_tier is None:
@@ -140,7 +150,7 @@ class DcpCheckpointer(NodeTierRestore):
                     f"distributed checkpoints to {storage.uri} are staged on each node's local disk first: pass "
                     f"local_tier=DIR (a directory of this node) or run under resumekit run --local-tier DIR"
                 )
-            node_tier = NodeTier(os.environ[ENV_LOCAL_TIER])
+            node_tier = NodeTier(os.environ[ENV_LOCAL_TIER], keep=tier_keep(keep_last))
         self.storage = storage
         self.ctx = ctx or DistContext.create()
         self.staging = ShardStaging()
@@ -161,6 +171,11 @@ class DcpCheckpointer(NodeTierRestore):
         self._source = SHARED  # where this rank read the step it opened last (for the resume_agreed event)
         self._inventories: list[list[int]] = []
         self._downloaded = False  # this node's leader fetched the step opened last from the object store
+        self._fresh: dict[str, Hashed] = {}  # what this node's leader just downloaded into the tier, verified
+        self._refetched: dict[str, str] | None = None  # the tier copy was damaged and fetched again (why, whence)
+        self._hashed = 0  # bytes this rank hashed verifying the step opened last
+        self._vouch: Vouch | None = None  # what spared that verification hashing (the load reads with it)
+        self._opening: AgreedStep | None = None  # where every rank reads the tier step being opened
 
     # ---------------------------------------------------------------------------------------- coordination
     def event_fields(self) -> dict[str, Any]:
@@ -351,7 +366,7 @@ class DcpCheckpointer(NodeTierRestore):
             if self.remote:
                 man = Manifest.from_json(raw, self.storage.join(snap.name))
                 present = {f for r in self._tier_group for f in reports[r][2]}
-                finish_tier_copy(snap.payload["stage"], self.storage, snap.name, raw, man, needs, present, self.world)
+                fill_tier_copy(snap.payload["stage"], self.storage, snap.name, raw, man, needs, self.world, present)
                 self.node_tier.retain(protect=snap.name)
             else:
                 self.node_tier.keep_step(self.storage, snap.name, needs, self.world)
@@ -429,7 +444,7 @@ class DcpCheckpointer(NodeTierRestore):
         corrupt one, before any state changes.
         """
         agreed = self._plan.get(cand.step) if cand.root == self.storage.uri else None
-        self._downloaded = False
+        self._downloaded, self._fresh, self._refetched, self._hashed, self._vouch = False, {}, None, 0, None
         if self.remote and cand.root == self.storage.uri:
             return self._open_local(cand, self._fetch(cand, agreed))
         if agreed is not None and agreed.sources[self.rank] == LOCAL:
@@ -450,7 +465,7 @@ class DcpCheckpointer(NodeTierRestore):
         # With a tier, the ranks that read this step from the shared root verify it between them.
         readers = [r for r in range(self.world) if agreed is None or agreed.sources[r] == SHARED]
         try:
-            man = check_checkpoint(st, cand.name, full=False)
+            raw, man = check_checkpoint_raw(st, cand.name, full=False)
             if not is_distributed_checkpoint(man):
                 raise CorruptCheckpointError(
                     where,
@@ -458,8 +473,10 @@ class DcpCheckpointer(NodeTierRestore):
                     "with CheckpointManager(..., distributed=False) or save a "
                     "distributed one",
                 )
+            # the supervisor's token, when it is for this step (load_sharded takes it too, for the rank files)
+            vouch = self._vouch = Vouch(st.local_path(cand.name), raw, man.files)
             for rel in sorted(man.files)[readers.index(self.rank) :: len(readers)]:
-                verify_file(st, cand.name, rel, man.files[rel], where)
+                self._hashed += verify_file(st, cand.name, rel, man.files[rel], where, vouch)
             if DCP_METADATA in man.files:
                 load_dcp_metadata(read_verified(st, cand.name, DCP_METADATA, man), where, man.files)
         except CorruptCheckpointError as e:
@@ -468,8 +485,21 @@ class DcpCheckpointer(NodeTierRestore):
             reason = f"unreadable: {e}"
         return self._agree_open(cand, where, reason, st)
 
-    def _agree_open(self, cand: Candidate, where: str, reason: str | None, st: Storage) -> Opened:
-        bad = next((r for r in self.ctx.ctl.all_gather(reason) if r), None)
+    def _agree_open(
+        self, cand: Candidate, where: str, reason: str | None, st: Storage, repairable: bool = False
+    ) -> Opened:
+        """Every rank's verdict, agreed: the first failing rank's reason fails the candidate on every rank.
+
+        Args:
+            repairable: this rank read its node tier's copy of a step the shared root holds: when every failing
+                rank is such a one, the damaged copies are fetched again and checked (one more gather of the
+                outcome, one more of the verdicts; every rank sees the same verdicts, so every rank takes it).
+        """
+        verdicts = self.ctx.ctl.all_gather((reason, repairable))
+        if any(v[0] for v in verdicts) and all(v[1] for v in verdicts if v[0]):
+            reason = self._repair(cand, [v[0] for v in verdicts], repairable)
+            verdicts = self.ctx.ctl.all_gather((reason, False))
+        bad = next((v[0] for v in verdicts if v[0]), None)
         if bad is not None:
             raise CorruptCheckpointError(where, bad)
         # The event path is the shared one on every rank; the payload is where this rank reads from.
@@ -480,7 +510,9 @@ class DcpCheckpointer(NodeTierRestore):
     def load(
         self, opened: Opened, state: MutableMapping[str, Any], *, only: Sequence[str] | None, strict: bool, rng: bool
     ) -> list[str]:
-        loaded = load_sharded(self.ctx, opened.payload, opened.info.name, state, only=only, strict=strict, rng=rng)
+        loaded = load_sharded(
+            self.ctx, opened.payload, opened.info.name, state, only=only, strict=strict, rng=rng, vouch=self._vouch
+        )
         if self._tiered:
             self._log_agreement(opened)
         return loaded

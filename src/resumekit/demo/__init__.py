@@ -11,6 +11,8 @@ Modules:
         ``torchrun -m resumekit.demo.distributed``.
     nodes: several torchrun "nodes" on this machine, each under its own ``resumekit run``: launch lines and
         node processes.
+    roots: what the multi-node kill loop observes of a shared directory or an object-store root (committed
+        steps, saves and uploads in progress) and how the final steps are read back.
     multinode: the DDP job on those nodes, straight and with whole-node SIGKILLs.
 """
 
@@ -31,6 +33,8 @@ def run_demo(
     save_every: int = 20,
     async_save: bool = False,
     nnodes: int = 1,
+    root: str | None = None,
+    node_tiers: bool = False,
 ) -> int:
     """Straight run vs killed-and-restarted run; the single-process job, or with ``nproc`` > 1 a DDP job under
     torchrun (sharded checkpoints, worker SIGKILLs), or with ``nnodes`` > 1 that job on several torchrun nodes
@@ -46,18 +50,29 @@ def run_demo(
         save_every: the job's checkpoint interval.
         async_save: the job writes checkpoints in the background.
         nnodes: torchrun nodes (separate agents on this machine, each under its own ``resumekit run``).
+        root: (``nnodes`` > 1) the shared checkpoint root, a directory or an object-store URI (``s3://``,
+            ``obs://``); None: ``directory``.
+        node_tiers: (``nnodes`` > 1) a local tier directory per node (implied by an object-store ``root``).
 
     Returns:
-        0 only if both runs end bitwise identical; else 1; 2 (nothing run) for an object-store ``directory``.
+        0 only if both runs end bitwise identical; else 1; 2 (nothing run) for an object-store ``directory``, or
+        ``root``/``node_tiers`` on one node.
     """
     from ..storage import is_remote
 
     if is_remote(str(directory)):
-        # The kill trigger watches the job's local .tmp- folders and its progress log, which an object store does
-        # not have: the demo would kill nothing mid-save, report PASS, and leave a local tree named "s3:".
+        # The demo's own files (progress logs the kill loop tails, node logs, tiers) are local: the demo would kill
+        # nothing mid-save, report PASS, and leave a local tree named "s3:". An object store is the nodes' root.
         sys.stderr.write(
-            f"resumekit demo: --dir {directory} is an object store, but the demo needs a local directory (it aims "
-            "its kills at saves in progress, seen as local .tmp- folders); nothing was run\n"
+            f"resumekit demo: --dir {directory} is an object store, but --dir is where the demo writes its local "
+            "files (progress logs, node logs, tiers); for checkpoints in an object store run --nnodes 2 --root "
+            f"{directory}; nothing was run\n"
+        )
+        return 2
+    if nnodes == 1 and (root is not None or node_tiers):
+        sys.stderr.write(
+            "resumekit demo: --root and --node-tiers are options of the multi-node demo (--nnodes 2 or more); "
+            "nothing was run\n"
         )
         return 2
     # Imported here, not at the top: the workers run as ``python -m resumekit.demo.single`` (and ``.distributed``),
@@ -75,6 +90,8 @@ def run_demo(
             as_json=as_json,
             save_every=save_every,
             async_save=async_save,
+            root=root,
+            node_tiers=node_tiers,
         )
     if nproc != 1:
         from .distributed import run_distributed_demo

@@ -328,16 +328,26 @@ def supervisor_cmd(
 
 
 # ------------------------------------------------------------------------------------------- workers
-def worker_args(module: str, directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> list[str]:
+def worker_args(
+    module: str,
+    directory: str,
+    steps: int,
+    save_every: int,
+    seed: int,
+    async_save: bool,
+    progress: str | None = None,
+) -> list[str]:
     """The arguments that start a demo job as a module; :func:`parse_worker_args` reads them back.
 
     Args:
         module: the job's module (``resumekit.demo.single``, ``resumekit.demo.distributed``).
-        directory: the checkpoint directory.
+        directory: the checkpoint directory (or object-store URI).
         steps: train until this step.
         save_every: checkpoint every this many steps.
         seed: the job's seed.
         async_save: write checkpoints in the background.
+        progress: a local directory for the job's progress logs (None: ``directory``; required when ``directory``
+            is an object store, which the kill loop cannot tail).
 
     Returns:
         ``["-m", module, "--worker", "--dir", directory, ...]``, for ``python`` or ``torchrun``.
@@ -355,11 +365,14 @@ def worker_args(module: str, directory: str, steps: int, save_every: int, seed: 
         "--seed",
         str(seed),
     ]
+    if progress is not None:
+        args += ["--progress", progress]
     return args + (["--async"] if async_save else [])
 
 
 def parse_worker_args(prog: str, argv: Sequence[str] | None, *, steps: int, save_every: int) -> argparse.Namespace:
-    """The command line both demo jobs take: ``--worker --dir D [--steps N] [--save-every K] [--seed S] [--async]``.
+    """The command line both demo jobs take: ``--worker --dir D [--steps N] [--save-every K] [--seed S]
+    [--progress P] [--async]``.
 
     Args:
         prog: how the job is started, for the usage line.
@@ -368,7 +381,7 @@ def parse_worker_args(prog: str, argv: Sequence[str] | None, *, steps: int, save
         save_every: the default of ``--save-every``.
 
     Returns:
-        ``dir``, ``steps``, ``save_every``, ``seed`` and ``async_save``.
+        ``dir``, ``steps``, ``save_every``, ``seed``, ``progress`` (None when not given) and ``async_save``.
     """
     p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--worker", action="store_true")
@@ -376,6 +389,7 @@ def parse_worker_args(prog: str, argv: Sequence[str] | None, *, steps: int, save
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--save-every", type=int, default=save_every)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", default=None)
     p.add_argument("--async", dest="async_save", action="store_true")
     return p.parse_args(argv)
 

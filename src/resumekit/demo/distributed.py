@@ -49,17 +49,27 @@ WORKER_MODULE = "resumekit.demo.distributed"
 
 # ------------------------------------------------------------------------------------------------ the job
 def train(
-    directory: str, steps: int, save_every: int, seed: int = 0, async_save: bool = False, width: int = 128
+    directory: str,
+    steps: int,
+    save_every: int,
+    seed: int = 0,
+    async_save: bool = False,
+    width: int = 128,
+    progress_dir: str | None = None,
 ) -> None:
     """One rank of the DDP job: plain PyTorch plus the resumekit lines. Deterministic given seed and world.
 
+    The node's local tier, when the node has one, is ``RESUMEKIT_LOCAL_TIER`` (which ``resumekit run --local-tier``
+    exports; the multi-node demo sets it per node otherwise): required for an object-store ``directory``.
+
     Args:
-        directory: the checkpoint directory (the ranks' progress logs go there too).
+        directory: the checkpoint directory, or an object-store root (``s3://bucket/prefix``).
         steps: train until this step.
         save_every: checkpoint every this many steps.
         seed: seeds the data, the weights, the data order and every RNG (one stream per rank).
         async_save: write checkpoints in the background.
         width: the hidden width of the model.
+        progress_dir: a local directory for the ranks' progress logs (None: ``directory``).
     """
     import hashlib
 
@@ -98,7 +108,10 @@ def train(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     scaler = torch.amp.GradScaler("cpu")
     loader = ResumableDataLoader(ds, batch_size=16, seed=seed)
-    mgr = CheckpointManager(directory, every_steps=save_every, keep_last=3, async_save=async_save)
+    from ..events import ENV_LOCAL_TIER
+
+    tier = os.environ.get(ENV_LOCAL_TIER) or None  # this node's own directory (per node, never shared)
+    mgr = CheckpointManager(directory, every_steps=save_every, keep_last=3, async_save=async_save, local_tier=tier)
     state = {"model": model, "optim": opt, "sched": sched, "scaler": scaler, "loader": loader}
     step = mgr.restore(state)
     sampler = loader.resumable_sampler
@@ -106,7 +119,8 @@ def train(
     per_epoch = sampler.epoch_length // (16 * world)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     # Open for the whole loop, which the demo kills on purpose; line buffering puts each line on disk at once.
-    progress = open(os.path.join(directory, f"{PROGRESS_GLOB}{rank}.jsonl"), "a", buffering=1)  # noqa: SIM115
+    progress_path = os.path.join(progress_dir or directory, f"{PROGRESS_GLOB}{rank}.jsonl")
+    progress = open(progress_path, "a", buffering=1)  # noqa: SIM115
     while step < steps:
         loader.set_epoch(step // per_epoch)
         for idx, xb, yb in loader:
@@ -142,14 +156,16 @@ def train(
     dist.destroy_process_group()
 
 
-def job_args(directory: str, steps: int, save_every: int, seed: int, async_save: bool) -> list[str]:
+def job_args(
+    directory: str, steps: int, save_every: int, seed: int, async_save: bool, progress: str | None = None
+) -> list[str]:
     """torchrun's arguments after its own options: run :func:`train` on every rank (the arguments are those of
-    :func:`resumekit.demo.core.worker_args`).
+    :func:`resumekit.demo.core.worker_args`; ``progress`` is where the ranks' progress logs go).
 
     Returns:
         ``["-m", "resumekit.demo.distributed", "--worker", ...]``.
     """
-    return worker_args(WORKER_MODULE, directory, steps, save_every, seed, async_save)
+    return worker_args(WORKER_MODULE, directory, steps, save_every, seed, async_save, progress)
 
 
 # ----------------------------------------------------------------------------------------- comparison
@@ -481,13 +497,13 @@ def run_distributed_demo(
 # --------------------------------------------------------------------------------------- entry point
 def worker_main(argv: list[str] | None = None) -> None:
     """``torchrun ... -m resumekit.demo.distributed --worker --dir D [--steps N] [--save-every K] [--seed S]
-    [--async]``.
+    [--progress P] [--async]``.
 
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
     """
     a = parse_worker_args(f"torchrun -m {WORKER_MODULE}", argv, steps=120, save_every=10)
-    train(a.dir, a.steps, a.save_every, a.seed, a.async_save)
+    train(a.dir, a.steps, a.save_every, a.seed, a.async_save, progress_dir=a.progress)
 
 
 __all__ = [

@@ -102,7 +102,7 @@ def supervised_cmd(
 
     Args:
         command: the node's torchrun line.
-        directory: the shared checkpoint directory.
+        directory: the shared checkpoint root (a directory or an object-store URI).
         node_dir: a directory of this node's own: event log, heartbeat and hang stack dumps.
         max_restarts: this node's restart budget.
         hang_timeout: ``--hang-timeout`` (None: off).
@@ -214,27 +214,38 @@ def node_commands(
     supervised: bool,
     max_restarts: int = 10,
     hang_timeout: float | None = None,
+    local_tiers: Sequence[str] | None = None,
 ) -> list[list[str]]:
     """One command per node: torchrun alone, or under ``resumekit run`` with its files in ``run_dir/node{i}``.
 
     Args:
         launch: what the nodes share.
         job: the job after torchrun's options.
-        directory: the shared checkpoint directory.
+        directory: the shared checkpoint root (a directory or an object-store URI).
         run_dir: where the per-node directories go.
         supervised: wrap each node in ``resumekit run``.
         max_restarts: each supervisor's restart budget.
         hang_timeout: each supervisor's ``--hang-timeout``.
+        local_tiers: one local tier directory per node, passed to its ``resumekit run --local-tier`` (which
+            exports it to the job as ``RESUMEKIT_LOCAL_TIER`` and pre-downloads an object store's newest step into
+            it); None: no ``--local-tier``.
 
     Returns:
         The command lines, node 0 first.
     """
+    if local_tiers is not None and len(local_tiers) != launch.nnodes:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"node_commands: {len(local_tiers)} local tiers for {launch.nnodes} nodes")
     out = []
     for i in range(launch.nnodes):
         cmd = node_torchrun_cmd(launch, i, job)
         if supervised:
             node_dir = os.path.join(run_dir, NODE_DIR.format(i))
-            cmd = supervised_cmd(cmd, directory, node_dir, max_restarts=max_restarts, hang_timeout=hang_timeout)
+            extra = ["--local-tier", local_tiers[i]] if local_tiers is not None else []
+            cmd = supervised_cmd(
+                cmd, directory, node_dir, max_restarts=max_restarts, hang_timeout=hang_timeout, extra=extra
+            )
         out.append(cmd)
     return out
 

@@ -18,6 +18,7 @@ from ..errors import CorruptCheckpointError, StateMismatchError
 from ..format import DIST_FILE
 from ..state import RNG_KEY, STATE_KEY, apply_state, check_rng, check_state, restore_rng, select_keys
 from ..storage import Storage
+from ..storage.verified import Vouch
 from ..verify import read_manifest, read_verified
 from .context import DistContext
 from .dcp_io import describe_failure, load_dcp_metadata, quiet_single_process, verified_reader_cls
@@ -48,6 +49,7 @@ def load_sharded(
     only: Sequence[str] | None,
     strict: bool,
     rng: bool,
+    vouch: Vouch | None = None,
 ) -> list[str]:
     """Load checkpoint ``name`` of ``st`` into ``state`` on every rank (collective); returns the keys loaded.
 
@@ -72,7 +74,7 @@ def load_sharded(
         doc = json.loads(read_verified(st, name, DIST_FILE, man))
         saved_world = int(doc["world_size"])
         src = ctx.rank if ctx.rank < saved_world else 0
-        tree = read_rank_tree(st, name, src, man)
+        tree = read_rank_tree(st, name, src, man, vouch)
         if man.files.get(DCP_METADATA) is not None:
             md = load_dcp_metadata(read_verified(st, name, DCP_METADATA, man), where, man.files)
         skeleton = tree.get(DCP_KEY, {})

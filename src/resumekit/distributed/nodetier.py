@@ -41,7 +41,8 @@ from ..errors import ConfigError, CorruptCheckpointError
 from ..format import DIST_FILE, MANIFEST, NODE_FILE, TMP_PREFIX, Manifest, new_hasher, parse_json
 from ..storage import LocalStorage, Storage
 from ..storage.steps import step_dirs
-from ..storage.transfer import read_manifest_bytes, stream_verified
+from ..storage.transfer import copy_verified, read_manifest_bytes
+from ..verify import Hashed, note_hashed, recording
 from .statedict import DCP_METADATA
 
 log = logging.getLogger("resumekit")
@@ -94,6 +95,21 @@ def plan_resume(shared: Mapping[int, str | None], local: Sequence[Mapping[int, s
     return out
 
 
+def tier_keep(keep_last: int | None) -> int:
+    """How many of the newest steps a node tier keeps for a job whose retention is ``keep_last``: as many, and at
+    least 2 (the newest may be one another node lacks, the one before it then is the agreed step); 2 when the job
+    keeps every step (``keep_last=None``: a tier is a cache on a node's fast disk or memory, not an archive).
+
+    Raises:
+        ConfigError: ``keep_last`` is not a positive integer or None.
+    """
+    if keep_last is None:
+        return 2
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ConfigError(f"keep_last must be a positive integer or None, got {keep_last!r}")
+    return max(2, keep_last)
+
+
 def tier_groups(ids: Sequence[Any]) -> list[list[int]]:
     """Ranks sharing one node tier (same host, same directory), each group sorted; its first rank leads it."""
     groups: dict[Any, list[int]] = {}
@@ -127,7 +143,7 @@ class NodeTier:
 
     Args:
         root: a local directory (fast disk or ``/dev/shm``) of this node only.
-        keep: how many of the newest steps it keeps.
+        keep: how many of the newest steps it keeps (:func:`tier_keep` of the job's ``keep_last``).
     """
 
     def __init__(self, root: str, keep: int = 2):
@@ -146,22 +162,15 @@ class NodeTier:
         self, shared: Storage, name: str, needs: Mapping[int, Sequence[str]], world: int, *, retain: bool = True
     ) -> str:
         """Copy the files ``needs`` lists (rank -> files) of committed step ``name`` from ``shared`` into this tier,
-        verified against the manifest while streaming, and commit them (manifest last); then apply the tier's
-        retention (unless ``retain`` is False: a restore still may fall back to an older step). Called by the tier
-        leader after the shared commit, and on restore to fetch a step from an object store. Returns the tier
-        step's path."""
+        verified against the manifest while streaming, and commit them (manifest last, :func:`fill_tier_copy`); then
+        apply the tier's retention (unless ``retain`` is False: a restore still may fall back to an older step).
+        Called by the tier leader after the shared commit, and on restore to fetch a step into the tier. Returns the
+        tier step's path."""
         self.remove_stale_tmp()
         raw, man = read_manifest_bytes(shared, name)
-        files = sorted({f for fs in needs.values() for f in fs})
-        where = shared.join(name)
         txn = self.storage.begin(name)
         try:
-            for rel in files:
-                if rel not in man.files:
-                    raise CorruptCheckpointError(where, f"the manifest does not list {rel}")
-                _copy_verified(shared, f"{name}/{rel}", txn.open_write(rel), man, rel, where)
-            write_node_file(txn, needs, world)
-            path = txn.commit(raw)
+            path = fill_tier_copy(txn, shared, name, raw, man, needs, world)
         except BaseException:
             txn.abort()
             raise
@@ -271,9 +280,46 @@ def write_node_file(txn: Any, needs: Mapping[int, Sequence[str]], world: int) ->
         f.write(json.dumps(doc, indent=1).encode())
 
 
-def _copy_verified(src: Storage, rel_path: str, fout: Any, man: Manifest, rel: str, where: str) -> None:
-    with src.open_read(rel_path) as fin, fout:
-        stream_verified(fin, fout, rel, man.files[rel], where)
+def fill_tier_copy(
+    txn: Any,
+    src: Storage,
+    name: str,
+    raw: bytes,
+    man: Manifest,
+    needs: Mapping[int, Sequence[str]],
+    world: int,
+    present: Iterable[str] = (),
+) -> str:
+    """Complete and commit the tier copy of step ``name`` in the open tier transaction ``txn``: every file ``needs``
+    lists (rank -> files) that is not ``present`` in it yet is copied from ``src`` (the shared root: a directory
+    or an object store), verified while it streams; then ``node.json``, then ``raw`` (the shared root's manifest,
+    byte for byte) last. Returns the tier step's path.
+
+    The one verified copy into a node tier: the tier leader's copy after a commit to a shared directory
+    (:meth:`NodeTier.keep_step`), the stage directory of an object-store save becoming the tier copy (``present``:
+    the node's own files, staged there), and a restore's fetch. Inside :func:`resumekit.verify.record_hashed` the
+    files written are recorded as hashed, so the restore that fetched them does not hash them again.
+
+    Raises:
+        CorruptCheckpointError: the manifest does not list a needed file, or its bytes are not the listed ones.
+        OSError: reading, writing or the commit failed (the caller aborts ``txn``).
+    """
+    where = src.join(name)
+    have = set(present)
+    record = recording()
+    written: list[tuple[str, Hashed]] = []
+    for rel in sorted({f for fs in needs.values() for f in fs} - have):
+        ent = man.files.get(rel)
+        if ent is None:
+            raise CorruptCheckpointError(where, f"the manifest does not list {rel}")
+        rec = copy_verified(src, f"{name}/{rel}", txn, rel, ent, where, record=record)
+        if rec is not None:
+            written.append((rel, rec))
+    write_node_file(txn, needs, world)
+    path = str(txn.commit(raw))
+    for rel, rec in written:
+        note_hashed(os.path.join(path, rel), rec)
+    return path
 
 
 __all__ = [
@@ -286,6 +332,8 @@ __all__ = [
     "shared_digests",
     "manifest_digest",
     "write_node_file",
+    "fill_tier_copy",
+    "tier_keep",
     "NODE_FILE",
     "LOCAL",
     "SHARED",

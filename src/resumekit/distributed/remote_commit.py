@@ -7,7 +7,8 @@ DCP writes through a file system, and an object store has no rename, so a save t
     every rank    uploads ITS OWN files      -> s3://bucket/run/step_N/<file>  (verified while streaming)
     all ranks     all_gather of the reports  (any failure: nothing committed, the prefix removed)
     rank 0        distributed.json, a listing check of every object's size, then manifest.json LAST (the commit)
-    tier leaders  the tmp directory becomes the node's tier copy of step_N (missing read files downloaded)
+    tier leaders  the tmp directory becomes the node's tier copy of step_N (missing read files downloaded:
+                  :func:`~resumekit.distributed.nodetier.fill_tier_copy`, the copy a shared directory's tier uses)
 
 A kill before the manifest lands leaves ``step_N/`` without a manifest: it never counts as a checkpoint (the
 restore plan drops it) and the next writer (the lease holder) removes it and aborts the killed multipart uploads
@@ -16,23 +17,26 @@ restore plan drops it) and the next writer (the lease holder) removes it and abo
 Restore: a rank whose node tier lacks the agreed step gets it from its node's tier leader, who downloads it from the
 object store into the tier (:func:`fetch_step`: verified while streaming, committed manifest last); every rank then
 reads locally. At the saved world size only the files the node's ranks read are fetched (the read sets are recorded
-in ``distributed.json`` at save time); otherwise the whole step (DCP reshards from it).
+in ``distributed.json`` at save time); otherwise the whole step (DCP reshards from it). A tier copy found damaged
+when the ranks verify it is discarded and fetched the same way, from an object store or a shared directory
+(:mod:`resumekit.checkpointers.dcp_tiers`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import CorruptCheckpointError, StorageError
-from ..format import DIST_FILE, MANIFEST, FileEntry, Manifest, parse_json
+from ..format import DIST_FILE, MANIFEST, FileEntry, parse_json
 from ..storage import Storage
 from ..storage.steps import step_dirs
 from ..storage.transfer import copy_step, progress_bar, read_manifest_bytes, stream_verified
+from ..storage.verified import Vouch
 from ..verify import read_verified
-from .nodetier import NodeTier, manifest_digest, needed_files, write_node_file
+from .nodetier import NodeTier, manifest_digest, needed_files
 
 log = logging.getLogger("resumekit")
 
@@ -44,9 +48,12 @@ class _Sink:
         return len(data)
 
 
-def verify_file(st: Storage, name: str, rel: str, ent: FileEntry | None, where: str) -> None:
+def verify_file(st: Storage, name: str, rel: str, ent: FileEntry | None, where: str, vouch: Vouch | None = None) -> int:
     """Check one file of checkpoint ``name`` against its manifest entry (size and xxh3), through the one verified
-    streaming loop (:func:`~resumekit.storage.transfer.stream_verified`).
+    streaming loop (:func:`~resumekit.storage.transfer.stream_verified`); returns the bytes hashed.
+
+    A file ``vouch`` covers (the supervisor's token, or this restore's own verified download of it: the same
+    identity from ``fstat`` of the descriptor opened here) is not hashed again: 0 is returned.
 
     Raises:
         CorruptCheckpointError: not listed, or other bytes than listed.
@@ -54,7 +61,9 @@ def verify_file(st: Storage, name: str, rel: str, ent: FileEntry | None, where: 
     if ent is None:
         raise CorruptCheckpointError(where, f"the manifest does not list {rel}")
     with st.open_read(f"{name}/{rel}") as fin:
-        stream_verified(fin, _Sink(), rel, ent, where)  # type: ignore[arg-type]
+        if vouch is not None and vouch.covers(rel, fin, ent):
+            return 0
+        return stream_verified(fin, _Sink(), rel, ent, where)  # type: ignore[arg-type]
 
 
 # -------------------------------------------------------------------------------------------------------- save
@@ -94,8 +103,7 @@ def check_uploaded(remote: Any, prefix: str, files: Mapping[str, FileEntry]) -> 
     Raises:
         StorageError: an object is missing or has another size.
     """
-    base = remote.key(prefix) + "/"
-    have = {o["Key"][len(base) :]: int(o.get("Size") or 0) for o in remote._walk(prefix)}
+    have = remote.list_sizes(prefix)
     for rel, ent in sorted(files.items()):
         if have.get(rel) != ent.size:
             got = "missing" if rel not in have else f"{have[rel]} bytes"
@@ -120,34 +128,10 @@ def remove_unfinished(remote: Any) -> list[str]:
     return removed
 
 
-def finish_tier_copy(
-    txn: Any,
-    remote: Storage,
-    name: str,
-    raw: bytes,
-    man: Manifest,
-    needs: Mapping[int, Sequence[str]],
-    present: Iterable[str],
-    world: int,
-) -> str:
-    """Tier leader, after the remote commit: the node's tmp directory (its ranks' own files) becomes the tier copy
-    of ``name``: the files the node's ranks read that another node wrote are downloaded (verified), ``node.json``
-    written, the remote manifest committed last. Returns the tier step's path."""
-    have = set(present)
-    where = remote.join(name)
-    for rel in sorted({f for fs in needs.values() for f in fs} - have):
-        ent = man.files.get(rel)
-        if ent is None:
-            raise CorruptCheckpointError(where, f"the manifest does not list {rel}")
-        with remote.open_read(f"{name}/{rel}") as fin, txn.open_write(rel) as fout:
-            stream_verified(fin, fout, rel, ent, where)
-    write_node_file(txn, needs, world)
-    return str(txn.commit(raw))
-
-
 # ----------------------------------------------------------------------------------------------------- restore
 def fetch_step(remote: Storage, tier: NodeTier, name: str, digest: str | None, group: Sequence[int], world: int) -> str:
-    """Tier leader: download step ``name`` from the object store into the node tier for the ranks ``group``.
+    """Tier leader: download step ``name`` from the shared root ``remote`` (the object store; or a shared
+    directory, when the node's copy was found damaged on restore) into the node tier for the ranks ``group``.
 
     At the world size it was saved with, and when ``distributed.json`` records what every rank reads, only those
     files (a tier copy with ``node.json``, as a save leaves it); otherwise the whole step (a full copy, which any
@@ -187,6 +171,5 @@ __all__ = [
     "upload_files",
     "check_uploaded",
     "remove_unfinished",
-    "finish_tier_copy",
     "fetch_step",
 ]

@@ -12,7 +12,9 @@ other's in-progress saves and replace each other's steps. The writer (a :class:`
 * **Object stores**: the object ``<prefix>/.resumekit-lease``, created with a conditional PUT (``If-None-Match: *``)
   and renewed (``If-Match`` its ETag) every third of its lifetime by a background thread. A lease not renewed for
   ``RESUMEKIT_LEASE_TTL`` seconds (default 120) has expired and may be taken; so may one whose holder is gone from
-  this host. Stores without conditional writes get the same protocol best effort (read, write, read back).
+  this host, or one taken by an earlier start of the same job (``RESUMEKIT_JOB_ID`` or torchrun's ``--rdzv-id``):
+  a multi-node job's restarted rank 0 may run on another host than the one it replaces. Stores without conditional
+  writes get the same protocol best effort (read, write, read back).
 
 A second writer fails at construction with :class:`~resumekit.errors.LeaseHeldError`, one line naming the holder.
 ``takeover=True`` (``--force`` on the command line) takes a lease whose holder is known to be dead on another host.
@@ -30,7 +32,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import LeaseHeldError, StorageError
@@ -41,18 +43,37 @@ log = logging.getLogger("resumekit")
 
 ENV_LEASE_TTL = "RESUMEKIT_LEASE_TTL"
 ENV_TAKEOVER = "RESUMEKIT_TAKEOVER"
+ENV_JOB_ID = "RESUMEKIT_JOB_ID"
 DEFAULT_TTL = 120.0
 _MAX_RECORD = 4096
 
 
-def _proc_start(pid: int) -> int | None:
-    """A process's start time in clock ticks since boot (Linux), which tells a reused pid from the original."""
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and start time in clock ticks since boot (Linux); None when unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data.rsplit(b")", 1)[1].split()[19])
+            fields = f.read(4096).rsplit(b")", 1)[1].split()
+        return fields[0].decode("ascii", "replace"), int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _proc_start(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (Linux), which tells a reused pid from the original."""
+    st = _proc_stat(pid)
+    return None if st is None else st[1]
+
+
+def job_identity(environ: Mapping[str, str] | None = None) -> str | None:
+    """The job this process belongs to across its restarts, when the launcher names it: ``RESUMEKIT_JOB_ID``, else
+    torchrun's ``--rdzv-id`` (``TORCHELASTIC_RUN_ID``; its default ``none`` names nothing). Every start of one
+    multi-node job carries the same value on every node, and two jobs never share one."""
+    env = os.environ if environ is None else environ
+    for key in (ENV_JOB_ID, "TORCHELASTIC_RUN_ID"):
+        value = env.get(key, "").strip()
+        if value and value.lower() != "none":
+            return value[:200]
+    return None
 
 
 def holder_record(purpose: str, ttl: float | None = None) -> dict[str, Any]:
@@ -68,12 +89,16 @@ def holder_record(purpose: str, ttl: float | None = None) -> dict[str, Any]:
     }
     if ttl is not None:
         rec["expires"] = round(now + ttl, 3)
+    job = job_identity()
+    if job is not None:
+        rec["job"] = job
     return rec
 
 
 def holder_gone(rec: dict[str, Any]) -> bool:
     """Whether a lease's holder is known to be dead: it ran on this host and its process is gone (or its pid now
-    belongs to a process started later). A holder on another host is never known to be dead here."""
+    belongs to a process started later, or it is a zombie). A holder on another host is never known to be dead
+    here."""
     if rec.get("host") != socket.gethostname() or not isinstance(rec.get("pid"), int):
         return False
     pid = rec["pid"]
@@ -83,8 +108,26 @@ def holder_gone(rec: dict[str, Any]) -> bool:
         return True
     except PermissionError:
         pass
+    st = _proc_stat(pid)
+    if st is None:
+        return False
+    state, started = st
+    # A zombie (killed, not yet reaped by its parent) answers kill(pid, 0) but will never write again.
     start = rec.get("proc_start")
-    return isinstance(start, int) and _proc_start(pid) not in (None, start)
+    return state in ("Z", "X") or (isinstance(start, int) and started != start)
+
+
+def previous_start_of_this_job(rec: dict[str, Any]) -> bool:
+    """Whether a lease was taken by an earlier start of this same job (see :func:`job_identity`), on any host.
+
+    A multi-node job restarts as a whole: before its new rank 0 can take the lease, every node's agent has come
+    back through rendezvous, which it does only after its old workers are gone, so the old holder no longer writes;
+    and were one cut off but alive, it could not commit (a sharded commit gathers every rank first) and it is fenced
+    at its next renewal. Without this, a restart whose rank 0 lands on another host than the holder's would wait
+    for the lease to expire (``RESUMEKIT_LEASE_TTL``), since only the holder's own host can tell it is dead."""
+    job = job_identity()
+    mine = rec.get("pid") == os.getpid() and rec.get("host") == socket.gethostname()
+    return job is not None and rec.get("job") == job and not mine
 
 
 def describe_holder(rec: dict[str, Any]) -> str:
@@ -291,9 +334,11 @@ class ObjectLease(WriterLease):
         if got is not None:
             rec = _parse(got[0])
             expired = isinstance(rec.get("expires"), (int, float)) and rec["expires"] < time.time()
-            if rec and not (takeover or expired or holder_gone(rec)):
+            same_job = previous_start_of_this_job(rec)
+            if rec and not (takeover or expired or same_job or holder_gone(rec)):
                 raise held_error(self.root, rec, same_process=rec.get("pid") == os.getpid())
-            log.warning("taking over the writer lease of %s from %s", self.root, describe_holder(rec))
+            why = f"an earlier start of job {rec.get('job')}" if same_job else "its holder"
+            log.warning("taking over the writer lease of %s from %s: %s", self.root, why, describe_holder(rec))
         etag = put(LEASE_FILE, self._body(), if_match=got[1] if got is not None else None)
         back = read(LEASE_FILE)
         rec = _parse(back[0]) if back is not None else {}
@@ -428,8 +473,11 @@ __all__ = [
     "acquire_lease",
     "acquire_leases",
     "holder_gone",
+    "job_identity",
+    "previous_start_of_this_job",
     "describe_holder",
     "takeover_from_env",
     "ENV_TAKEOVER",
     "ENV_LEASE_TTL",
+    "ENV_JOB_ID",
 ]

@@ -96,11 +96,53 @@ def stream_verified(
     return n
 
 
+def copy_verified(
+    src: Storage,
+    src_rel: str,
+    txn: Transaction,
+    rel: str,
+    ent: Any,
+    where: str,
+    *,
+    record: bool = False,
+    on_chunk: Callable[[int], Any] | None = None,
+) -> Hashed | None:
+    """Copy one stored file ``src_rel`` of ``src`` into ``txn`` as ``rel``, checked against its manifest entry
+    ``ent`` while it streams (:func:`stream_verified`).
+
+    Args:
+        record: return the identity of the file just written (local destinations), so a restore right after this
+            copy need not hash the same bytes again (:mod:`resumekit.storage.verified`).
+
+    Returns:
+        With ``record``, the written file's identity and checksum (its ``started_ns`` is its last change: just
+        written, it has not settled, see :func:`resumekit.storage.verified.settled`); otherwise None.
+
+    Raises:
+        CorruptCheckpointError: the source is missing, or its bytes are not the listed ones (raised inside the
+            write, so an object-store destination aborts the upload instead of completing it).
+    """
+    try:
+        fin = src.open_read(src_rel)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(where, f"{rel} is missing") from None
+    ident = None
+    with fin, txn.open_write(rel) as fout:
+        n = stream_verified(fin, fout, rel, ent, where, on_chunk=on_chunk)
+        if record:
+            fout.flush()  # the identity of the file after its last write
+            ident = fd_identity(fout)
+    if ident is None or ident.size != n:
+        return None
+    return Hashed(ident, ent.xxh3, ident.ctime_ns)  # verified equal to the manifest's checksum above
+
+
 def copy_step(src: Storage, dst: Storage, name: str, *, desc: str = "") -> Manifest:
     """Copy one committed native checkpoint from ``src`` to ``dst`` and commit it there (manifest last).
 
     Every file is checked against the manifest (size and xxh3) while it streams; a mismatch aborts the copy, so
-    ``dst`` never gets a step that does not verify.
+    ``dst`` never gets a step that does not verify. Inside :func:`resumekit.verify.record_hashed` the files written
+    to a local ``dst`` are recorded as hashed (the copy hashed every byte it wrote).
 
     Raises:
         CorruptCheckpointError: the source is incomplete or damaged (nothing is committed at ``dst``).
@@ -114,22 +156,9 @@ def copy_step(src: Storage, dst: Storage, name: str, *, desc: str = "") -> Manif
     record = recording() and dst.local_path(name) is not None
     try:
         for rel, ent in sorted(man.files.items()):
-            try:
-                fin = src.open_read(f"{name}/{rel}")
-            except FileNotFoundError:
-                raise CorruptCheckpointError(where, f"{rel} is missing") from None
-            with fin, txn.open_write(rel) as fout:
-                # Checked inside the block so a bad remote upload is aborted, never completed.
-                n = stream_verified(fin, fout, rel, ent, where, on_chunk=bar.update)
-                # The identity of what was just written (its last write flushed), so a restore right after this
-                # download need not hash the same bytes again (resumekit.storage.verified). Just written, it has
-                # not settled: the token waits the settle margin and checks it again.
-                ident = None
-                if record:
-                    fout.flush()
-                    ident = fd_identity(fout)
-                if ident is not None and ident.size == n:
-                    written.append((rel, Hashed(ident, ent.xxh3, ident.ctime_ns)))  # verified equal above
+            rec = copy_verified(src, f"{name}/{rel}", txn, rel, ent, where, record=record, on_chunk=bar.update)
+            if rec is not None:
+                written.append((rel, rec))
         txn.commit(raw)
         for rel, rec in written:
             note_hashed(dst.join(f"{name}/{rel}"), rec)
@@ -141,4 +170,4 @@ def copy_step(src: Storage, dst: Storage, name: str, *, desc: str = "") -> Manif
     return man
 
 
-__all__ = ["copy_step", "read_manifest_bytes", "progress_bar", "PROGRESS_MIN_BYTES"]
+__all__ = ["copy_step", "copy_verified", "stream_verified", "read_manifest_bytes", "progress_bar", "PROGRESS_MIN_BYTES"]

@@ -21,7 +21,14 @@ out the rest, at most 20 ms; on file systems with whole-second timestamps it nev
 gets no token). Damage below the file system (a disk returning other bytes than were written, without an I/O
 error) is not seen either; the job's own pass over the page cache would not see it for pages already cached.
 Foreign layouts are not affected: the supervisor verifies them in full, and the token only names resumekit's
-native format. Sharded (torchrun) restores do not read the token yet: they hash while reading, as before.
+native format. Sharded (torchrun) restores honour the token too, in the pass where every rank verifies the
+files it will read (:class:`Vouch`): a file the token vouches for (the shared directory's step, or the node tier's
+pre-downloaded copy) is not hashed again there.
+
+The same identity rule lets a sharded restore that just downloaded a step into its node tier (verified while
+streaming) skip hashing those bytes again: :class:`Vouch` takes the download's own records ("fresh": the identity
+of each file right after its last write), waits out the settle margin once (:func:`settle_fresh`) and vouches for
+a file only when ``fstat`` of the descriptor it opens still gives that identity.
 
 Imports no torch and nothing above storage.
 """
@@ -201,6 +208,63 @@ def _settle(storage: Readable, name: str, files: Mapping[str, FileIdentity], wai
     return True
 
 
+def settle_fresh(fresh: Mapping[str, Hashed]) -> dict[str, Hashed]:
+    """The records of files this process just wrote and hashed (a verified download) that may vouch for them: the
+    settle margin after their last change is waited out once (at most about :data:`SETTLE_NS`), so a later write
+    would show in ``ctime``. Records on a whole-second file system, or stamped in the future, are dropped (their
+    files are hashed again)."""
+    ok = {rel: rec for rel, rec in fresh.items() if not _coarse(rec.identity)}
+    if not ok:
+        return {}
+    last = max(max(r.identity.mtime_ns, r.identity.ctime_ns) for r in ok.values())
+    delay = (last + SETTLE_NS + 1_000_000 - time.time_ns()) / 1e9
+    if delay > 2 * SETTLE_NS / 1e9:
+        return {}  # a timestamp in the future (another clock): not ours to wait for
+    if delay > 0:
+        time.sleep(delay)
+    return ok
+
+
+class Vouch:
+    """What lets a restore skip hashing a local file it verifies: the supervisor's token for this very checkpoint
+    and manifest, or this process's own verified download of the file (see the module docstring). Every other
+    check (sizes, the manifest, parsing) still runs.
+
+    Args:
+        directory: the checkpoint directory being verified (a local path), or None (nothing is vouched for).
+        raw: the exact manifest bytes it is verified against.
+        files: that manifest's file table (a later read against another manifest's entries is never vouched for).
+        token: the supervisor's token (default: ``RESUMEKIT_VERIFIED``).
+        fresh: manifest-relative name -> record of a file this process just wrote into ``directory`` after checking
+            its bytes (settled here, :func:`settle_fresh`).
+    """
+
+    def __init__(
+        self,
+        directory: str | None,
+        raw: bytes,
+        files: Mapping[str, Any],
+        token: VerifiedToken | None = None,
+        fresh: Mapping[str, Hashed] | None = None,
+    ):
+        self.listed = {rel: (ent.size, ent.xxh3) for rel, ent in files.items()}
+        token = token if token is not None else token_from_env()
+        self.token = token if token is not None and directory is not None and token.matches(directory, raw) else None
+        self.fresh = settle_fresh(fresh) if fresh and directory is not None else {}
+
+    def covers(self, rel: str, f: Any, ent: Any) -> bool:
+        """Whether the open file ``f`` (``rel``, listed as ``ent``: size and xxh3) need not be hashed: ``fstat`` of its
+        own descriptor gives the identity it had when its bytes were checked against this manifest's checksum."""
+        if self.listed.get(rel) != (ent.size, ent.xxh3):
+            return False
+        if self.token is not None and self.token.vouches(rel, f, ent.size):
+            return True
+        rec = self.fresh.get(rel)
+        if rec is None or rec.digest != ent.xxh3 or rec.identity.size != ent.size:
+            return False
+        return fd_identity(f) == rec.identity and settled(rec.identity, time.time_ns())
+
+
 def token_from_env(environ: Mapping[str, str] | None = None) -> VerifiedToken | None:
     """The token the supervisor handed this process, or None."""
     return VerifiedToken.from_env((os.environ if environ is None else environ).get(ENV_VERIFIED))
@@ -213,7 +277,9 @@ __all__ = [
     "SETTLE_NS",
     "SETTLE_COARSE_NS",
     "VerifiedToken",
+    "Vouch",
     "issue_token",
+    "settle_fresh",
     "manifest_digest",
     "settled",
     "token_from_env",

@@ -144,11 +144,24 @@ def wait_gone(
     deadline = time.monotonic() + timeout
     left = list(pids)
     while left and time.monotonic() < deadline:
-        reap(reapable() if reapable is not None else left)
-        left = [p for p in left if pid_alive(p)]
+        mine = set(reapable() if reapable is not None else left)
+        reap(mine)
+        # A zombie child of ours is gone only once reaped: a multi-threaded process shows as a zombie while its other
+        # threads still exit, and waitpid cannot collect it until they have. Left unreaped it would stay a zombie for
+        # good (the next attempt counts it among the children it must not reap), and a zombie still "holds" what is
+        # checked by pid (an object-store writer lease names its holder's pid).
+        left = [p for p in left if pid_alive(p) or (p in mine and _our_child(p))]
         if left:
             time.sleep(_POLL_S)
     return left
+
+
+def _our_child(pid: int) -> bool:
+    """Whether ``pid`` still exists (a zombie included) as a child of this process."""
+    try:
+        return psutil.Process(pid).ppid() == os.getpid()
+    except psutil.Error:
+        return False
 
 
 def _leads_group(pid: int) -> bool:

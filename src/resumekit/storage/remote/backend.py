@@ -166,6 +166,21 @@ class RemoteStorage(ServerCopy, UploadMaintenance, Storage):
         """Every object under directory ``rel`` (recursive)."""
         return self._sync(self._list(self._dir_prefix(rel), None))[1]
 
+    def list_sizes(self, rel: str) -> dict[str, int]:
+        """Every object under directory ``rel``, recursively, as its path relative to ``rel`` -> size in bytes.
+
+        One listing (paged, each page a bounded and retried request): what a commit checks before its manifest
+        vouches for the objects (:func:`resumekit.distributed.remote_commit.check_uploaded`). A "directory marker"
+        object for ``rel`` itself is left out.
+        """
+        base = self._dir_prefix(rel)
+        out: dict[str, int] = {}
+        for o in self._walk(rel):
+            name = o["Key"][len(base) :]
+            if name:
+                out[name] = int(o.get("Size") or 0)
+        return out
+
     def _head(self, rel: str) -> dict[str, Any]:
         return self._sync(self._call("stat", "head_object", Bucket=self.bucket, Key=self.key(rel)))
 
