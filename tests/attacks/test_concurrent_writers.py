@@ -220,24 +220,72 @@ def test_a_zombie_holder_is_gone(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_a_restart_of_the_same_job_takes_the_object_lease_from_another_host(s3_bucket, monkeypatch):
+def test_a_restart_of_the_same_job_on_another_host_takes_the_lease_once_the_holder_misses_a_renewal(
+    s3_bucket, monkeypatch
+):
     """A multi-node job's restarted rank 0 may run on another host than the holder's, which only that host could
-    tell dead: the same job id (torchrun --rdzv-id or RESUMEKIT_JOB_ID) takes the lease over at once; another job,
-    or no job id (torchrun's default ``none``), still gets the one-line error until the lease expires."""
-    from resumekit.storage.lease import ObjectLease
+    tell dead. The same job id (torchrun --rdzv-id or RESUMEKIT_JOB_ID) makes the new start watch the lease for one
+    of the holder's renewal periods: no renewal, it takes over (instead of failing until the lease expires); a
+    renewal, it is refused. Another job, no job id (torchrun's default ``none``), a holder on this host that is
+    alive, or a holder that is not a training job's manager: refused at once."""
+    import threading
+
+    from resumekit.storage.lease import ObjectLease, _proc_start
     from resumekit.storage.remote import RemoteStorage
 
     st = RemoteStorage(s3_bucket.uri("job"))
-    live = {"pid": 1, "host": "node-3", "since": time.time() - 60, "expires": time.time() + 600, "token": "x"}
-    s3_bucket.put(f"job/{LEASE_FILE}", json.dumps({**live, "job": "train-7"}).encode())
+    key = f"job/{LEASE_FILE}"
+    now = time.time()
+    holder = {"pid": 1, "host": "node-3", "since": now - 60, "expires": now + 600, "ttl": 3.0, "token": "x"}
+    holder |= {"purpose": "CheckpointManager", "job": "train-7"}
+
+    def lease_record():
+        return json.loads(s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=key)["Body"].read())
+
     monkeypatch.delenv("RESUMEKIT_JOB_ID", raising=False)
-    for other in ("none", "train-8"):
-        monkeypatch.setenv("TORCHELASTIC_RUN_ID", other)
+    refused = {
+        "none": holder,
+        "train-8": holder,
+        "train-7": {**holder, "purpose": "resumekit gc"},
+    }
+    for job, rec in refused.items():
+        s3_bucket.put(key, json.dumps(rec).encode())
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+        t0 = time.monotonic()
         with pytest.raises(LeaseHeldError, match="in use by another writer: pid 1 on node-3"):
             ObjectLease(st, ttl=30)
+        assert time.monotonic() - t0 < 1.0, "refused at once, without watching"
+    # Alive on this host (the test's parent process), same job: the pid says alive, so no watching either.
+    here = {**holder, "pid": os.getppid(), "host": socket.gethostname(), "proc_start": _proc_start(os.getppid())}
+    s3_bucket.put(key, json.dumps(here).encode())
+    with pytest.raises(LeaseHeldError, match=f"pid {os.getppid()} on {socket.gethostname()}"):
+        ObjectLease(st, ttl=30)
+
+    # Same job on another host, still renewing (a live old rank 0): refused after it renewed.
+    s3_bucket.put(key, json.dumps(holder).encode())
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(0.5):
+            s3_bucket.put(key, json.dumps({**holder, "expires": time.time() + 3}).encode())
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    try:
+        with pytest.raises(LeaseHeldError, match="pid 1 on node-3"):
+            ObjectLease(st, ttl=30)
+    finally:
+        stop.set()
+        renewer.join(5)
+
+    # Same job on another host, silent for one renewal period (3 s / 3 + 1 s slack): taken over.
+    s3_bucket.put(key, json.dumps(holder).encode())
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("RESUMEKIT_JOB_ID", "train-7")
+    t0 = time.monotonic()
     lease = ObjectLease(st, ttl=30)
-    rec = json.loads(s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=f"job/{LEASE_FILE}")["Body"].read())
-    assert rec["pid"] == os.getpid() and rec["job"] == "train-7"
+    took = time.monotonic() - t0
+    rec = lease_record()
+    assert rec["pid"] == os.getpid() and rec["job"] == "train-7" and rec["ttl"] == 30
+    assert 1.9 <= took < 10, took
     lease.release()

@@ -206,7 +206,11 @@ class NodeTierRestore:
         when the shared root has the agreed step (:meth:`_repair`, through the verdicts' agreement)."""
         tier = self._tier().storage
         self._opening = agreed  # the plan as this rank reads it (after a download: every rank from its tier)
-        reason = self._verify_files(tier, cand.name, self._local_files(cand, agreed), agreed.digest, self._fresh)
+        try:
+            files = self._local_files(cand, agreed)
+            reason = self._verify_files(tier, cand.name, files, agreed.digest, self._fresh)
+        except Exception as e:  # noqa: BLE001 - a verdict for the gather in _agree_open, never a rank missing from it
+            reason = f"unreadable: {one_line(e)}"
         self._source = LOCAL
         if reason is not None:
             reason = f"(rank {self.rank} reading from {tier.join(cand.name)}) {reason}"
@@ -241,7 +245,7 @@ class NodeTierRestore:
                 mine = (None, damaged, fresh)
             except CorruptCheckpointError as e:
                 error = e.reason
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - any failure must reach the gather below, or the others wait
                 error = one_line(e)
             if error is not None:
                 mine = (f"{damaged}; fetching it again from {source} failed too: {error}", damaged, {})
@@ -267,7 +271,11 @@ class NodeTierRestore:
         self._downloaded = True
         self._refetched = {"damaged": lead[1], "from": source}
         tier_st = self._tier().storage
-        reason = self._verify_files(tier_st, cand.name, self._local_files(cand, agreed), agreed.digest, self._fresh)
+        try:
+            files = self._local_files(cand, agreed)
+        except Exception as e:  # noqa: BLE001 - a verdict, never a rank missing from the verdicts' gather
+            return f"(rank {self.rank} reading from {tier_st.join(cand.name)}) {one_line(e)}"
+        reason = self._verify_files(tier_st, cand.name, files, agreed.digest, self._fresh)
         return None if reason is None else f"(rank {self.rank} reading from {tier_st.join(cand.name)}) {reason}"
 
     def _verify_files(
@@ -292,6 +300,8 @@ class NodeTierRestore:
             return e.reason
         except OSError as e:
             return f"unreadable: {e}"
+        except Exception as e:  # noqa: BLE001 - untrusted bytes: a verdict, never a rank missing from the gather
+            return f"unreadable: {one_line(e)}"
         return None
 
     def _log_agreement(self, opened: Opened) -> None:

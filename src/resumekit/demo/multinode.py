@@ -51,6 +51,7 @@ from .nodes import NODE_DIR, LocalCluster, NodeLaunch, node_commands, node_torch
 from .roots import RootWatch, clear_root, join_root, local_copy, newest_step
 
 _POLL_S = 0.01
+_LIST_S = 0.05  # seconds between bucket listings while a kill waits for an upload
 
 
 def rank_generations(directory: str) -> list[dict[int, int]]:
@@ -161,13 +162,20 @@ def run_nodes_with_kills(
             if last_step is not None:
                 target = min(target, last_step - 2)
             victim = (first_victim + stats.kills) % nnodes
+            next_list = 0.0
             while cluster.running() and time.monotonic() < deadline:
                 tail.poll()
                 now = max(s for p, (_, s) in tail.latest.items() if p not in dead)
                 if aim_at_save:
                     staged = watch.staging()
-                    if staged is not None and (not watch.remote or watch.uploading(staged)):
+                    if staged is not None and not watch.remote:
                         break
+                    # A bucket listing at most every _LIST_S: a real store throttles (and the listing competes with
+                    # the uploads it waits for), the staging directory above is only a local stat.
+                    if staged is not None and time.monotonic() >= next_list:
+                        next_list = time.monotonic() + _LIST_S
+                        if watch.uploading(staged):
+                            break
                 elif now >= target:
                     break
                 time.sleep(0.002)
@@ -178,6 +186,7 @@ def run_nodes_with_kills(
             staged = watch.staging()
             # Seen before the kill (a listing takes a few ms): the step's objects are in the bucket, no manifest.
             uploading = watch.remote and staged is not None and watch.uploading(staged)
+            at_kill = watch.staging_names()
             t_kill = time.monotonic()
             pids = cluster.kill_node(victim)
             if not pids:
@@ -188,15 +197,22 @@ def run_nodes_with_kills(
             stats.kills += 1
             verdict: list[bool | None] = []
 
-            def settle(staged: int | None = staged, verdict: list[bool | None] = verdict) -> None:
+            def settle(
+                late: bool = False,
+                staged: int | None = staged,
+                verdict: list[bool | None] = verdict,
+                at_kill: set[str] = at_kill,
+            ) -> None:
                 # Once no process of the job is left to commit it: was the save the kill landed in committed?
                 verdict.append(None if staged is None else watch.is_committed(staged))
-                watch.forget_staging()  # every staging directory left now is a dead save's
+                # Every staging directory left once the survivors are gone is a dead save's; later, the restarted
+                # job may have a live one: then only those seen at the kill.
+                watch.forget_staging(at_kill if late else None)
 
             until = min(deadline, t_kill + recover_timeout)
             _follow_recovery(kill, tail, survivors, dead, world, t_kill, until, on_notice=settle)
             if not verdict:
-                settle()  # the survivors were not seen gone: later, so less likely to find the save interrupted
+                settle(late=True)  # the survivors were not seen gone: later, so less likely to find it interrupted
             # Only a save that never committed was interrupted (unknown counts as not).
             kill.mid_save = staged is not None and verdict[0] is False
             kill.mid_upload = (kill.mid_save and uploading) if watch.remote else None

@@ -131,10 +131,16 @@ class RootWatch:
         """Whether a save is in progress (see :meth:`staging`)."""
         return self.staging() is not None
 
-    def forget_staging(self) -> None:
-        """Take every staging directory present now for a dead one: called once the job that wrote them is gone
-        (a killed save's stays in its tier until that tier's next save removes it)."""
-        self._dead |= {n for t in self.tiers for n in staging_steps(t)}
+    def staging_names(self) -> set[str]:
+        """The staging directories present now, live or dead."""
+        return {n for t in self.tiers for n in staging_steps(t)}
+
+    def forget_staging(self, only: set[str] | None = None) -> None:
+        """Take the staging directories present now (or those of ``only`` still present) for dead ones: called
+        once the job that wrote them is gone (a killed save's stays in its tier until that tier's next save
+        removes it)."""
+        present = self.staging_names()
+        self._dead |= present if only is None else present & only
 
     def uploading(self, step: int) -> bool:
         """Whether ``step``'s upload is under way: objects under ``step_N/`` in the bucket, no manifest yet (always

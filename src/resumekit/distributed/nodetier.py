@@ -210,7 +210,8 @@ class NodeTier:
             return None
         if not isinstance(doc, dict) or doc.get("world_size") != world:
             return None
-        files = (doc.get("ranks") or {}).get(str(rank))
+        ranks = doc.get("ranks")
+        files = ranks.get(str(rank)) if isinstance(ranks, dict) else None  # untrusted bytes: any shape may come
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             return None
         return files

@@ -12,8 +12,9 @@ other's in-progress saves and replace each other's steps. The writer (a :class:`
 * **Object stores**: the object ``<prefix>/.resumekit-lease``, created with a conditional PUT (``If-None-Match: *``)
   and renewed (``If-Match`` its ETag) every third of its lifetime by a background thread. A lease not renewed for
   ``RESUMEKIT_LEASE_TTL`` seconds (default 120) has expired and may be taken; so may one whose holder is gone from
-  this host, or one taken by an earlier start of the same job (``RESUMEKIT_JOB_ID`` or torchrun's ``--rdzv-id``):
-  a multi-node job's restarted rank 0 may run on another host than the one it replaces. Stores without conditional
+  this host, or one held on another host by the same job (``RESUMEKIT_JOB_ID`` or torchrun's ``--rdzv-id``) that
+  then misses a renewal while this process watches it: a multi-node job's restarted rank 0 may run on another host
+  than the one it replaces. Stores without conditional
   writes get the same protocol best effort (read, write, read back).
 
 A second writer fails at construction with :class:`~resumekit.errors.LeaseHeldError`, one line naming the holder.
@@ -50,8 +51,12 @@ _MAX_RECORD = 4096
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
     """A process's state letter and start time in clock ticks since boot (Linux); None when unknown."""
+    return _proc_stat_path(f"/proc/{pid}/stat")
+
+
+def _proc_stat_path(path: str) -> tuple[str, int] | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
+        with open(path, "rb") as f:
             fields = f.read(4096).rsplit(b")", 1)[1].split()
         return fields[0].decode("ascii", "replace"), int(fields[19])
     except (OSError, ValueError, IndexError):
@@ -67,7 +72,8 @@ def _proc_start(pid: int) -> int | None:
 def job_identity(environ: Mapping[str, str] | None = None) -> str | None:
     """The job this process belongs to across its restarts, when the launcher names it: ``RESUMEKIT_JOB_ID``, else
     torchrun's ``--rdzv-id`` (``TORCHELASTIC_RUN_ID``; its default ``none`` names nothing). Every start of one
-    multi-node job carries the same value on every node, and two jobs never share one."""
+    multi-node job carries the same value on every node; giving each job its own is the user's part (two jobs
+    sharing one could watch each other's lease, see :func:`missed_renewal`, but a live holder renews)."""
     env = os.environ if environ is None else environ
     for key in (ENV_JOB_ID, "TORCHELASTIC_RUN_ID"):
         value = env.get(key, "").strip()
@@ -89,6 +95,7 @@ def holder_record(purpose: str, ttl: float | None = None) -> dict[str, Any]:
     }
     if ttl is not None:
         rec["expires"] = round(now + ttl, 3)
+        rec["ttl"] = ttl  # how often it is renewed (ttl / 3): what a later start of the same job watches for
     job = job_identity()
     if job is not None:
         rec["job"] = job
@@ -112,22 +119,77 @@ def holder_gone(rec: dict[str, Any]) -> bool:
     if st is None:
         return False
     state, started = st
-    # A zombie (killed, not yet reaped by its parent) answers kill(pid, 0) but will never write again.
     start = rec.get("proc_start")
-    return state in ("Z", "X") or (isinstance(start, int) and started != start)
+    if isinstance(start, int) and started != start:
+        return True  # the pid now names a later process
+    # A zombie (killed, not yet reaped by its parent) answers kill(pid, 0) but never writes again, once every thread
+    # has exited: a process shows as a zombie as soon as its main thread has, while the others may still run.
+    return state in ("Z", "X") and _threads_exited(pid)
 
 
-def previous_start_of_this_job(rec: dict[str, Any]) -> bool:
-    """Whether a lease was taken by an earlier start of this same job (see :func:`job_identity`), on any host.
+def _threads_exited(pid: int) -> bool:
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tids[:4096]:
+        st = _proc_stat_path(f"/proc/{pid}/task/{tid}/stat")
+        if st is not None and st[0] not in ("Z", "X"):
+            return False
+    return True
 
-    A multi-node job restarts as a whole: before its new rank 0 can take the lease, every node's agent has come
-    back through rendezvous, which it does only after its old workers are gone, so the old holder no longer writes;
-    and were one cut off but alive, it could not commit (a sharded commit gathers every rank first) and it is fenced
-    at its next renewal. Without this, a restart whose rank 0 lands on another host than the holder's would wait
-    for the lease to expire (``RESUMEKIT_LEASE_TTL``), since only the holder's own host can tell it is dead."""
+
+def same_job_elsewhere(rec: dict[str, Any]) -> bool:
+    """Whether a lease is held by a writer of this same job (see :func:`job_identity`) on another host: a
+    candidate for :func:`missed_renewal`, never proof that the holder is dead. On this host the pid tells
+    (:func:`holder_gone`); only a training job's manager is eligible (``resumekit gc`` run inside the job's
+    environment must not take a live trainer's lease)."""
     job = job_identity()
-    mine = rec.get("pid") == os.getpid() and rec.get("host") == socket.gethostname()
-    return job is not None and rec.get("job") == job and not mine
+    return (
+        job is not None
+        and rec.get("job") == job
+        and rec.get("host") != socket.gethostname()
+        and rec.get("purpose") == "CheckpointManager"
+    )
+
+
+def missed_renewal(read: Callable[[str], Any], etag: str | None, rec: dict[str, Any]) -> tuple[bool, Any]:
+    """Watch a lease object for one renewal period of its holder (its ``ttl`` / 3, plus slack for a slow request):
+    a live holder rewrites it (new ETag), a dead one does not. Evidence from this host's own clock only, so the
+    hosts' clocks need not agree. Bounded: at most ``ttl / 3 + min(10, max(1, ttl / 12))`` seconds.
+
+    Why: a multi-node job restarts as a whole, and its new rank 0 may run on another host than the old one; only
+    that host could tell the old holder dead by its pid, so without this the restart would wait for the lease to
+    expire (``RESUMEKIT_LEASE_TTL``, 120 s) and, failing start after start meanwhile, exhaust its supervisor's
+    patience.
+
+    Returns:
+        (True, the last ``read`` result: None if the lease was released) when no renewal came; (False, the
+        renewed lease) when one did.
+    """
+    ttl = rec.get("ttl")
+    ttl = float(ttl) if isinstance(ttl, (int, float)) and 0 < ttl <= 86400 else _ttl_from_env()
+    window = ttl / 3 + min(10.0, max(1.0, ttl / 12))
+    log.warning(
+        "the writer lease is held by %s of this same job; watching it for up to %.0f s for a renewal",
+        describe_holder(rec),
+        window,
+    )
+    deadline = time.monotonic() + window
+    got: Any = None
+    while True:
+        got = read(LEASE_FILE)
+        if got is None:
+            return True, None  # released meanwhile: free for the conditional create
+        if got[1] != etag:
+            return False, got  # renewed (or taken by someone else): not ours to take
+        if time.monotonic() >= deadline:
+            return True, got
+        time.sleep(min(1.0, window / 10))
+
+
+def _ttl_from_env() -> float:
+    return float(os.environ.get(ENV_LEASE_TTL) or DEFAULT_TTL)
 
 
 def describe_holder(rec: dict[str, Any]) -> str:
@@ -325,7 +387,7 @@ class ObjectLease(WriterLease):
         super().__init__()
         self.storage = storage
         self.root = storage.uri
-        self.ttl = ttl if ttl is not None else float(os.environ.get(ENV_LEASE_TTL) or DEFAULT_TTL)
+        self.ttl = ttl if ttl is not None else _ttl_from_env()
         self.record = holder_record(purpose, self.ttl)
         put: Callable[..., str | None] = storage.put_lease  # type: ignore[attr-defined]
         read: Callable[[str], Any] = storage.read_lease  # type: ignore[attr-defined]
@@ -334,11 +396,15 @@ class ObjectLease(WriterLease):
         if got is not None:
             rec = _parse(got[0])
             expired = isinstance(rec.get("expires"), (int, float)) and rec["expires"] < time.time()
-            same_job = previous_start_of_this_job(rec)
-            if rec and not (takeover or expired or same_job or holder_gone(rec)):
+            free = takeover or expired or holder_gone(rec)
+            if rec and not free and same_job_elsewhere(rec):
+                free, again = missed_renewal(read, got[1], rec)
+                if not free:
+                    raise held_error(self.root, _parse(again[0]))
+                got = again
+            if rec and not free:
                 raise held_error(self.root, rec, same_process=rec.get("pid") == os.getpid())
-            why = f"an earlier start of job {rec.get('job')}" if same_job else "its holder"
-            log.warning("taking over the writer lease of %s from %s: %s", self.root, why, describe_holder(rec))
+            log.warning("taking over the writer lease of %s from %s", self.root, describe_holder(rec))
         etag = put(LEASE_FILE, self._body(), if_match=got[1] if got is not None else None)
         back = read(LEASE_FILE)
         rec = _parse(back[0]) if back is not None else {}
@@ -474,7 +540,8 @@ __all__ = [
     "acquire_leases",
     "holder_gone",
     "job_identity",
-    "previous_start_of_this_job",
+    "same_job_elsewhere",
+    "missed_renewal",
     "describe_holder",
     "takeover_from_env",
     "ENV_TAKEOVER",

@@ -2,8 +2,9 @@
 
 A training job rarely stays one process: dataloader workers, ``torchrun`` ranks, compile workers and helpers that
 call ``setsid`` to leave the job's process group. Killing only the group (or only the pid) leaves those behind,
-holding GPU memory and files. Every helper here answers "gone" for a zombie: it no longer runs, even while its
-parent has not collected it yet.
+holding GPU memory and files. The helpers here answer "gone" for a zombie: it no longer runs, even while its
+parent has not collected it yet; except :func:`wait_gone` for a zombie that is our own child, which it reaps first
+(left unreaped, it would stay a zombie for good).
 
 Linux first; on other systems the subreaper is a no-op and everything else goes through psutil.
 """
@@ -131,7 +132,8 @@ def wait_gone(
 ) -> list[int]:
     """Wait (bounded) until none of ``pids`` runs, reaping on the way.
 
-    Orphans re-parent to a subreaper only once their parent died, so the reaping goes on until every pid is gone.
+    Orphans re-parent to a subreaper only once their parent died, so the reaping goes on until every pid is gone;
+    a zombie child of ours that may be reaped counts as gone only once reaped (its other threads may still exit).
 
     Args:
         pids: the processes to wait for.
