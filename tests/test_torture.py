@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "jobs"))
 from torture_child import expected_value, save_loop
 
 from resumekit.checkpointers.native import read_checkpoint
+from resumekit.format import parse_step_dirname
 from resumekit.layouts.native import NativeLayout
 from resumekit.storage import open_storage
 
@@ -58,9 +59,15 @@ def test_kill_during_save_torture(tmp_path, async_save, kills):
         p = ctx.Process(target=save_loop, args=(d, best, ready, async_save), daemon=True)
         p.start()
         assert ready.wait(60), "child did not start"
-        # random instant: often inside a save since the loop does little else
         import time
 
+        if best == 0:
+            # Only a committed checkpoint can be lost: the first child commits one before the kills begin (its first
+            # save, fsyncs included, took longer than the first random delay on a busy disk once).
+            deadline = time.monotonic() + 60
+            while not any(parse_step_dirname(n) is not None for n in os.listdir(d)) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        # random instant: often inside a save since the loop does little else
         time.sleep(rng.uniform(0.0, 0.25))
         p.kill()
         p.join()
