@@ -124,7 +124,9 @@ def test_readme_loop_killed_mid_epoch_equals_straight(straight, tmp_path):
     resumed = [a["resumed_from"] for a in r["attempts"][1:]]
     assert resumed == [100, 200] and all(s % PER_EPOCH for s in resumed)  # both resumes land mid-epoch
     killed_at = [a["reached"] for a in r["attempts"][:-1]]
-    assert all(s % PER_EPOCH for s in killed_at), killed_at  # and so do the kills
+    # Each kill came after the mid-epoch save it resumed from, so steps were lost and redone from a mid-epoch
+    # loader state. (Where in its epoch a kill lands is up to the machine: one aimed at 210 landed at 228, 6 x 38.)
+    assert all(k > s for k, s in zip(killed_at, resumed, strict=True)), killed_at
     ref = straight_records(straight)
     assert len(ref) == TOTAL and differing_steps(ref, r["batches"], ("batch", "loss")) == []
     assert compare_final(os.path.join(straight, "ckpts"), ckpts, TOTAL) == []

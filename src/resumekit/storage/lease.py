@@ -14,8 +14,8 @@ other's in-progress saves and replace each other's steps. The writer (a :class:`
   ``RESUMEKIT_LEASE_TTL`` seconds (default 120) has expired and may be taken; so may one whose holder is gone from
   this host, or one held on another host by the same job (``RESUMEKIT_JOB_ID`` or torchrun's ``--rdzv-id``) that
   then misses a renewal while this process watches it: a multi-node job's restarted rank 0 may run on another host
-  than the one it replaces. Stores without conditional
-  writes get the same protocol best effort (read, write, read back).
+  than the one it replaces. Stores without conditional writes get the same protocol best effort (read, write, read
+  back).
 
 A second writer fails at construction with :class:`~resumekit.errors.LeaseHeldError`, one line naming the holder.
 ``takeover=True`` (``--force`` on the command line) takes a lease whose holder is known to be dead on another host.
@@ -104,8 +104,8 @@ def holder_record(purpose: str, ttl: float | None = None) -> dict[str, Any]:
 
 def holder_gone(rec: dict[str, Any]) -> bool:
     """Whether a lease's holder is known to be dead: it ran on this host and its process is gone (or its pid now
-    belongs to a process started later, or it is a zombie). A holder on another host is never known to be dead
-    here."""
+    belongs to a process started later, or it is a zombie whose threads have all exited). A holder on another host
+    is never known to be dead here."""
     if rec.get("host") != socket.gethostname() or not isinstance(rec.get("pid"), int):
         return False
     pid = rec["pid"]
