@@ -204,17 +204,21 @@ class NodeTierRestore:
         """This rank reads ``cand`` from its node tier: every file it needs is checked (size and xxh3) against the
         manifest copy, which must be the one agreed on. A damaged copy is fetched again by the node's tier leader
         when the shared root has the agreed step (:meth:`_repair`, through the verdicts' agreement)."""
-        tier = self._tier().storage
         self._opening = agreed  # the plan as this rank reads it (after a download: every rank from its tier)
+        reason = self._check_tier_copy(cand, agreed)
+        self._source = LOCAL
+        return self._agree_open(cand, cand.path, reason, self._tier().storage, repairable=agreed.in_shared)
+
+    def _check_tier_copy(self, cand: Candidate, agreed: AgreedStep) -> str | None:
+        """Why this rank must not read its node tier's copy of ``cand`` (see :meth:`_verify_files`), naming the rank
+        and the copy, or None. Never raises: the reason is this rank's verdict in a gather every rank joins."""
+        tier = self._tier().storage
         try:
             files = self._local_files(cand, agreed)
             reason = self._verify_files(tier, cand.name, files, agreed.digest, self._fresh)
-        except Exception as e:  # noqa: BLE001 - a verdict for the gather in _agree_open, never a rank missing from it
+        except Exception as e:  # noqa: BLE001 - a verdict, never a rank missing from the verdicts' gather
             reason = f"unreadable: {one_line(e)}"
-        self._source = LOCAL
-        if reason is not None:
-            reason = f"(rank {self.rank} reading from {tier.join(cand.name)}) {reason}"
-        return self._agree_open(cand, cand.path, reason, tier, repairable=agreed.in_shared)
+        return None if reason is None else f"(rank {self.rank} reading from {tier.join(cand.name)}) {reason}"
 
     def _repair(self, cand: Candidate, reasons: list[str | None], local: bool) -> str | None:
         """Collective, when some ranks found their node tier's copy of ``cand`` damaged and the shared root holds
@@ -270,13 +274,7 @@ class NodeTierRestore:
         self._fresh = lead[2]
         self._downloaded = True
         self._refetched = {"damaged": lead[1], "from": source}
-        tier_st = self._tier().storage
-        try:
-            files = self._local_files(cand, agreed)
-        except Exception as e:  # noqa: BLE001 - a verdict, never a rank missing from the verdicts' gather
-            return f"(rank {self.rank} reading from {tier_st.join(cand.name)}) {one_line(e)}"
-        reason = self._verify_files(tier_st, cand.name, files, agreed.digest, self._fresh)
-        return None if reason is None else f"(rank {self.rank} reading from {tier_st.join(cand.name)}) {reason}"
+        return self._check_tier_copy(cand, agreed)
 
     def _verify_files(
         self, st: Storage, name: str, files: list[str] | None, digest: str | None, fresh: dict[str, Hashed]
