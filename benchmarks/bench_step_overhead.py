@@ -1,6 +1,6 @@
 """Training-step overhead of async checkpointing: a ~256 MiB model (AdamW: ~768 MiB of state) checkpointed every
-10 steps, vs the same loop without checkpointing (and with synchronous saves), their timed windows interleaved round
-by round in one run.
+10 steps, vs the same loop without checkpointing (and with synchronous saves), the modes' steps interleaved one by
+one in one run.
 
 Two modes model two kinds of jobs:
 
@@ -10,8 +10,8 @@ Two modes model two kinds of jobs:
   run on the device); here the step computes on one thread and the other core is free, as the host's spare cores
   are. The same model and batch: only the thread count differs.
 
-Prints one JSON line with ``step_overhead`` (async: extra time per step / step time without checkpoints, the median
-of the paired rounds) and ``step_overhead_sync`` (the same with blocking saves).
+Prints one JSON line with ``step_overhead`` (async: mean step time with checkpoints / without - 1) and
+``step_overhead_sync`` (the same with blocking saves). docs/performance.md says why the steps are interleaved.
 """
 
 from __future__ import annotations
@@ -32,135 +32,200 @@ def make(width: int, layers: int):
     return model, opt
 
 
-def loop(model, opt, steps: int, batch: int, width: int, mgr=None, start: int = 0) -> float:
-    x = torch.randn(batch, width)
-    t = time.perf_counter()
-    for step in range(start + 1, start + steps + 1):
-        loss = model(x).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if mgr is not None:
-            mgr.maybe_save(step, {"model": model, "optim": opt})
-    if mgr is not None:
-        mgr.wait()  # the last persist counts too
-    return time.perf_counter() - t
+def train_step(model, opt, x) -> None:
+    loss = model(x).square().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
-class Saving:
-    """One manager saving every ``every`` steps, timed over windows that the caller interleaves with the others'."""
+class Stream:
+    """One mode's steps: its own global step counter and manager (none for the baseline) and each step's time."""
 
-    def __init__(self, model, opt, every, batch, width, directory, async_save) -> None:
-        from resumekit import CheckpointManager
+    def __init__(self, name: str, planned: int, mgr=None, directory: str | None = None) -> None:
+        self.name, self.planned, self.mgr, self.directory = name, planned, mgr, directory
+        self.step = 0
+        self.times: list[float] = []
+        self.first = (0, 0.0, 0.0)
 
-        shutil.rmtree(directory, ignore_errors=True)
-        self.directory = directory
-        self.mgr = CheckpointManager(
-            directory, every_steps=every, keep_last=2, async_save=async_save, handle_sigterm=False, metrics_every=0
-        )
-        loop(model, opt, every, batch, width, self.mgr)  # first save allocates the staging buffers once
-        c = self.mgr.cost
-        self.first = (c.saves, c.blocking_s_total, c.persist_s_total)
-        # Global step numbers keep growing; each timed window starts half a period after a save, so it holds
-        # steps // every saves in steady state and ends mid-period, as a window of a long job does. (A window ending
-        # on a save would add that save's whole persist to the window through the final wait(): a job never waits
-        # so.) A persist still running when a window ends is waited for and counted all the same.
-        self.next_start = every + every // 2
+    def warm_up(self, model, opt, x, every: int) -> None:
+        """One save period untimed: the first save allocates the staging buffers (reported apart)."""
+        for _ in range(every):
+            self.run(model, opt, x)
+        self.times.clear()
+        if self.mgr is not None:
+            self.mgr.wait()
+            c = self.mgr.cost
+            self.first = (c.saves, c.blocking_s_total, c.persist_s_total)
+        # The timed steps start half a period after that save, so the run ends mid-period as any stretch of a long
+        # job does, with the last save's persist overlapping the steps after it (not waited for as a whole).
+        self.step += every // 2
 
-    def window(self, model, opt, steps, batch, width) -> float:
-        t = loop(model, opt, steps, batch, width, self.mgr, start=self.next_start)
-        self.next_start += steps
-        return t
+    def run(self, model, opt, x) -> bool:
+        """One training step, timed with its save if one is due; True if it saved."""
+        self.step += 1
+        t = time.perf_counter()
+        train_step(model, opt, x)
+        saved = self.mgr is not None and self.mgr.maybe_save(self.step, {"model": model, "optim": opt})
+        self.times.append(time.perf_counter() - t)
+        return saved
+
+    @property
+    def busy(self) -> bool:
+        return self.mgr is not None and self.mgr.busy
 
     def close(self) -> dict:
+        if self.mgr is None:
+            return {}
         self.mgr.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        shutil.rmtree(self.directory or "", ignore_errors=True)
         c = self.mgr.cost
         n = max(1, c.saves - self.first[0])
         # Means over the timed saves only: the first save allocates (and pre-faults) the staging image, once a run.
         return {
+            "saves": c.saves - self.first[0],
             "blocking_s": (c.blocking_s_total - self.first[1]) / n,
             "persist_s": (c.persist_s_total - self.first[2]) / n,
             "first_blocking_s": self.first[1],
         }
 
 
+def interleave(streams: list[Stream], model, opt, x, every: int) -> None:
+    """Run each stream's planned timed steps, one step at a time, rotating between the streams.
+
+    The host's speed drifts by 10-20% over tens of seconds here (a single-thread matmul loop alone varies so), which
+    is several times the effect being measured; alternating single steps puts every mode's steps into the same
+    stretch of time, so the drift cancels. Work a mode causes stays on its own steps: the step after a save, and
+    every step while its manager has background work in flight (persist, retention), belong to that mode, so no
+    baseline step ever runs beside a persist. A mode still busy after its planned steps goes on stepping until it
+    is done (what a job would do), at most ``every`` extra steps, then is waited for on its last step.
+    """
+    turn, last, saved = 0, None, False
+    while True:
+        busy = next((s for s in streams if s.busy), None)
+        if busy is not None and len(busy.times) >= busy.planned + every:
+            t = time.perf_counter()
+            busy.mgr.wait()
+            busy.times[-1] += time.perf_counter() - t
+            continue
+        if busy is not None:
+            s = busy
+        elif saved and last is not None:
+            s = last
+        else:
+            todo = [s for s in streams if len(s.times) < s.planned]
+            if not todo:
+                return
+            s = todo[turn % len(todo)]
+            turn += 1
+        saved = s.run(model, opt, x)
+        last = s
+
+
+def chunks(values: list[float], n: int) -> list[list[float]]:
+    """``values`` in ``n`` consecutive parts of (nearly) equal length."""
+    k, r = divmod(len(values), n)
+    out, i = [], 0
+    for j in range(n):
+        m = k + (1 if j < r else 0)
+        out.append(values[i : i + m])
+        i += m
+    return out
+
+
 def run(
     model_mb: int,
-    steps: int,
     every: int,
     directory: str,
     batch: int,
     async_save: bool = True,
     sync_too: bool = False,
-    rounds: int = 6,
+    periods: int = 12,
+    sync_periods: int = 3,
 ) -> dict:
+    from resumekit import CheckpointManager
+
     width = 2048
     layers = max(1, round((model_mb << 20) / (4 * (width * width + width))))
     model, opt = make(width, layers)
-    loop(model, opt, 3, batch, width)  # warm-up: allocates Adam state
-    modes = {"async" if async_save else "sync": Saving(model, opt, every, batch, width, directory, async_save)}
-    if sync_too and async_save:
-        modes["sync"] = Saving(model, opt, every, batch, width, directory + "-sync", False)
-    # Round by round, a window without checkpoints and one per mode, side by side, so a slow spell of the machine
-    # falls on the windows it is compared with; the order flips every round (A B C, C B A) so a steady drift does
-    # not favour the mode measured first. Each round gives one paired overhead per mode, and the median over the
-    # rounds is reported: two runs taking the best window of each mode over 3 rounds gave -0.007 and 0.105 on the
-    # same code, the spread of this machine, not of the saves.
-    names = ["base", *modes]
-    timed: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        for k in names if r % 2 == 0 else reversed(names):
-            t = (
-                loop(model, opt, steps, batch, width)
-                if k == "base"
-                else modes[k].window(model, opt, steps, batch, width)
-            )
-            timed[k].append(t)
-    costs = {k: m.close() for k, m in modes.items()}
-    base = timed["base"]
-    paired = {k: sorted(t / b - 1 for t, b in zip(timed[k], base, strict=True)) for k in modes}
+    x = torch.randn(batch, width)
+    for _ in range(3):
+        train_step(model, opt, x)  # warm-up: allocates Adam state
+
+    def managed(name: str, d: str, async_: bool, n: int) -> Stream:
+        shutil.rmtree(d, ignore_errors=True)
+        mgr = CheckpointManager(
+            d, every_steps=every, keep_last=2, async_save=async_, handle_sigterm=False, metrics_every=0
+        )
+        return Stream(name, n * every, mgr, d)  # saves n times
+
     main_mode = "async" if async_save else "sync"
+    streams = [Stream("base", periods * every), managed(main_mode, directory, async_save, periods)]
+    if sync_too and async_save:
+        # Fewer periods: synchronous saves cost several times the async ones, so a few periods tell them apart,
+        # and the time goes to the async estimate, which needs it (see interleave()).
+        streams.append(managed("sync", directory + "-sync", False, min(sync_periods, periods)))
+    for s in streams:
+        s.warm_up(model, opt, x, every)
+    interleave(streams, model, opt, x, every)
+    by = {s.name: s for s in streams}
+    costs = {s.name: s.close() for s in streams if s.mgr is not None}
+    base = by["base"].times
+    t0 = statistics.mean(base)
+
+    def overhead(name: str) -> tuple[float, list[float]]:
+        times = by[name].times
+        n = by[name].planned // every
+        # The baseline steps of the same stretch of time (a stream with fewer periods ran among the first ones).
+        same = base[: len(times)] if len(times) < len(base) else base
+        # The same number per save period (its steps against the baseline's steps of the same stretch of time):
+        # the spread says how much one period could be trusted on this machine.
+        per = [sum(a) / len(a) / (sum(b) / len(b)) - 1 for a, b in zip(chunks(times, n), chunks(same, n), strict=True)]
+        return statistics.mean(times) / statistics.mean(same) - 1, [min(per), max(per)]
+
     cost = costs[main_mode]
+    main_over, main_range = overhead(main_mode)
     state_bytes = sum(p.numel() * 4 for p in model.parameters()) * 3
-    t0 = statistics.median(base)
     res = {
         "model_mb": round(sum(p.numel() * 4 for p in model.parameters()) / 2**20),
         "state_mb": state_bytes >> 20,
-        "steps": steps,
         "every": every,
-        "rounds": rounds,
-        "step_s": t0 / steps,
-        "step_s_with_ckpt": statistics.median(timed[main_mode]) / steps,
+        "periods": periods,
+        "sync_periods": min(sync_periods, periods) if sync_too and async_save else 0,
+        "steps_timed": {k: len(s.times) for k, s in by.items()},
+        "saves_timed": cost["saves"],
+        "step_s": t0,
+        "step_s_with_ckpt": statistics.mean(by[main_mode].times),
         "save_blocking_s": cost["blocking_s"],
         "save_persist_s": cost["persist_s"],
         "first_save_blocking_s": cost["first_blocking_s"],
-        "step_overhead": statistics.median(paired[main_mode]),
-        # The spread of the paired overheads over the rounds (lowest, highest): how far one round can be trusted.
-        "step_overhead_range": [paired[main_mode][0], paired[main_mode][-1]],
-        # The estimate of the earlier method (best window of each mode), for comparison with earlier notes.
-        "step_overhead_best_windows": min(timed[main_mode]) / min(base) - 1,
+        "step_overhead": main_over,
+        # The lowest and highest save period's overhead: how noisy the machine was during this run.
+        "step_overhead_range": main_range,
     }
-    if "sync" in modes and async_save:
-        res["step_s_with_sync_ckpt"] = statistics.median(timed["sync"]) / steps
+    if "sync" in by and async_save:
+        sync_over, sync_range = overhead("sync")
+        res["step_s_with_sync_ckpt"] = statistics.mean(by["sync"].times)
         res["sync_save_blocking_s"] = costs["sync"]["blocking_s"]
-        res["step_overhead_sync"] = statistics.median(paired["sync"])
-        res["step_overhead_sync_range"] = [paired["sync"][0], paired["sync"][-1]]
+        res["step_overhead_sync"] = sync_over
+        res["step_overhead_sync_range"] = sync_range
     return res
 
 
 def _rounded(v):
     if isinstance(v, list):
         return [_rounded(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
     return round(v, 4) if isinstance(v, float) else v
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model-mb", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--every", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds (one window per mode each)")
+    p.add_argument("--periods", type=int, default=12, help="timed save periods (steps: periods x every)")
+    p.add_argument("--sync-periods", type=int, default=3, help="timed save periods of --compare-sync")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dir", default="bench-out/overhead")
     p.add_argument("--sync", action="store_true", help="synchronous saves, for comparison")
@@ -173,7 +238,14 @@ def main() -> None:
     elif a.mode == "accel":
         torch.set_num_threads(1)  # the accelerator stand-in: the step occupies one core, the others are free
     res = run(
-        a.model_mb, a.steps, a.every, a.dir, a.batch, async_save=not a.sync, sync_too=a.compare_sync, rounds=a.rounds
+        a.model_mb,
+        a.every,
+        a.dir,
+        a.batch,
+        async_save=not a.sync,
+        sync_too=a.compare_sync,
+        periods=a.periods,
+        sync_periods=a.sync_periods,
     )
     res["mode"] = a.mode
     res["threads"] = torch.get_num_threads()

@@ -47,7 +47,7 @@ def main() -> None:
         final[k] = save[k]
     final["cold_method"] = save.get("cold_method")
     # Step overhead in both job models (see bench_step_overhead.py), async and sync side by side in each run.
-    steps = ["--steps", "10", "--every", "5", "--rounds", "2"] if a.quick else []
+    steps = ["--every", "5", "--periods", "2"] if a.quick else []
     for mode in ("accel", "cpu"):
         over = last_json(
             [py, os.path.join(HERE, "bench_step_overhead.py"), "--mode", mode, "--compare-sync"]
@@ -56,7 +56,7 @@ def main() -> None:
         )
         final[f"step_overhead_{mode}"] = over["step_overhead"]
         final[f"step_overhead_sync_{mode}"] = over["step_overhead_sync"]
-        # The lowest and highest paired round behind the median: how noisy the machine was during this run.
+        # The lowest and highest save period's overhead: how noisy the machine was during this run.
         final[f"step_overhead_{mode}_range"] = over["step_overhead_range"]
     final["step_overhead"] = final["step_overhead_cpu"]  # the key earlier runs reported (CPU-bound mode)
     scaling = last_json(

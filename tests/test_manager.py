@@ -539,3 +539,29 @@ def test_job_init_restore_and_first_step_events_time_a_start(tmp_path):
         assert names[:3] == ["job_init", "restore", "first_step"] and names.count("first_step") == 1
         restore, first = evs[1], evs[2]
         assert restore["seconds"] >= 0 and first["step"] == 1 and first["time"] >= restore["time"]
+
+
+def test_busy_while_a_background_persist_or_retention_is_in_flight(tmp_path, monkeypatch):
+    """``busy`` polls, never blocks: True from an async save until its persist and retention are done."""
+    import threading
+
+    st = make_training()
+    mgr = CheckpointManager(str(tmp_path / "ck"), keep_last=1, async_save=True, handle_sigterm=False)
+    assert not mgr.busy
+    release = threading.Event()
+    persist = mgr.checkpointer.persist
+
+    def held(snap, *, background):
+        assert release.wait(30)
+        return persist(snap, background=background)
+
+    monkeypatch.setattr(mgr.checkpointer, "persist", held)
+    mgr.save(1, st)
+    assert mgr.busy  # the persist waits for `release`
+    release.set()
+    mgr.wait()
+    assert not mgr.busy
+    mgr.save(2, st)  # commits, then retention deletes step 1
+    mgr.wait()
+    assert not mgr.busy and [c.step for c in mgr.checkpoints()] == [2]
+    mgr.close()

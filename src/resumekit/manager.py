@@ -484,6 +484,14 @@ class CheckpointManager:
         return True
 
     # ------------------------------------------------------------------------------------------------- drain
+    @property
+    def busy(self) -> bool:
+        """True while background work is in flight: a persist, a retention pass or, with a ``local_tier``, an
+        upload. :meth:`wait` returns once it is False; polling it never blocks."""
+        retention = self._retention is not None and self._retention.busy
+        uploads = self.tier is not None and self.tier.lag()["backlog"] > 0
+        return self._persister.busy or retention or uploads
+
     def wait(self) -> None:
         """Block until the background save (if any) is durable, retention has run and, with a ``local_tier``,
         every upload is done; raises the error of any of them if it failed."""
