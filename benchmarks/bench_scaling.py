@@ -92,8 +92,9 @@ def point(size_mb: int, parts: int, directory: str, reps: int, device: str = "cp
 
     def restore() -> float:
         # A plain dict's tensors are replaced by copies the restore makes: the previous restore's copy goes first,
-        # as a job restores once into a process that holds none. (Kept, it doubled the memory a 4 GiB restore
-        # needs and once pushed its file out of the page cache: a "warm" 4 GiB restore took 3.5 s, 1.3 s at 2 GiB.)
+        # as a job restores once into a process that holds none. With it kept, 4 GiB warm restores took 3.1-7.9 s
+        # in a diagnostic run, 2.2-2.7 s without (the file fully in the page cache both times): most of a warm
+        # restore is the fresh memory the kernel supplies for the copies, slower here the more is in use.
         target["model"] = {k: torch.empty_like(v) for k, v in state["model"].items()}
         gc.collect()
         t = time.perf_counter()
@@ -106,7 +107,8 @@ def point(size_mb: int, parts: int, directory: str, reps: int, device: str = "cp
     for _ in range(min(reps, 2)):  # a cold 4 GiB restore takes seconds: two are enough for a best-of
         method = cachectl.evict([step_dir])
         cold.append(restore())
-    warm = [restore() for _ in range(reps)]
+    # The fresh memory's cost varies most (a 4 GiB MAP_POPULATE alone took 0.45-1.4 s/GiB here): two more tries.
+    warm = [restore() for _ in range(reps + 2)]
     ok = all(torch.equal(target["model"][k], v) for k, v in state["model"].items())
     # raw read of the tensor file into a touched buffer, warm and cold: the floor a restore is compared with
     tfile = os.path.join(step_dir, "tensors.safetensors")

@@ -46,6 +46,7 @@ class Stream:
         self.name, self.planned, self.mgr, self.directory = name, planned, mgr, directory
         self.step = 0
         self.times: list[float] = []
+        self.steps: list[int] = []  # the global step number of each timed step
         self.first = (0, 0.0, 0.0)
 
     def warm_up(self, model, opt, x, every: int) -> None:
@@ -53,6 +54,7 @@ class Stream:
         for _ in range(every):
             self.run(model, opt, x)
         self.times.clear()
+        self.steps.clear()
         if self.mgr is not None:
             self.mgr.wait()
             c = self.mgr.cost
@@ -68,6 +70,7 @@ class Stream:
         train_step(model, opt, x)
         saved = self.mgr is not None and self.mgr.maybe_save(self.step, {"model": model, "optim": opt})
         self.times.append(time.perf_counter() - t)
+        self.steps.append(self.step)
         return saved
 
     @property
@@ -106,7 +109,7 @@ def interleave(streams: list[Stream], model, opt, x, every: int) -> None:
         if busy is not None and len(busy.times) >= busy.planned + every:
             t = time.perf_counter()
             busy.mgr.wait()
-            busy.times[-1] += time.perf_counter() - t
+            busy.times[-1] += time.perf_counter() - t  # the wait is that step's
             continue
         if busy is not None:
             s = busy
@@ -183,6 +186,16 @@ def run(
         per = [sum(a) / len(a) / (sum(b) / len(b)) - 1 for a, b in zip(chunks(times, n), chunks(same, n), strict=True)]
         return statistics.mean(times) / statistics.mean(same) - 1, [min(per), max(per)]
 
+    def by_phase(name: str) -> list[float]:
+        # Where in the save period the extra time sits: the mean step time at each position (0: the step that
+        # saved, 1: the next, ...) minus the baseline's mean step. Mostly positions 0 and 1 when the overhead is the
+        # save's; about the same everywhere when it is the machine's drift.
+        st = by[name]
+        return [
+            statistics.mean(t for t, k in zip(st.times, st.steps, strict=True) if k % every == p) - t0
+            for p in range(every)
+        ]
+
     cost = costs[main_mode]
     main_over, main_range = overhead(main_mode)
     state_bytes = sum(p.numel() * 4 for p in model.parameters()) * 3
@@ -202,6 +215,7 @@ def run(
         "step_overhead": main_over,
         # The lowest and highest save period's overhead: how noisy the machine was during this run.
         "step_overhead_range": main_range,
+        "step_excess_s_by_position": by_phase(main_mode),
     }
     if "sync" in by and async_save:
         sync_over, sync_range = overhead("sync")

@@ -32,9 +32,10 @@ from resumekit.storage.verified import (
     VerifiedToken,
     issue_token,
     manifest_digest,
+    settle_fresh,
     settled,
 )
-from resumekit.verify import FileIdentity, check_checkpoint, record_hashed
+from resumekit.verify import FileIdentity, Hashed, check_checkpoint, record_hashed
 
 HERE = Path(__file__).resolve().parent
 JOB = str(HERE / "jobs" / "hashonce_job.py")
@@ -214,6 +215,22 @@ def test_settle_margin():
     whole = FileIdentity(10, 1, 2, 5_000_000_000, 5_000_000_000)  # a file system with whole-second stamps
     assert not settled(whole, 5_000_000_000 + 1_500_000_000)
     assert settled(whole, 5_000_000_000 + 2_500_000_000)
+
+
+def test_settle_fresh_drops_only_the_records_it_cannot_wait_for():
+    now = time.time_ns()
+
+    def rec(stamp: int) -> Hashed:
+        return Hashed(FileIdentity(10, 1, 2, stamp, stamp), "d" * 16, now)
+
+    fresh = {
+        "ok": rec(now - 1_000_123),  # written a moment ago: waited out, kept
+        "future": rec(now + 3_600 * 10**9 + 123),  # another clock, an hour ahead: dropped (its file is hashed)
+        "coarse": rec((now // 10**9 - 1) * 10**9),  # whole seconds: dropped
+    }
+    t0 = time.monotonic()
+    assert set(settle_fresh(fresh)) == {"ok"}
+    assert time.monotonic() - t0 < 1.0  # the future stamp is not waited for
 
 
 def test_token_round_trip_and_bounds(tmp_path):

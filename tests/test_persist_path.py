@@ -106,6 +106,7 @@ def test_bench_step_overhead_interleaves_its_modes_step_by_step(tmp_path):
         low, high = res[f"{key}_range"]
         assert low <= high and isinstance(res[key], float)
     assert res["save_blocking_s"] > 0 and res["save_persist_s"] > 0
+    assert len(res["step_excess_s_by_position"]) == 4  # one per position in the save period
     assert res["step_overhead_sync"] > res["step_overhead"]  # a 48 MiB blocking write per save vs a copy
 
 

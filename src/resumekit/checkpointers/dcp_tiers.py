@@ -320,7 +320,8 @@ class NodeTierRestore:
             "downloaded": self._downloaded,
             # the node tier's copy was found damaged and fetched again: {"damaged": why, "from": the shared step}
             "refetched": self._refetched,
-            # the bytes this rank hashed to verify what it reads (a just-downloaded or token-vouched file: none)
+            # the bytes this rank hashed to verify what it reads (a just-downloaded or token-vouched file: none),
+            # during the whole restore: a check of a copy found damaged and fetched again counts as well
             "hashed_bytes": self._hashed,
         }
         tier_log = None

@@ -211,17 +211,20 @@ def _settle(storage: Readable, name: str, files: Mapping[str, FileIdentity], wai
 def settle_fresh(fresh: Mapping[str, Hashed]) -> dict[str, Hashed]:
     """The records of files this process just wrote and hashed (a verified download) that may vouch for them: the
     settle margin after their last change is waited out once (at most about :data:`SETTLE_NS`), so a later write
-    would show in ``ctime``. Records on a whole-second file system, or stamped in the future, are dropped (their
-    files are hashed again)."""
-    ok = {rel: rec for rel, rec in fresh.items() if not _coarse(rec.identity)}
+    would show in ``ctime``. Records on a whole-second file system, or stamped in the future (another clock: not
+    ours to wait for), are dropped, and only their files are hashed again."""
+    now = time.time_ns()
+    ok = {
+        rel: rec
+        for rel, rec in fresh.items()
+        if not _coarse(rec.identity) and max(rec.identity.mtime_ns, rec.identity.ctime_ns) <= now + SETTLE_NS
+    }
     if not ok:
         return {}
     last = max(max(r.identity.mtime_ns, r.identity.ctime_ns) for r in ok.values())
     delay = (last + SETTLE_NS + 1_000_000 - time.time_ns()) / 1e9
-    if delay > 2 * SETTLE_NS / 1e9:
-        return {}  # a timestamp in the future (another clock): not ours to wait for
     if delay > 0:
-        time.sleep(delay)
+        time.sleep(delay)  # at most 2 x SETTLE_NS + 1 ms: every kept stamp is at most SETTLE_NS ahead of `now`
     return ok
 
 
