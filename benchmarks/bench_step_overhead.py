@@ -103,37 +103,39 @@ def interleave(streams: list[Stream], model, opt, x, every: int) -> None:
     baseline step ever runs beside a persist. A mode still busy after its planned steps goes on stepping until it
     is done (what a job would do), at most ``every`` extra steps, then is waited for on its last step.
     """
-    turn, last, saved = 0, None, False
+    turn, hold = 0, None
     while True:
         busy = next((s for s in streams if s.busy), None)
         if busy is not None and len(busy.times) >= busy.planned + every:
             t = time.perf_counter()
             busy.mgr.wait()
             busy.times[-1] += time.perf_counter() - t  # the wait is that step's
+            hold = None
             continue
         if busy is not None:
             s = busy
-        elif saved and last is not None:
-            s = last
+        elif hold is not None and len(hold.times) < hold.planned + every:
+            s = hold
         else:
             todo = [s for s in streams if len(s.times) < s.planned]
             if not todo:
                 return
             s = todo[turn % len(todo)]
             turn += 1
+        was_busy = s is busy
         saved = s.run(model, opt, x)
-        last = s
+        # The step after a save stays with the mode that saved, and so does the first step after its background
+        # work ended (anything it leaves behind lands on its own step, not on the one it is compared with).
+        hold = s if saved or was_busy else None
 
 
-def chunks(values: list[float], n: int) -> list[list[float]]:
-    """``values`` in ``n`` consecutive parts of (nearly) equal length."""
-    k, r = divmod(len(values), n)
-    out, i = [], 0
-    for j in range(n):
-        m = k + (1 if j < r else 0)
-        out.append(values[i : i + m])
-        i += m
-    return out
+def by_period(st: Stream, n: int, every: int) -> list[list[float]]:
+    """A stream's step times grouped by save period (its global step numbers); steps after the last period (a busy
+    mode's extra ones) count in the last."""
+    groups: list[list[float]] = [[] for _ in range(n)]
+    for t, k in zip(st.times, st.steps, strict=True):
+        groups[min(n - 1, (k - st.steps[0]) // every)].append(t)
+    return groups
 
 
 def run(
@@ -177,14 +179,20 @@ def run(
     t0 = statistics.mean(base)
 
     def overhead(name: str) -> tuple[float, list[float]]:
-        times = by[name].times
-        n = by[name].planned // every
-        # The baseline steps of the same stretch of time (a stream with fewer periods ran among the first ones).
-        same = base[: len(times)] if len(times) < len(base) else base
-        # The same number per save period (its steps against the baseline's steps of the same stretch of time):
-        # the spread says how much one period could be trusted on this machine.
-        per = [sum(a) / len(a) / (sum(b) / len(b)) - 1 for a, b in zip(chunks(times, n), chunks(same, n), strict=True)]
-        return statistics.mean(times) / statistics.mean(same) - 1, [min(per), max(per)]
+        st = by[name]
+        n = st.planned // every
+        # The baseline steps of the same stretch of time: its first n periods (the steps take turns).
+        same = by_period(by["base"], periods, every)[:n]
+        # The time beyond the baseline's over every step the mode ran, per planned step: the extra steps of a mode
+        # still busy at the end hold no save of their own, so dividing by them too would dilute the figure.
+        m = statistics.mean(t for g in same for t in g)
+        total = (sum(st.times) - len(st.times) * m) / (st.planned * m)
+        # The same per save period: the spread says how much one period could be trusted on this machine.
+        per = []
+        for a, b in zip(by_period(st, n, every), same, strict=True):
+            mb = statistics.mean(b)
+            per.append((sum(a) - len(a) * mb) / (every * mb))
+        return total, [min(per), max(per)]
 
     def by_phase(name: str) -> list[float]:
         # Where in the save period the extra time sits: the mean step time at each position (0: the step that

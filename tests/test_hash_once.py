@@ -225,11 +225,13 @@ def test_settle_fresh_drops_only_the_records_it_cannot_wait_for():
 
     fresh = {
         "ok": rec(now - 1_000_123),  # written a moment ago: waited out, kept
+        "soon": rec(now + 5_000_123),  # a few ms ahead (within the margin): kept, waited for
         "future": rec(now + 3_600 * 10**9 + 123),  # another clock, an hour ahead: dropped (its file is hashed)
         "coarse": rec((now // 10**9 - 1) * 10**9),  # whole seconds: dropped
     }
     t0 = time.monotonic()
-    assert set(settle_fresh(fresh)) == {"ok"}
+    assert set(settle_fresh(fresh)) == {"ok", "soon"}
+    assert time.time_ns() > now + 5_000_123 + verified.SETTLE_NS  # the kept stamps were waited out
     assert time.monotonic() - t0 < 1.0  # the future stamp is not waited for
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 import torch
@@ -561,7 +562,23 @@ def test_busy_while_a_background_persist_or_retention_is_in_flight(tmp_path, mon
     release.set()
     mgr.wait()
     assert not mgr.busy
-    mgr.save(2, st)  # commits, then retention deletes step 1
+    # Retention (deleting step 1) held: the persist thread has ended, the manager is still busy.
+    from resumekit import gc as rgc
+
+    hold = threading.Event()
+    apply = rgc.apply_retention
+
+    def held_retention(*a, **kw):
+        assert hold.wait(30)
+        return apply(*a, **kw)
+
+    monkeypatch.setattr(rgc, "apply_retention", held_retention)
+    mgr.save(2, st)
+    deadline = time.monotonic() + 30
+    while mgr._persister.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not mgr._persister.busy and mgr.busy
+    hold.set()
     mgr.wait()
     assert not mgr.busy and [c.step for c in mgr.checkpoints()] == [2]
     mgr.close()

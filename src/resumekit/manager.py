@@ -488,9 +488,13 @@ class CheckpointManager:
     def busy(self) -> bool:
         """True while background work is in flight: a persist, a retention pass or, with a ``local_tier``, an
         upload. :meth:`wait` returns once it is False; polling it never blocks."""
-        retention = self._retention is not None and self._retention.busy
-        uploads = self.tier is not None and self.tier.lag()["backlog"] > 0
-        return self._persister.busy or retention or uploads
+        # In the order the work is handed on: the persist thread requests retention and queues the upload before it
+        # ends, so no moment reads all three idle while one is still starting.
+        if self._persister.busy:
+            return True
+        if self._retention is not None and self._retention.busy:
+            return True
+        return self.tier is not None and self.tier.lag()["backlog"] > 0
 
     def wait(self) -> None:
         """Block until the background save (if any) is durable, retention has run and, with a ``local_tier``,

@@ -201,7 +201,8 @@ class BackgroundPersister:
 
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        t = self._thread  # read once: wait() on another thread may set it to None in between
+        return t is not None and t.is_alive()
 
     def submit(self, job: Callable[[], object]) -> float:  # the job's return value is ignored
         """Wait for the previous job, then start ``job``; returns the seconds spent waiting."""
