@@ -69,6 +69,8 @@ def main() -> None:
         "persist_s_per_gib",
         "restore_s_per_gib",
         "restore_cold_s_per_gib",
+        "restore_fresh_s_per_gib",
+        "scaling_fresh_deviation",
         "many_small_vs_few_large_blocking",
         "many_small_vs_few_large_persist",
         "many_small_vs_few_large_restore",

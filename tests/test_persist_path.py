@@ -74,7 +74,8 @@ def test_retention_errors_surface_at_the_next_save(tmp_path, monkeypatch):
 def test_bench_scaling_quick_runs(tmp_path):
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
-        [sys.executable, os.path.join(here, "benchmarks", "bench_scaling.py"), "--quick", "--dir", str(tmp_path)],
+        [sys.executable, os.path.join(here, "benchmarks", "bench_scaling.py"), "--quick", "--dir", str(tmp_path)]
+        + ["--rounds", "2", "--sizes", "16,32"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -85,6 +86,10 @@ def test_bench_scaling_quick_runs(tmp_path):
     # Tiny sizes on a shared machine: the figures are noise, the run and its keys are what is checked here.
     for k in ("blocking_s_per_gib", "persist_s_per_gib", "restore_s_per_gib", "scaling_max_deviation"):
         assert isinstance(res[k], float)
+    assert isinstance(res["restore_fresh_s_per_gib"], float) and res["rounds"] == 2
+    for q in res["points"]:  # each time is the best of its rounds, every round's figure kept beside it
+        for k in ("blocking_s", "persist_s", "restore_warm_s", "restore_fresh_s"):
+            assert len(q[f"{k}_rounds"]) == 2 and q[k] == round(min(q[f"{k}_rounds"]), 4)
     assert res["restored_bitwise"] is True and res["io"] in ("direct", "buffered")
     assert os.path.exists(os.path.join(str(tmp_path), "scaling.png"))
 
