@@ -138,24 +138,28 @@ def run(size_mb: int, reps: int, endpoint: str, bucket: str, work: str, options=
 
     # -- the training stall of a save: local vs tiered (uploads in the background) vs straight to s3://
     def stalls(roots: dict[str, tuple[str, dict]], rounds: int) -> dict[str, float]:
-        """Best save stall per root, the roots' saves interleaved round by round, so a slow spell of the disk (a
-        sync save's fsync here takes 0.07 s or 0.4 s depending on the writeback in flight) or of the machine falls
-        on every root alike instead of on whichever was measured during it."""
+        """Best and median save stall per root, the roots' saves interleaved round by round (the order reversed
+        every other round), so a slow spell of the disk (a sync save's fsync here takes 0.07 s or 0.4 s depending
+        on the writeback in flight) or of the machine falls on every root alike instead of on whichever was
+        measured during it."""
         mgrs = {
             k: CheckpointManager(d, save_rng=False, handle_sigterm=False, keep_last=1, **kw)
             for k, (d, kw) in roots.items()
         }
-        best = {k: float("inf") for k in roots}
+        times: dict[str, list[float]] = {k: [] for k in roots}
+        order = list(mgrs)
         for step in range(1, rounds + 1):
-            for k, mgr in mgrs.items():
+            for k in order if step % 2 else order[::-1]:
                 gc.collect()
                 t = time.perf_counter()
-                mgr.save(step, state, block=True)
-                best[k] = min(best[k], time.perf_counter() - t)
-                mgr.wait()  # the upload (and retention) finish between saves, outside the measurement
+                mgrs[k].save(step, state, block=True)
+                times[k].append(time.perf_counter() - t)
+                mgrs[k].wait()  # the upload (and retention) finish between saves, outside the measurement
         for mgr in mgrs.values():
             mgr.close()
-        return best
+        out = {k: min(v) for k, v in times.items()}
+        out.update({f"{k}_median": statistics.median(v) for k, v in times.items()})
+        return out
 
     both = stalls(
         {
@@ -222,6 +226,7 @@ def main() -> None:
         "upload_vs_s3fs_defaults": round(r["raw_put_defaults_s"] / r["rk_upload_s"], 3),
         "download_efficiency": round(r["raw_get_s"] / r["rk_download_s"], 3),
         "tiered_blocking_vs_local": round(r["tiered_save_s"] / r["local_save_s"], 3),
+        "tiered_blocking_vs_local_median": round(r["tiered_save_s_median"] / r["local_save_s_median"], 3),
         "direct_blocking_vs_local": round(r["direct_save_s"] / r["local_save_s"], 3),
         "upload_mb_s": round(mb / r["rk_upload_s"], 1),
     }

@@ -1,18 +1,22 @@
 """The cost curve: how blocking time, persist time, restore time and peak memory grow with the state.
 
-Every point runs in a fresh process (a clean memory baseline): an async save of a state of N MiB (blocking = the
-training stall, persist = write + fsync + commit, durable = until the next save could start), a warm restore and a
-cold one (the files evicted from the page cache first; ``cachectl`` says how) into a process that no longer holds
-the saved state (as a restarted job), and the peak extra RSS during the save relative to the state. Sizes: 256 MiB,
-1, 2 and 4 GiB in 16 tensors, plus 1000 small tensors vs 16 large at 256 MiB. The sizes are measured in rounds
-(``--rounds``, each a fresh process per size, the order reversed every other round) and each time is the best over
-all rounds: this machine has slow spells lasting tens of seconds, in which every repetition of one point was slow
-(a 2 GiB blocking copy 0.27 s against 0.19-0.21 s, a 4 GiB warm restore 3.4 s against 1.7-1.8 s, in one-round
-runs); in rounds a spell falls on one round of a point instead of on all of its repetitions. A least-squares line
-per measure gives the slope per GiB; ``scaling_max_deviation`` is the worst relative distance of a point from its
-line. Writes a PNG plot (``--plot``, default ``docs/scaling.png``).
+Every point runs in a fresh process (a clean memory baseline). The state is a module's buffers; per point: async
+saves (blocking = the training stall, persist = write + fsync + commit, durable = until the next save could start),
+spaced as a job spaces them; restores into the module in place, warm and cold (the files evicted from the page
+cache first; ``cachectl`` says how), as a restarted job restores its model (the curve's restore line); then, with
+the module freed, restores into a plain dict, whose tensors the restore replaces with copies in fresh memory (on
+the host, also for ``--device cuda``), as an optimizer's state in a new process; every restore is checked; and the
+peak extra RSS during the saves relative to the state. Sizes: 256 MiB, 1, 2 and 4 GiB in 16 tensors, plus 1000
+small tensors vs 16 large at 256 MiB. The sizes are measured in rounds (``--rounds``, a fresh process per size and
+round, the order reversed every other round) and each time is the best over all rounds: this machine has slow
+spells lasting tens of seconds, in which every repetition of one point was slow (a 2 GiB blocking copy 0.27 s
+against 0.19-0.21 s, a 4 GiB warm restore 3.4 s against 1.7-1.8 s, in one-round runs); in rounds a spell falls on
+one round of a point instead of on all of its repetitions. A least-squares line per measure gives the slope per
+GiB; ``scaling_max_deviation`` is the worst relative distance of a point from its line (blocking, persist, restore
+into the model; ``scaling_fresh_deviation`` the same for the restore into fresh memory). Writes a PNG plot
+(``--plot``, default ``docs/scaling.png``).
 
-    python benchmarks/bench_scaling.py                 # ~5 min, needs ~9 GiB RAM and ~9 GiB disk
+    python benchmarks/bench_scaling.py                 # ~8-9 min here, needs ~9 GiB RAM and ~9 GiB disk
     python benchmarks/bench_scaling.py --quick         # 16-64 MiB, one round, seconds (what the tests run)
 """
 
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
@@ -85,18 +90,17 @@ def point(size_mb: int, parts: int, directory: str, reps: int, device: str = "cp
             t = time.perf_counter()
             mgr.save(i + 1, state)
             b = time.perf_counter() - t
-            mgr._persister.wait()  # the persist (not retention, which runs beside the next save)
+            mgr._persister.wait()  # the persist; retention (deleting the previous step) runs after it
             d = time.perf_counter() - t
             if i:
                 blocking.append(b)
                 durable.append(d)
                 persist.append(mgr.cost.last_persist_s)
-            mgr.wait()
+            mgr.wait()  # retention too: in a job it finishes between saves, long before the next one
             if i < reps:
-                # Saves as a job spaces them (a persist is a small part of a save period), not back to back: a
-                # 4 GiB persist took 1.9-2.4 s right after the previous one and 1.6 s spaced, while the host still
-                # wrote the previous one back. After the first save, whose time is mostly the staging allocation,
-                # by the time of a timed one.
+                # Saves spaced, as a job's are, not back to back: a pause as long as the save took. Back to back a
+                # 4 GiB persist took 1.9-2.4 s, spaced 1.6 s, while the host still wrote the previous one back. The
+                # first save's time is mostly the staging allocation: after it, a pause as long as a timed save's.
                 time.sleep(d if i else min(d, 1 + 0.5 * nbytes / 2**30))
     mgr.close()
     from resumekit.events import read_events
@@ -109,24 +113,30 @@ def point(size_mb: int, parts: int, directory: str, reps: int, device: str = "cp
             bool((tensors[f"t{i}"] == float(i) + 0.5).all()) for i in range(parts)
         )
 
-    def timed_restore(target: dict) -> float:
+    checks: list[bool] = []
+
+    def timed_restore(target: dict, check: Callable[[], dict]) -> float:
         t = time.perf_counter()
         with CheckpointManager(directory, read_only=True, handle_sigterm=False) as reader:
-            reader.restore(target)
+            got = reader.restore(target)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - t
+        secs = time.perf_counter() - t
+        checks.append(got == reps + 1 and expected(check()))  # every restore checked, outside its time
+        return secs
 
-    # 1. Into the model, in place (what the curve's restore line is): a restarted job's model holds other values,
-    # so they are cleared first and checked after.
-    for b_ in model.buffers():
-        b_.zero_()
-    warm = [timed_restore(state) for _ in range(reps + 2)]
+    def in_place(module: torch.nn.Module) -> float:
+        # A restarted job's model holds other values: cleared before every restore, so each one must write them.
+        for b_ in module.buffers():
+            b_.zero_()
+        return timed_restore({"model": module}, lambda: dict(module.named_buffers()))
+
+    # 1. Into the model, in place (the curve's restore line): what a restarted job's model restore does.
+    warm = [in_place(model) for _ in range(reps + 2)]
     cold, method = [], ""
     for _ in range(max(1, reps // 2)):  # a cold 4 GiB restore takes seconds
         method = cachectl.evict([step_dir])
-        cold.append(timed_restore(state))
-    ok = expected(dict(model.named_buffers()))
+        cold.append(in_place(model))
     # 2. Into a plain dict, whose tensors the restore replaces with copies in fresh memory (an optimizer's state in
     # a new process is such). The model goes first: a restarted process holds no copy of the saved state.
     del state, model, mgr
@@ -137,8 +147,7 @@ def point(size_mb: int, parts: int, directory: str, reps: int, device: str = "cp
         target.clear()  # the previous copy is freed first, as a job restores once into a process that holds none
         gc.collect()
         target["model"] = {f"t{i}": torch.empty(n, device=device) for i in range(parts)}
-        fresh.append(timed_restore(target))
-    ok = ok and expected(target["model"])
+        fresh.append(timed_restore(target, lambda: target["model"]))
     target.clear()
     # raw read of the tensor file into a touched buffer, warm and cold: the floor a restore is compared with
     tfile = os.path.join(step_dir, "tensors.safetensors")
@@ -173,7 +182,7 @@ def point(size_mb: int, parts: int, directory: str, reps: int, device: str = "cp
         "raw_read_cold_s": min(raw_cold),
         "cold_method": method,
         "peak_extra_rss": (peak.peak - base) / nbytes,
-        "restored_bitwise": ok,
+        "restored_bitwise": len(checks) == len(warm) + len(cold) + len(fresh) and all(checks),
     }
 
 
@@ -223,6 +232,9 @@ def combine(rounds: list[dict]) -> dict:
     for k in _TIMES:
         out[k] = min(r[k] for r in rounds)
         out[f"{k}_rounds"] = [round(r[k], 4) for r in rounds]
+    for k in ("io", "cold_method"):  # one value when every round agrees, else every round's
+        seen = sorted({r[k] for r in rounds})
+        out[k] = seen[0] if len(seen) == 1 else "/".join(seen)
     out["peak_extra_rss"] = max(r["peak_extra_rss"] for r in rounds)
     out["restored_bitwise"] = all(r["restored_bitwise"] for r in rounds)
     out["rounds"] = len(rounds)
@@ -277,7 +289,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="16-64 MiB points in this process (seconds; for tests)")
     p.add_argument("--dir", default="bench-out/scaling")
-    p.add_argument("--reps", type=int, default=3, help="saves (and restores, + 2) per point and round")
+    p.add_argument("--reps", type=int, default=3, help="timed saves per point and round (warm restores: + 2)")
     p.add_argument("--rounds", type=int, default=None, help="rounds over all sizes (default 3; with --quick 1)")
     p.add_argument("--plot", default=None, help="PNG path (default docs/scaling.png; with --quick: DIR/scaling.png)")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the state lives")

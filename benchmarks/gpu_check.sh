@@ -4,13 +4,15 @@
 #   - the same ratios as bench_save.py, with copy_s = the device-to-host copy floor into pinned memory;
 #   - a bitwise save/restore round trip of a CUDA model + optimizer, RNG of every device included;
 #   - the cost curve (bench_scaling.py) for CUDA states: blocking (device-to-host into the page-locked staging
-#     image), persist (O_DIRECT from that image), restore warm and cold, peak extra RSS, at SCALING_SIZES MiB.
+#     image), persist (O_DIRECT from that image), restore into the model warm and cold and into fresh memory, peak
+#     extra RSS, at SCALING_SIZES MiB, SCALING_ROUNDS rounds (default 3; 1 to save device time).
 # Usage: bash benchmarks/gpu_check.sh [SIZE_MB]   (default 1024; prints one JSON line per part)
 #   SCALING_SIZES=256,1024,2048,4096 (default) or "" to skip the curve; the plot goes to ${OUT:-/tmp}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB="${1:-1024}"
 SCALING_SIZES="${SCALING_SIZES-256,1024,2048,4096}"
+SCALING_ROUNDS="${SCALING_ROUNDS:-3}"
 # Use the project venv when it exists, else the machine's python with torch preinstalled (the lent machine has no
 # internet); resumekit itself runs from src/ and needs only numpy, xxhash and click besides torch.
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY="${PYTHON:-python3}"; export PYTHONPATH="$PWD/src"; fi
@@ -39,5 +41,5 @@ print(json.dumps({"gpu_roundtrip_bitwise": bool(ok)}))
 PYEOF
 if [ -n "$SCALING_SIZES" ]; then
   $PY benchmarks/bench_scaling.py --device cuda --sizes "$SCALING_SIZES" --dir "${TMPDIR:-/tmp}/rk-gpu-scaling" \
-    --plot "${OUT:-/tmp}/scaling-cuda.png"
+    --rounds "$SCALING_ROUNDS" --plot "${OUT:-/tmp}/scaling-cuda.png"
 fi

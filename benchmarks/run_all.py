@@ -35,6 +35,7 @@ def main() -> None:
     final: dict = {"size_mb": size, "io": save.get("io")}
     for k in (
         "stall_vs_copy",
+        "stall_vs_copy_best",
         "sync_speedup",
         "persist_efficiency",
         "persist_efficiency_with_retention",
