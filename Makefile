@@ -30,7 +30,8 @@ test: $(BIN)/.dev-installed
 
 # `make bench`: every benchmark, one final JSON line (docs/performance.md says what each key means); also redraws
 # docs/scaling.png, the cost curve. Needs ~9 GiB of free RAM and disk for the 4 GiB point; BENCH_ARGS=--quick for a
-# short run. Run it on a quiet machine: the ratios are side by side, but the step overhead is sensitive to load.
+# short run. About 26 minutes on the 2-core development VM; run it on a quiet machine: the ratios are side by side,
+# but the step overhead is sensitive to load.
 bench: $(BIN)/.dev-installed
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
