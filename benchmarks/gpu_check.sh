@@ -4,8 +4,8 @@
 #   - the same ratios as bench_save.py, with copy_s = the device-to-host copy floor into pinned memory;
 #   - a bitwise save/restore round trip of a CUDA model + optimizer, RNG of every device included;
 #   - the cost curve (bench_scaling.py) for CUDA states: blocking (device-to-host into the page-locked staging
-#     image), persist (O_DIRECT from that image), restore into the model (in place) warm and cold and into fresh host memory, peak
-#     extra RSS, at SCALING_SIZES MiB, SCALING_ROUNDS rounds (default 3; 1 to save device time).
+#     image), persist (O_DIRECT from that image), restore into the model (in place) warm and cold and into fresh
+#     host memory, peak extra RSS, at SCALING_SIZES MiB, SCALING_ROUNDS rounds (default 3; 1 to save device time).
 # Usage: bash benchmarks/gpu_check.sh [SIZE_MB]   (default 1024; prints one JSON line per part)
 #   SCALING_SIZES=256,1024,2048,4096 (default) or "" to skip the curve; the plot goes to ${OUT:-/tmp}.
 set -euo pipefail
